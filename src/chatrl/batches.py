@@ -1,0 +1,69 @@
+"""Typed batches passed between parts. B = batch, T = sequence length, R = response length.
+
+Masks are 1 on real tokens that count and 0 on padding (or on tokens that must not count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+class _TensorBatch:
+    def to(self, device: torch.device | str):
+        """Move every tensor field to `device` (non-tensors are kept)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return type(self)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+
+@dataclass
+class TokenBatch(_TensorBatch):
+    """SFT batch. input_ids/attention_mask/labels: [B, T]; labels are -100 where no loss is taken
+    (prompt tokens unless train_on_prompt, and padding). Right padded."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class PairBatch(_TensorBatch):
+    """Reward-model batch: rows [0, B) are chosen, rows [B, 2B) the rejected replies of the same pairs,
+    so both go through the model in one forward. input_ids/attention_mask: [2B, T].
+    margin: [B] (zeros when the data has none)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    margin: torch.Tensor
+
+
+@dataclass
+class PromptBatch(_TensorBatch):
+    """Prompts for generation, LEFT padded so every row's last prompt token sits at column T-1.
+    input_ids/attention_mask: [B, T]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class Rollout(_TensorBatch):
+    """What generation + scoring hand to the PPO update.
+
+    prompt_ids, prompt_mask:  [B, P] left-padded prompts
+    response_ids:             [B, R] generated tokens, right-padded with pad id after EOS
+    response_mask:            [B, R] 1 on generated tokens up to and including EOS, 0 after
+    logprobs, ref_logprobs:   [B, R] log pi(a_t | s_t) of the actor / frozen reference at generation time
+    values:                   [B, R] critic value of the state before each response token
+    scores:                   [B]    sequence reward (reward model + reward functions), before KL shaping
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor

@@ -1,0 +1,144 @@
+"""Config sections shared by every step, declared once, and one dataclass per step built from them.
+
+Load with `chatrl.configbase.load_config(SFTConfig, "configs/x.yaml", ["optim.lr=1e-4"])`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from chatrl.configbase import opt, sub
+from chatrl.errors import ChatrlError
+
+# ============================================================================ shared sections
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (r=0 disables LoRA)."""
+
+    r: int = opt(0, "LoRA rank; 0 trains the full model")
+    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on the LoRA branch")
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters")
+    only_optimize_lora: bool = opt(True, "freeze the base weights and train only the adapters")
+    merge_on_save: bool = opt(True, "merge adapters into the weights when saving, so the folder is a plain model")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from and how to hold it."""
+
+    name_or_path: str = opt("smollm2-135m-instruct",
+                            "local HF folder, hub id, or built-in alias (smollm2-135m-instruct, tiny-random)")
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "weights/compute dtype; auto = bf16 when the CPU/GPU supports it")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    lora: LoraConfig = sub(LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where data comes from and how it is cleaned, split and tokenized."""
+
+    paths: list[str] = opt(["builtin:hh-rlhf-harmless"],
+                           "data files/folders/hub names; builtin:hh-rlhf-harmless is the shipped sample")
+    weights: list[float] = opt([], "blend weights per path (empty = all 1.0)")
+    schema: str = opt("auto", "force a schema (auto, preference, hh, chat, prompt_response, alpaca, prompt)")
+    split: str = opt("2,4,4", "relative shares of each dataset for SFT, reward, RLHF (DeepSpeed-Chat's data_split)")
+    eval_fraction: float = opt(0.05, "fraction of every shard held out for evaluation")
+    seed: int = opt(1234, "seed for the deterministic split and shuffling")
+    max_length: int = opt(512, "max tokens of prompt + response")
+    max_prompt_length: int = opt(256, "max prompt tokens (longer prompts are left-truncated or dropped)")
+    overlength: Literal["drop", "truncate"] = opt("truncate", "what to do with rows over the length limits")
+    skip_bad_rows: bool = opt(False, "skip malformed rows (counted and reported) instead of failing")
+    max_rows: Optional[int] = opt(None, "use at most this many rows per dataset (after cleaning); None = all")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and batch sizes of a training step."""
+
+    lr: float = opt(1e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "LR schedule after warmup")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    epochs: int = opt(1, "passes over the training shard")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (overrides epochs)")
+    micro_batch_size: int = opt(4, "sequences per process per forward pass")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How the DeepSpeed engine is configured (generated from these fields)."""
+
+    zero_stage: int = opt(0, "ZeRO stage 0, 1, 2 or 3")
+    offload_optimizer: bool = opt(False, "keep optimizer states on CPU (ZeRO >= 1; uses DeepSpeed's CPU Adam)")
+    offload_params: bool = opt(False, "keep parameters on CPU (ZeRO 3 only)")
+    raw_config: Optional[str] = opt(None, "path to a DeepSpeed JSON whose keys override the generated config")
+
+
+@dataclass
+class LoggingConfig:
+    """Progress, metrics and evaluation cadence."""
+
+    log_every: int = opt(1, "log metrics every N optimizer steps")
+    eval_every: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)")
+    tensorboard: bool = opt(True, "also write tensorboard event files")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints (written atomically, last K kept)."""
+
+    every: int = opt(0, "save a resumable checkpoint every N optimizer steps (0 = only at the end)")
+    keep_last: int = opt(2, "how many resumable checkpoints to keep")
+    resume: str = opt("auto", "auto = continue from the newest complete checkpoint; never; or a checkpoint path")
+
+
+def check_common(model: ModelConfig, ds: DeepSpeedConfig, optim: OptimConfig) -> None:
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ChatrlError(f"deepspeed.zero_stage={ds.zero_stage}: must be 0, 1, 2 or 3")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ChatrlError("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ChatrlError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage>=1")
+    if optim.micro_batch_size < 1 or optim.grad_accum < 1:
+        raise ChatrlError("optim.micro_batch_size and optim.grad_accum must be >= 1")
+    if model.lora.r < 0:
+        raise ChatrlError("model.lora.r must be >= 0 (0 disables LoRA)")
+
+
+# ============================================================================ step configs
+
+
+@dataclass
+class SFTOptions:
+    """Options specific to supervised fine-tuning."""
+
+    train_on_prompt: bool = opt(False, "also compute the loss on prompt tokens (default: assistant tokens only)")
+    packing: bool = opt(False, "pack several conversations into one max_length row")
+
+
+@dataclass
+class SFTConfig:
+    """Step 1: supervised fine-tuning."""
+
+    output_dir: str = opt("runs/sft", "where checkpoints, metrics and the final HF model folder go")
+    seed: int = opt(42, "seed for model init, shuffling and dropout")
+    model: ModelConfig = sub(ModelConfig)
+    data: DataConfig = sub(DataConfig)
+    optim: OptimConfig = sub(OptimConfig)
+    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
+    logging: LoggingConfig = sub(LoggingConfig)
+    checkpoint: CheckpointConfig = sub(CheckpointConfig)
+    sft: SFTOptions = sub(SFTOptions)
+
+    def check(self) -> None:
+        check_common(self.model, self.deepspeed, self.optim)
+        if self.sft.packing and self.sft.train_on_prompt is False and self.data.max_length < 16:
+            raise ChatrlError("sft.packing needs data.max_length >= 16")
