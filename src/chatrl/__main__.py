@@ -1,0 +1,5 @@
+import sys
+
+from chatrl.cli import main
+
+sys.exit(main())

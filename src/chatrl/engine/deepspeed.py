@@ -1,0 +1,149 @@
+"""The one DeepSpeed-engine builder every training step uses.
+
+We generate the DeepSpeed JSON from our typed config (ZeRO stage, offload, precision, batch sizes,
+clipping) and hand DeepSpeed a torch LR schedule (warmup + cosine/linear/constant) so it is saved in
+checkpoints. A user's raw DeepSpeed JSON (`deepspeed.raw_config`) is merged over the generated one.
+
+Precision: bf16 under ZeRO >= 1 uses DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the ZeRO
+optimizer). ZeRO 0 has no master copy in DeepSpeed's bf16 mode (updates of 1e-5 vanish in bf16), so
+there we keep fp32 weights and run the forward under DeepSpeed's torch_autocast in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatrl.config import DeepSpeedConfig, OptimConfig
+from chatrl.errors import ChatrlError
+from chatrl.paths import setup_extension_cache
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start the process group (gloo on CPU, nccl on GPU via DeepSpeed's accelerator); return (rank, world).
+
+    Without a launcher we set single-rank env defaults, so `chatrl sft ...` just works in one process."""
+    setup_extension_cache()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_distributed() -> None:
+    """End cleanly (torchrun may abort at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(), acc.current_device())
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the peak LR at optimizer step `s`: linear warmup, then cosine/linear decay to 0 or constant."""
+    warm = max(0, optim.warmup_steps)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if optim.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if optim.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_ds_config(optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for these settings (before a user's raw config is merged over it)."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.zero_stage == 3:
+        # gather small params eagerly; keeps CPU runs of small models from thrashing on tiny all-gathers
+        zero["stage3_param_persistence_threshold"] = 1e4
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "train_batch_size": optim.micro_batch_size * optim.grad_accum * world_size,
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if bf16 and ds.zero_stage >= 1:
+        config["bf16"] = {"enabled": True}
+    elif bf16:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if ds.offload_optimizer:  # DeepSpeed builds its CPU Adam from this entry
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),
+                                                          "weight_decay": optim.weight_decay}}
+    if ds.raw_config:
+        path = Path(ds.raw_config)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ChatrlError(f"deepspeed.raw_config={path}: cannot read it as JSON ({e})") from None
+        config = _merge(config, raw)
+    return config
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def initialize(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool,
+               total_steps: int, world_size: int):
+    """Wrap `model` in a DeepSpeed engine with our optimizer, LR schedule and precision. Returns the engine."""
+    import deepspeed
+
+    config = build_ds_config(optim, ds, bf16=bf16, world_size=world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ChatrlError("no trainable parameters (check model.lora settings)")
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                      lr_scheduler=scheduler, config=config)
+    return engine
