@@ -1,0 +1,220 @@
+"""Load tokenizers and causal LMs offline: built-in alias, local HF folder, or (if cached) a hub id.
+
+The pad-token rule (see `ensure_pad_token`) matters for every step: the pad token must exist and
+differ from EOS, so that "last non-pad token" (HF's sequence-classification pooling) and "last
+position where attention_mask == 1" (our reward rule) always point at the same real token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from chatrl.config import LoraConfig, ModelConfig
+from chatrl.errors import ChatrlError
+from chatrl.models.builtin import ALIASES, resolve_model_path
+
+NEW_PAD_TOKEN = "<|pad|>"
+
+# Used when a tokenizer has no chat template (base models). Renders DeepSpeed-Chat's
+# "Human: ... Assistant: ..." format. The generation prompt is "Assistant:" and an assistant turn
+# renders as "Assistant: <content><eos>", so a rendered prompt is always a text prefix of the
+# rendered conversation and the reply naturally starts with a space-prefixed word token.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+# ============================================================================ dtype
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 arithmetic instructions (x86 AVX512-BF16 / AMX-BF16, ARM BF16)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if caps:
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16") or caps.get("sve_bf16"))
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map "bf16" / "fp32" / "auto" to a torch dtype.
+
+    auto = bf16 when the accelerator (CUDA) or, without one, the CPU has native bf16 support;
+    otherwise fp32 (emulated bf16 on an old CPU is slower than fp32 and no more accurate).
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.lower()
+    if key in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if key in ("fp32", "float32"):
+        return torch.float32
+    if key == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    raise ChatrlError(f"model.dtype={name!r}: use one of auto, bf16, fp32")
+
+
+# ============================================================================ paths
+
+
+def resolve_source(name_or_path: str) -> str:
+    """Resolve an alias / local folder / hub id to what `from_pretrained` takes; fail early on a missing folder."""
+    resolved = resolve_model_path(name_or_path)
+    expanded = os.path.expanduser(resolved)
+    if os.path.isdir(expanded):
+        if not (Path(expanded) / "config.json").exists() and not (Path(expanded) / "tokenizer_config.json").exists():
+            raise ChatrlError(f"{expanded} is a folder but not a Hugging Face model folder (no config.json). "
+                              f"{_HOW_TO_POINT}")
+        return expanded
+    if os.path.isabs(expanded) or resolved.startswith((".", "~")) or os.path.exists(expanded):
+        raise ChatrlError(f"model folder {resolved!r} does not exist. {_HOW_TO_POINT}")
+    return resolved  # a hub id: only works if it is already in the local HF cache (we run offline)
+
+
+_HOW_TO_POINT = (f"Set model.name_or_path to a local Hugging Face folder (with config.json, *.safetensors and the "
+                 f"tokenizer files), or to a built-in alias ({', '.join(ALIASES)}).")
+
+
+def _hub_error(source: str, err: Exception) -> ChatrlError:
+    return ChatrlError(f"could not load {source!r}: it is not a local folder and the Hugging Face hub is not "
+                       f"reachable or does not have it cached ({type(err).__name__}: {str(err)[:300]}). "
+                       f"{_HOW_TO_POINT}")
+
+
+# ============================================================================ tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Make the pad token exist and differ from EOS; return True when a new token was added.
+
+    Rule: keep an existing pad token that is not EOS; else use the unk token if it exists and is not
+    EOS (SmolLM2: `<|endoftext|>`); else add the special token `<|pad|>` (the model's embeddings
+    must then grow to `len(tokenizer)`, which `load_causal_lm` / `load_reward_model` do).
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad != eos:
+        return False
+    unk = tokenizer.unk_token_id
+    if tokenizer.unk_token is not None and unk is not None and unk != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+        return False
+    tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
+    return True
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (right padding, pad token != EOS, a chat template always present)."""
+    source = resolve_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="right")
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from err
+    if tokenizer.eos_token is None:
+        raise ChatrlError(f"the tokenizer of {source!r} has no EOS token; chatrl needs one to end replies. "
+                          f"Add \"eos_token\" to its tokenizer_config.json.")
+    tokenizer.padding_side = "right"
+    ensure_pad_token(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+# ============================================================================ models
+
+
+def load_config(source: str, tokenizer: PreTrainedTokenizerBase, **overrides) -> PretrainedConfig:
+    """The model config with pad_token_id set to the tokenizer's (so embeddings get the right padding_idx)."""
+    try:
+        config = AutoConfig.from_pretrained(source, **overrides)
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from err
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings when the tokenizer has more tokens than the model (e.g. a new `<|pad|>`).
+
+    New rows are set to the mean of the old rows (deterministic, no RNG), tied output heads follow.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
+            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward; non-reentrant so frozen inputs (LoRA) still get gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:  # transformers < 5 name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients: for reference / frozen reward models."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def prepare_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, gradient_checkpointing: bool,
+                  lora: Optional[LoraConfig], trainable: bool, keep_trainable: tuple[str, ...] = ()):
+    """Shared tail of causal-LM / reward-model loading: embeddings, checkpointing, LoRA, train/eval mode."""
+    fit_embeddings(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not trainable:
+        return freeze(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora is not None and lora.r > 0:
+        from chatrl.models.lora import apply_lora
+
+        model = apply_lora(model, lora, keep_trainable=keep_trainable)
+    model.train()
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype | None = None, tokenizer=None,
+                   trainable: bool = True) -> PreTrainedModel:
+    """Load the causal LM of `cfg.name_or_path` ready to train (or frozen when trainable=False).
+
+    dtype defaults to `resolve_dtype(cfg.dtype)`; pass the tokenizer you will use (from
+    `load_tokenizer`) so the pad id and vocabulary size agree. LoRA is applied when cfg.lora.r > 0
+    (the result is then a peft model); never when trainable=False.
+    """
+    source = resolve_source(cfg.name_or_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.name_or_path)
+    dtype = dtype if dtype is not None else resolve_dtype(cfg.dtype)
+    config = load_config(source, tokenizer)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from err
+    return prepare_model(model, tokenizer, gradient_checkpointing=cfg.gradient_checkpointing,
+                         lora=cfg.lora, trainable=trainable)
+
+
+def load_frozen_causal_lm(name_or_path: str, dtype: torch.dtype | str = "auto", tokenizer=None) -> PreTrainedModel:
+    """A frozen (eval, requires_grad False) causal LM, e.g. the PPO reference model."""
+    cfg = ModelConfig(name_or_path=name_or_path)
+    return load_causal_lm(cfg, dtype=resolve_dtype(dtype), tokenizer=tokenizer, trainable=False)

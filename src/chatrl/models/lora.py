@@ -1,0 +1,141 @@
+"""LoRA through peft: apply, merge for saving, and exact in-place merge/unmerge for the Hybrid Engine.
+
+`merge_adapters` / `unmerge_adapters` stash the original base weights and restore them bit-exactly:
+peft's own unmerge subtracts the delta again, which in bf16 does not give back the same weights
+and would drift a little on every generation phase of PPO.
+
+With ZeRO-3 the parameters are partitioned: gather them (deepspeed.zero.GatheredParameters) around
+these calls, or merge a gathered state dict with `merge_lora_state_dict`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from chatrl.config import LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip training wrappers (DeepSpeed engine / DDP `.module`, chatrl's `hf_model` wrappers) down to
+    the HF model or the peft model around it."""
+    while not isinstance(model, PeftModel):
+        if hasattr(model, "hf_model"):
+            model = model.hf_model
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def apply_lora(model: torch.nn.Module, lora_cfg: LoraConfig, *, keep_trainable: tuple[str, ...] = ()) -> PeftModel:
+    """Inject LoRA adapters into `lora_cfg.target_modules` and return the peft model.
+
+    only_optimize_lora=True freezes every base weight (only adapters train, plus the modules whose
+    names start with an entry of `keep_trainable`, e.g. a reward model's "score" head); False keeps
+    the base weights trainable too.
+    """
+    is_causal = bool(getattr(model, "can_generate", lambda: False)())
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                              target_modules=list(lora_cfg.target_modules), bias="none",
+                              task_type="CAUSAL_LM" if is_causal else None)
+    peft_model = get_peft_model(model, peft_cfg)
+    base = peft_model.get_base_model()
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        keep = not lora_cfg.only_optimize_lora or any(name.startswith(p + ".") for p in keep_trainable)
+        param.requires_grad_(keep)
+    return peft_model
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """True when the (possibly wrapped) model carries LoRA adapters."""
+    return any(True for _ in lora_layers(model))
+
+
+def lora_layers(model: torch.nn.Module) -> Iterator[LoraLayer]:
+    for module in unwrap(model).modules():
+        if isinstance(module, LoraLayer):
+            yield module
+
+
+def merge_lora_for_save(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain HF model with the adapters merged, built from a copy (the training model is untouched).
+
+    Non-LoRA models are returned unwrapped as they are.
+    """
+    inner = unwrap(model)
+    if not isinstance(inner, PeftModel):
+        return inner
+    clone = copy.deepcopy(inner)
+    for layer in lora_layers(clone):  # a copy taken while merged (Hybrid Engine) must not be merged twice
+        _restore(layer)
+    return clone.merge_and_unload()
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Merge every adapter into its base weight in place (fast inference); undo with `unmerge_adapters`."""
+    for layer in lora_layers(model):
+        if layer.merged:
+            continue
+        base = layer.get_base_layer()
+        layer._chatrl_stash = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+        layer.merge()
+
+
+def unmerge_adapters(model: torch.nn.Module) -> None:
+    """Undo `merge_adapters`, restoring the original base weights exactly."""
+    for layer in lora_layers(model):
+        _restore(layer)
+
+
+def _restore(layer: LoraLayer) -> None:
+    stash = getattr(layer, "_chatrl_stash", None)
+    if layer.merged:
+        if stash is None:
+            layer.unmerge()  # merged by someone else: peft's (approximate) unmerge
+        else:
+            with torch.no_grad():
+                for name, param in layer.get_base_layer().named_parameters(recurse=False):
+                    param.copy_(stash[name])
+            layer.merged_adapters.clear()
+    if stash is not None:
+        del layer._chatrl_stash
+
+
+def lora_scaling(peft_model: PeftModel, adapter: str = "default") -> float:
+    """alpha / r (or alpha / sqrt(r) with rsLoRA) of an adapter."""
+    cfg = peft_model.peft_config[adapter]
+    return cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+
+
+def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], scaling: float,
+                          adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Turn a full peft state dict (e.g. gathered from ZeRO-3) into plain HF keys with adapters merged.
+
+    W' = W + scaling * B @ A for each `<mod>.base_layer.weight` with `<mod>.lora_A/B.<adapter>.weight`;
+    LoRA tensors are dropped and the "base_model.model." / ".base_layer" parts of names removed.
+    Computed in fp32 and cast back to W's dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if name.endswith(".base_layer.weight"):
+            mod = key[: -len(".base_layer.weight")]
+            a = state_dict[f"{mod}.lora_A.{adapter}.weight"].float()
+            b = state_dict[f"{mod}.lora_B.{adapter}.weight"].float()
+            value = (value.float() + scaling * (b @ a)).to(value.dtype)
+        out[name.replace(".base_layer.", ".")] = value
+    return out
