@@ -142,3 +142,142 @@ class SFTConfig:
         check_common(self.model, self.deepspeed, self.optim)
         if self.sft.packing and self.sft.train_on_prompt is False and self.data.max_length < 16:
             raise ChatrlError("sft.packing needs data.max_length >= 16")
+
+
+@dataclass
+class RewardOptions:
+    """Options specific to reward-model training."""
+
+    center_coef: float = opt(0.0, "reward centring: adds coef * mean((r_chosen + r_rejected)^2) to keep scores near 0")
+    use_margin: bool = opt(True, "subtract the data's margin column (when present) inside the Bradley-Terry loss")
+
+
+@dataclass
+class RewardConfig:
+    """Step 2: reward model on preference pairs (Bradley-Terry)."""
+
+    output_dir: str = opt("runs/reward", "where checkpoints, metrics and the final reward-model folder go")
+    seed: int = opt(42, "seed for head init, shuffling and dropout")
+    model: ModelConfig = sub(ModelConfig)
+    data: DataConfig = sub(DataConfig)
+    optim: OptimConfig = sub(OptimConfig)
+    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
+    logging: LoggingConfig = sub(LoggingConfig)
+    checkpoint: CheckpointConfig = sub(CheckpointConfig)
+    reward: RewardOptions = sub(RewardOptions)
+
+    def check(self) -> None:
+        check_common(self.model, self.deepspeed, self.optim)
+        if self.reward.center_coef < 0:
+            raise ChatrlError("reward.center_coef must be >= 0")
+
+
+@dataclass
+class RewardSourceConfig:
+    """Where PPO's sequence reward comes from: a reward model, Python functions, or both (weighted sum)."""
+
+    model: Optional[str] = opt(None, "reward-model folder (from `chatrl reward`); None = functions only")
+    model_weight: float = opt(1.0, "weight of the reward-model score in the sum")
+    functions: list[str] = opt([], "Python reward functions 'pkg.module:fn', called fn(prompts, responses, **extra)")
+    function_weights: list[float] = opt([], "weight per function (empty = all 1.0)")
+    clip: Optional[float] = opt(5.0, "clip the summed score to [-clip, clip] before adding it (None = no clip)")
+    eos_penalty: float = opt(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reward model")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation with the Hybrid Engine (the actor switched to its inference layout)."""
+
+    prompts_per_rollout: int = opt(16, "prompts generated together per PPO iteration, over all processes")
+    samples_per_prompt: int = opt(1, "responses sampled per prompt")
+    max_new_tokens: int = opt(64, "max response tokens")
+    min_new_tokens: int = opt(1, "EOS is blocked before this many tokens")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    inference_dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the actor's inference copy")
+    release_memory: bool = opt(True, "free the inference copy after each rollout (bounded peak memory)")
+
+
+@dataclass
+class PPOOptions:
+    """PPO hyper-parameters (the math lives in chatrl.algorithms)."""
+
+    iterations: int = opt(20, "PPO iterations (rollout + update)")
+    ppo_epochs: int = opt(1, "passes over each rollout")
+    mini_batches: int = opt(1, "PPO mini-batches per rollout (one optimizer step each, per epoch)")
+    micro_batch_size: int = opt(4, "sequences per process per forward; grad accumulation is derived")
+    clip_eps: float = opt(0.2, "policy ratio clip epsilon")
+    value_clip_eps: Optional[float] = opt(0.2, "value clip epsilon (None = unclipped)")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    advantage: Literal["gae", "grpo", "reinforce_pp"] = opt("gae", "advantage estimator (grpo/reinforce_pp skip the critic)")
+    whiten_advantages: bool = opt(True, "normalise advantages over the rollout")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt("k1", "per-token KL estimator in the reward")
+    kl_coef: float = opt(0.05, "initial KL penalty beta")
+    kl_target: Optional[float] = opt(None, "adaptive KL: target KL per sequence (None = fixed beta)")
+    kl_horizon: float = opt(10000.0, "adaptive KL horizon in samples")
+    ema_decay: float = opt(0.0, "EMA of actor weights (0 = off, e.g. 0.992)")
+    ptx_coef: float = opt(0.0, "weight of an LM loss on SFT data mixed into the actor loss (0 = off)")
+    save_every: int = opt(0, "save actor/critic HF folders every N iterations (0 = end only)")
+
+
+@dataclass
+class PPOConfig:
+    """Step 3: RLHF with PPO. Actor from the SFT model, critic from the reward model, frozen reference."""
+
+    output_dir: str = opt("runs/ppo", "where checkpoints, metrics and the final actor/critic folders go")
+    seed: int = opt(42, "seed for sampling, shuffling and dropout")
+    actor: ModelConfig = sub(ModelConfig)
+    critic: ModelConfig = sub(ModelConfig, name_or_path="")  # "" = start from reward.model
+    reward: RewardSourceConfig = sub(RewardSourceConfig)
+    data: DataConfig = sub(DataConfig)
+    rollout: RolloutConfig = sub(RolloutConfig)
+    ppo: PPOOptions = sub(PPOOptions)
+    actor_optim: OptimConfig = sub(OptimConfig)
+    critic_optim: OptimConfig = sub(OptimConfig)
+    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
+    logging: LoggingConfig = sub(LoggingConfig)
+    checkpoint: CheckpointConfig = sub(CheckpointConfig)
+
+    def batch_plan(self, world: int) -> dict[str, int]:
+        """The batch arithmetic in one place (all counts are sequences):
+
+        rollout      = prompts_per_rollout * samples_per_prompt          (all processes together)
+        per_process  = rollout / world                                    (generated by each process)
+        mini_batch   = rollout / mini_batches                             (one optimizer step)
+        grad_accum   = mini_batch / (micro_batch_size * world)            (micro-batches per step per process)
+        """
+        r, p = self.rollout, self.ppo
+        rollout = r.prompts_per_rollout * r.samples_per_prompt
+        problems = []
+        if r.prompts_per_rollout % world:
+            problems.append(f"rollout.prompts_per_rollout={r.prompts_per_rollout} is not divisible by {world} processes")
+        if rollout % p.mini_batches:
+            problems.append(f"rollout size {rollout} (= {r.prompts_per_rollout} prompts x {r.samples_per_prompt} "
+                            f"samples) is not divisible by ppo.mini_batches={p.mini_batches}")
+        mini = rollout // max(p.mini_batches, 1)
+        if mini % (p.micro_batch_size * world) or mini == 0:
+            problems.append(f"mini-batch {mini} (= rollout {rollout} / {p.mini_batches} mini-batches) is not a "
+                            f"multiple of micro_batch_size {p.micro_batch_size} x {world} processes")
+        if problems:
+            raise ChatrlError("impossible PPO batch sizes: " + "; ".join(problems) +
+                              ". Adjust rollout.prompts_per_rollout, ppo.mini_batches or ppo.micro_batch_size.")
+        return {"rollout": rollout, "per_process": rollout // world, "mini_batch": mini,
+                "grad_accum": mini // (p.micro_batch_size * world), "world": world}
+
+    def check(self) -> None:
+        for optim in (self.actor_optim, self.critic_optim):
+            check_common(self.actor, self.deepspeed, optim)
+        if self.reward.model is None and not self.reward.functions:
+            raise ChatrlError("PPO needs a reward: set reward.model=PATH and/or reward.functions=[pkg.mod:fn]")
+        if self.reward.function_weights and len(self.reward.function_weights) != len(self.reward.functions):
+            raise ChatrlError(f"reward.function_weights has {len(self.reward.function_weights)} entries but "
+                              f"reward.functions has {len(self.reward.functions)}; give one weight per function")
+        if self.ppo.advantage == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ChatrlError("ppo.advantage=grpo needs rollout.samples_per_prompt >= 2 (groups per prompt)")
+        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
+            raise ChatrlError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
+        self.batch_plan(1)

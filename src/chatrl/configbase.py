@@ -26,9 +26,9 @@ def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at ca
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def sub(cls: type) -> Any:
-    """A nested sub-config section."""
-    return dataclasses.field(default_factory=cls, metadata={"help": cls.__doc__ or ""})
+def sub(cls: type, **defaults: Any) -> Any:
+    """A nested sub-config section (`defaults` change some of its field defaults for this use)."""
+    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata={"help": cls.__doc__ or ""})
 
 
 # ----------------------------------------------------------------------------- type coercion
@@ -198,17 +198,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def help_lines(cls: type, prefix: str = "") -> list[str]:
+def help_lines(cls_or_obj: Any, prefix: str = "") -> list[str]:
     """One line per field: dotted key, type, default and help text (for `--help`)."""
     lines = []
-    obj = cls()
-    hints = _hints(cls)
+    obj = cls_or_obj() if isinstance(cls_or_obj, type) else cls_or_obj
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             lines.append(f"\n  [{key}]  {f.metadata.get('help', '').strip()}")
-            lines.extend(help_lines(type(value), f"{key}."))
+            lines.extend(help_lines(value, f"{key}."))
         else:
             lines.append(f"  {key} ({_type_name(hints[f.name])}, default {value!r}): {f.metadata.get('help', '')}")
     return lines
