@@ -1,0 +1,53 @@
+"""Turn sequence scores into per-token PPO rewards (the DeepSpeed-Chat / TRL / InstructGPT shaping).
+
+    r_t = -beta * kl_t                            for every response token t (mask == 1)
+    r_T = -beta * kl_T + clip(score, -c, c)       at the LAST response token T (last mask == 1 position)
+    r_t = 0                                       on padding (mask == 0)
+
+Shapes: B = batch, R = response length; masks are 1 on generated tokens up to and including EOS, 0 after.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chatrl.algorithms.masked import zero_masked
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last mask == 1 entry of each row, [B, R] -> [B] (long); 0 for an all-zero row."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=-1)
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Per-token rewards [B, R] from scores [B], per-token kl [B, R] and mask [B, R] (formula: module doc).
+
+    `clip` (c > 0) clamps the score to [-c, c] before it is added (DeepSpeed-Chat's clip_reward_value).
+    A row with no response token at all (mask all 0) gets no reward anywhere.
+    """
+    rewards = zero_masked(-beta * kl, mask)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    has_token = mask.bool().any(dim=-1)
+    bonus = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    return rewards.scatter_add(1, last_token_index(mask).unsqueeze(1), bonus.unsqueeze(1))
+
+
+def contains_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """[B] bool: does the counted part (mask == 1) of each response [B, R] contain an EOS id?"""
+    ids = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
+    is_eos = torch.isin(response_ids, ids) & mask.bool()
+    return is_eos.any(dim=-1)
+
+
+def eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """scores [B] minus `penalty` where has_eos [B] is False (truncated, unfinished replies), TRL's
+    `missing_eos_penalty`: score_b - penalty * (1 - has_eos_b). penalty >= 0 lowers unfinished replies."""
+    return scores - penalty * (~has_eos.bool()).to(scores.dtype)
