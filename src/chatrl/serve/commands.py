@@ -1,0 +1,94 @@
+"""Sub-commands `chatrl chat` (terminal) and `chatrl serve` (OpenAI-compatible server + web page)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from chatrl.errors import ChatrlError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    chat = subparsers.add_parser("chat", help="chat with a model in the terminal (or through a pipe)",
+                                 description="Multi-turn chat; commands: /clear, /system TEXT, /save FILE, /quit. "
+                                             "With piped stdin, each line is one user turn.")
+    _model_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    chat.add_argument("--seed", type=int, default=None, help="make the answers reproducible")
+    chat.add_argument("--verbose", "-v", action="store_true", help="print token counts after each answer (stderr)")
+    chat.set_defaults(func=_run_chat)
+
+    serve = subparsers.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page",
+                                  description="POST /v1/chat/completions, GET /v1/models, GET /health, and a chat "
+                                              "page at /.")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    serve.add_argument("--api-key", default=os.environ.get("CHATRL_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $CHATRL_API_KEY, else no key)")
+    serve.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
+    serve.add_argument("--max-active", type=int, default=8, help="sequences decoded at once (default 8)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait (default 256)")
+    serve.add_argument("--default-max-tokens", type=int, default=256,
+                       help="answer length when a request gives no max_tokens (default 256)")
+    serve.set_defaults(func=_run_serve)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="HF chat model folder, or a built-in alias (tiny-random, smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto = bf16 if the CPU supports it natively, else fp32")
+    parser.add_argument("--context-window", type=int, default=None,
+                        help="token window (default and maximum: the model's max_position_embeddings)")
+
+
+def _check_positive(**values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ChatrlError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from chatrl.serve.chat import ChatSession, run_chat
+    from chatrl.serve.generation import ChatModel, SamplingSettings
+
+    _check_positive(max_new_tokens=args.max_new_tokens, top_p=args.top_p, context_window=args.context_window)
+    if args.temperature < 0 or args.top_p > 1:
+        raise ChatrlError("--temperature must be >= 0 and --top-p in (0, 1]")
+    chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+    return run_chat(ChatSession(chat, settings, system=args.system), verbose=args.verbose)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from chatrl.serve.server import create_app, run_server
+
+    _check_positive(max_active=args.max_active, max_queue=args.max_queue,
+                    default_max_tokens=args.default_max_tokens, context_window=args.context_window)
+    if not 0 <= args.port <= 65535:
+        raise ChatrlError(f"--port must be in 0..65535 (got {args.port})")
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"chatrl serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              f"address can use the model", file=sys.stderr)
+    print(f"chatrl serve: loading {args.model} ...", file=sys.stderr, flush=True)
+    app = create_app(args.model, api_key=args.api_key, dtype=args.dtype, context_window=args.context_window,
+                     max_active=args.max_active, max_queue=args.max_queue,
+                     default_max_tokens=args.default_max_tokens, model_name=args.model_name)
+    run_server(app, host=args.host, port=args.port)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,282 @@
+"""`chatrl serve`: an OpenAI-compatible chat server (FastAPI) plus a small web chat page at `/`.
+
+Endpoints: `POST /v1/chat/completions` (plain or `stream: true` as SSE), `GET /v1/models`,
+`GET /health`, `GET /` (the page). Every error, including bad input, is a JSON body in OpenAI's
+error shape with a 4xx status. All generation runs on one `GenerationWorker` thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatrl.serve import schemas
+from chatrl.serve.generation import ChatModel, SamplingSettings
+from chatrl.serve.worker import Event, GenerationWorker, Job, QueueFull
+
+STATIC = Path(__file__).parent / "static"
+CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than window * this many characters is refused before tokenizing
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {...}}` with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, schemas.error_body(message, type_, param, code)
+
+
+def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "auto",
+               context_window: int | None = None, max_active: int = 8, max_queue: int = 256,
+               default_max_tokens: int = 256, model_name: str | None = None,
+               chat: ChatModel | None = None) -> FastAPI:
+    """Load the model (or reuse `chat`), start its worker thread, and return the app.
+
+    `api_key`: when set, every endpoint except `/health` and the static page at `/` needs
+    `Authorization: Bearer <api_key>`.
+    """
+    chat = chat or ChatModel(model_path, dtype=dtype, context_window=context_window)
+    worker = GenerationWorker(chat, max_active=max_active, max_queue=max_queue).start()
+    name = model_name or Path(str(model_path).rstrip("/")).name
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        worker.stop()
+
+    app = FastAPI(title="chatrl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.chat, app.state.worker, app.state.model_name = chat, worker, name
+    _add_error_handlers(app)
+    auth = [Depends(_auth_dependency(api_key))]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        active, queued = worker.load
+        return {"status": "ok", "model": name, "active": active, "queued": queued}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(name)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != name:
+            raise ApiError(404, f"model {model_id!r} not found; this server serves {name!r}", code="model_not_found")
+        return _model_card(name)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(req: schemas.ChatRequest, request: Request):
+        prompt_ids, settings = _prepare(chat, req, default_max_tokens)
+        n = req.n or 1
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = Job(prompt_ids, settings, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), n=n)
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}; retry later", "server_error", code="server_overloaded") from e
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return StreamingResponse(_sse(job, events, name, len(prompt_ids), include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(job, events, request, name, len(prompt_ids))
+
+    return app
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "chatrl"}
+
+
+def _auth_dependency(api_key: str | None):
+    """A FastAPI dependency that checks `Authorization: Bearer KEY` in constant time (no-op without a key)."""
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").strip().encode()
+        if not hmac.compare_digest(given, expected):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the key given to "
+                                "chatrl serve --api-key)", code="invalid_api_key")
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI-shaped JSON: validation -> 400, HTTP errors keep their status."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(schemas.validation_error_body(list(exc.errors())), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(schemas.error_body(str(exc.detail), code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(schemas.error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+
+def _prepare(chat: ChatModel, req: schemas.ChatRequest, default_max_tokens: int) -> tuple[list[int], SamplingSettings]:
+    """Render and size-check the prompt; turn request fields into sampling settings."""
+    chars = sum(len(m["content"]) for m in req.template_messages())
+    window = chat.context_window
+    if chars > window * CHARS_PER_TOKEN_LIMIT:
+        raise ApiError(400, f"the messages are {chars} characters long, far over this model's context window of "
+                            f"{window} tokens", param="messages", code="context_length_exceeded")
+    try:
+        prompt_ids = chat.render(req.template_messages())
+    except Exception as e:  # a template may reject a role order (e.g. two system messages)
+        raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from e
+    if len(prompt_ids) >= window:
+        raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context window is {window} "
+                            f"tokens (prompt plus answer): shorten the messages", param="messages",
+                       code="context_length_exceeded")
+    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+    settings = SamplingSettings(
+        max_new_tokens=min(max_tokens, window - len(prompt_ids)),
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        stop=req.stop_list(), seed=req.seed)
+    return prompt_ids, settings
+
+
+async def _complete(job: Job, events: asyncio.Queue[Event], request: Request, model: str,
+                    prompt_tokens: int) -> JSONResponse:
+    """Wait for all choices; if the client hangs up first, cancel the job (frees its worker slot)."""
+    texts, finish, tokens = [""] * job.n, [None] * job.n, [0] * job.n
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done = 0
+        while done < job.n:
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return JSONResponse(schemas.error_body("client disconnected"), status_code=499)
+            ev = getter.result()
+            if ev.error:
+                raise ApiError(500, ev.error, "server_error")
+            texts[ev.index] += ev.text
+            if ev.finish_reason:
+                finish[ev.index], tokens[ev.index] = ev.finish_reason, ev.completion_tokens
+                done += 1
+    finally:
+        gone.cancel()
+        job.cancel()
+    return JSONResponse(schemas.completion_body(schemas.new_id(), model, texts, finish, prompt_tokens, sum(tokens)))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body is already read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse_data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(job: Job, events: asyncio.Queue[Event], model: str, prompt_tokens: int,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI-style SSE: a role chunk per choice, content chunks, a finish chunk per choice, usage, [DONE].
+
+    Usage goes in its own final chunk with no choices when `stream_options.include_usage` asks for it
+    (OpenAI's format), else on the last finish chunk. Closing this generator (client gone) cancels the job.
+    """
+    cid, created = schemas.new_id(), int(time.time())
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        return _sse_data(schemas.chunk_body(cid, model, created, choices, usage))
+
+    try:
+        for i in range(job.n):
+            yield chunk([schemas.chunk_choice(i, {"role": "assistant", "content": ""})])
+        done, tokens = 0, 0
+        while done < job.n:
+            ev = await events.get()
+            if ev.error:
+                yield _sse_data(schemas.error_body(ev.error, "server_error"))
+                return
+            if ev.text:
+                yield chunk([schemas.chunk_choice(ev.index, {"content": ev.text})])
+            if ev.finish_reason:
+                done, tokens = done + 1, tokens + ev.completion_tokens
+                last = done == job.n and not include_usage
+                yield chunk([schemas.chunk_choice(ev.index, {}, ev.finish_reason)],
+                            schemas.usage(prompt_tokens, tokens) if last else None)
+        if include_usage:
+            yield chunk([], schemas.usage(prompt_tokens, tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
+    """Run `app` with uvicorn on a background thread; returns (server, thread, base_url) once it listens.
+
+    Port 0 picks a free port. Stop with `server.should_exit = True; thread.join()`.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="chatrl-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    return server, thread, _bound_url(server, host)
+
+
+def _bound_url(server, host: str) -> str:
+    sock = server.servers[0].sockets[0]
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve in the foreground (Ctrl-C stops); prints the page and API URLs once listening."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3))
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            url = _bound_url(server, host)
+            print(f"chatrl serve: chat page at {url}/  |  OpenAI API at {url}/v1  (Ctrl-C to stop)", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
