@@ -1,0 +1,130 @@
+"""A minimal JSONL reader for evaluation files (isolated so the data pipeline's loader can replace it).
+
+Accepted line forms:
+- `{"prompt": str | messages, "reference": optional str}`             -> Prompt
+- `{"prompt": ..., "response": str}` or `{"messages": [..., assistant]}` -> Conversation (prompt + one reply)
+- `{"chosen": str, "rejected": str}` in hh-rlhf form ("\\n\\nHuman: ...\\n\\nAssistant: ...") or with a
+  separate `"prompt"` and bare replies                                    -> PreferencePair
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
+from chatrl.errors import ChatrlError
+
+Record = Prompt | Conversation | PreferencePair
+_ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+_ROLES = {"system", "user", "assistant"}
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
+    """Read up to `limit` records from a JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChatrlError(f"data file not found: {path}")
+    records: list[Record] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ChatrlError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            if not isinstance(row, dict):
+                raise ChatrlError(f"{where}: expected a JSON object per line")
+            records.append(_parse_row(row, where))
+    if not records:
+        raise ChatrlError(f"{path}: no records found (expected JSONL lines with a 'prompt' or 'chosen'/'rejected')")
+    return records
+
+
+def as_prompts(records: list[Record]) -> list[Prompt]:
+    """View any record as a prompt; a pair's chosen reply (or a conversation's last reply) becomes the reference."""
+    out = []
+    for r in records:
+        if isinstance(r, Prompt):
+            out.append(r)
+        elif isinstance(r, PreferencePair):
+            out.append(Prompt(messages=r.prompt_messages, reference=r.chosen, source=r.source))
+        else:
+            out.append(Prompt(messages=r.messages[:-1], reference=r.messages[-1]["content"], source=r.source))
+    return out
+
+
+def parse_hh_dialogue(text: str) -> list[Message]:
+    """Split hh-rlhf text "\\n\\nHuman: a\\n\\nAssistant: b..." into user/assistant messages."""
+    parts = _TURN.split(text)
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # a prompt ending in "Assistant:" waits for the reply
+    return messages
+
+
+def split_hh_pair(chosen: str, rejected: str, where: str) -> tuple[list[Message], str, str]:
+    """Prompt = the common prefix up to its last "\\n\\nAssistant:"; the rest of each text is the reply."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(_ASSISTANT, 0, n)
+    if cut < 0:
+        raise ChatrlError(f"{where}: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn; expected hh-rlhf "
+                          "dialogues that differ only in the final assistant reply")
+    end = cut + len(_ASSISTANT)
+    messages = parse_hh_dialogue(chosen[:cut])
+    if not messages or messages[-1]["role"] != "user":
+        raise ChatrlError(f"{where}: the shared prompt must end with a 'Human:' turn before the final 'Assistant:'")
+    return messages, chosen[end:].strip(), rejected[end:].strip()
+
+
+def _parse_row(row: dict, where: str) -> Record:
+    if "chosen" in row and "rejected" in row:
+        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+        if "prompt" in row:
+            return PreferencePair(_messages(row["prompt"], where), chosen, rejected, source=where)
+        messages, chosen, rejected = split_hh_pair(chosen, rejected, where)
+        return PreferencePair(messages, chosen, rejected, source=where)
+    if "messages" in row:
+        messages = _messages(row["messages"], where)
+        if messages[-1]["role"] == "assistant":
+            return Conversation(messages, source=where)
+        return Prompt(messages, reference=row.get("reference"), source=where)
+    if "prompt" in row:
+        messages = _messages(row["prompt"], where)
+        if "response" in row:
+            return Conversation(messages + [{"role": "assistant", "content": _text(row, "response", where)}],
+                                source=where)
+        ref = row.get("reference")
+        if ref is not None and not isinstance(ref, str):
+            raise ChatrlError(f"{where}: 'reference' must be a string")
+        return Prompt(messages, reference=ref, source=where)
+    raise ChatrlError(f"{where}: unknown record; expected a 'prompt' key (optionally 'reference' or 'response'), "
+                      f"'messages', or 'chosen' + 'rejected' (got keys: {sorted(row)})")
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    if not isinstance(row[key], str):
+        raise ChatrlError(f"{where}: '{key}' must be a string")
+    return row[key]
+
+
+def _messages(value: object, where: str) -> list[Message]:
+    if isinstance(value, str):
+        return parse_hh_dialogue(value) if value.lstrip().startswith("Human:") else [
+            {"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ChatrlError(f"{where}: a prompt must be a string or a non-empty list of messages")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)):
+            raise ChatrlError(f"{where}: message {i} must be {{'role': system|user|assistant, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]

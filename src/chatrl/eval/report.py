@@ -1,0 +1,235 @@
+"""`write_report(run_dir)`: one self-contained HTML page (PNG charts inlined as base64) about a run.
+
+Reads what exists under the run folder and notes what does not:
+    <run>/<step>/config.yaml     the config each step used (step = sft, reward, ppo, or any other folder)
+    <run>/<step>/metrics.jsonl   one JSON object per line: "step", numeric metrics, optional "split": train|eval
+    <run>/eval/eval.json         `chatrl eval` results: the metrics table and per-prompt responses
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from chatrl.errors import ChatrlError
+from chatrl.eval.results import EvalResult, load_result, prompt_text, table_rows
+
+STEP_TITLES = {"sft": "Step 1: supervised fine-tuning", "reward": "Step 2: reward model", "ppo": "Step 3: PPO"}
+# metric groups, first match wins: (title, substrings of the lower-cased key)
+GROUPS = [
+    ("Losses", ("loss",)),
+    ("KL", ("kl",)),
+    ("Accuracy", ("acc",)),
+    ("Rewards, scores and margins", ("reward", "score", "margin", "return", "advantage", "value")),
+    ("Response length", ("len", "eos")),
+    ("Throughput and time", ("tok", "throughput", "per_s", "/s", "sec", "time", "samples", "it_s")),
+    ("Learning rate", ("lr", "learning_rate")),
+]
+NOT_PLOTTED = {"step", "split", "epoch", "timestamp", "global_step"}
+MAX_SAMPLES = 20
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
+th{background:#f3f3f3}td.num{text-align:right}.note{color:#8a5a00;font-style:italic}
+pre{background:#f7f7f7;padding:8px;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}
+td.resp{white-space:pre-wrap;max-width:420px}"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Build `<run_dir>/report.html` from whatever the run folder holds; returns its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ChatrlError(f"run folder not found: {run} (expected e.g. runs/<name> written by `chatrl pipeline`)")
+    body = [f"<h1>Run report: {html.escape(run.resolve().name)}</h1>",
+            f"<p>Folder <code>{html.escape(str(run.resolve()))}</code>, generated "
+            f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"]
+    if (run / "config.yaml").is_file():
+        body.append(_config_block(run / "config.yaml", "Run config"))
+    for step in _step_dirs(run):
+        body.append(_step_section(run / step, step))
+    body.append(_eval_section(run / "eval"))
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>chatrl report: "
+            f"{html.escape(run.resolve().name)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+    out = run / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _step_dirs(run: Path) -> list[str]:
+    """sft, reward, ppo (always, so a missing one gets a note), then any other folder with metrics or config."""
+    extra = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name not in STEP_TITLES and p.name != "eval"
+                   and ((p / "metrics.jsonl").is_file() or (p / "config.yaml").is_file()))
+    return list(STEP_TITLES) + extra
+
+
+def _note(text: str) -> str:
+    return f"<p class='note'>{html.escape(text)}</p>"
+
+
+def _config_block(path: Path, title: str) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return f"<details><summary>{html.escape(title)} ({html.escape(path.name)})</summary><pre>{html.escape(text)}</pre></details>"
+
+
+def _step_section(folder: Path, step: str) -> str:
+    parts = [f"<h2 id='{html.escape(step)}'>{html.escape(STEP_TITLES.get(step, step))} "
+             f"(<code>{html.escape(step)}/</code>)</h2>"]
+    if not folder.is_dir():
+        return parts[0] + _note(f"No {step}/ folder in this run: skipped.")
+    if (folder / "config.yaml").is_file():
+        parts.append(_config_block(folder / "config.yaml", f"{step} config"))
+    else:
+        parts.append(_note(f"No {step}/config.yaml."))
+    metrics_file = folder / "metrics.jsonl"
+    if not metrics_file.is_file():
+        parts.append(_note(f"No {step}/metrics.jsonl: no curves."))
+        return "\n".join(parts)
+    rows, bad = read_metrics(metrics_file)
+    if bad:
+        parts.append(_note(f"{bad} line(s) of {step}/metrics.jsonl were not JSON objects and were skipped."))
+    series = collect_series(rows)
+    if not series:
+        parts.append(_note(f"{step}/metrics.jsonl has no numeric metrics."))
+    for title, keys in group_keys(list(series)).items():
+        png = plot_group(f"{step}: {title}", {k: series[k] for k in keys})
+        parts.append(f"<h3>{html.escape(title)}</h3>" + img_tag(png, f"{step} {title}"))
+    return "\n".join(parts)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """Rows of a metrics.jsonl and how many lines were unreadable (a crashed run may leave a torn last line)."""
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def collect_series(rows: list[dict]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """key -> split -> (steps, values) for every finite numeric value (bools are not metrics)."""
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for i, row in enumerate(rows):
+        step = row.get("step", i)
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            step = i
+        split = str(row.get("split", "train"))
+        for key, value in row.items():
+            if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            xs, ys = series.setdefault(key, {}).setdefault(split, ([], []))
+            xs.append(step)
+            ys.append(value)
+    return series
+
+
+def group_keys(keys: list[str]) -> dict[str, list[str]]:
+    """Group metric keys into charts by name (see GROUPS); unmatched keys go to "Other"."""
+    groups: dict[str, list[str]] = {title: [] for title, _ in GROUPS}
+    groups["Other"] = []
+    for key in keys:
+        low = key.lower()
+        title = next((t for t, subs in GROUPS if any(s in low for s in subs)), "Other")
+        groups[title].append(key)
+    return {t: ks for t, ks in groups.items() if ks}
+
+
+def plot_group(title: str, series: dict[str, dict[str, tuple[list[float], list[float]]]]) -> bytes:
+    """PNG bytes: one subplot per metric (up to 3 per row), one line per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; safe to call repeatedly
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, (key, splits) in zip(axes.flat, series.items(), strict=False):
+        for split, (xs, ys) in sorted(splits.items()):
+            style = {"marker": "o", "markersize": 3} if split != "train" or len(xs) == 1 else {}
+            ax.plot(xs, ys, label=split, **style)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if len(splits) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img class='chart' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def _eval_section(folder: Path) -> str:
+    head = "<h2 id='eval'>Evaluation (<code>eval/</code>)</h2>"
+    path = folder / "eval.json"
+    if not path.is_file():
+        return head + _note("No eval/eval.json: run `chatrl eval --model NAME=PATH ... --out RUN/eval` to add "
+                            "the evaluation table and sample responses.")
+    try:
+        result = load_result(path)
+    except ChatrlError as e:
+        return head + _note(f"eval/eval.json could not be read: {e}")
+    return head + eval_table_html(result) + samples_html(result)
+
+
+def eval_table_html(result: EvalResult) -> str:
+    header, rows = table_rows(result)
+    out = ["<table id='eval-table'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for r in rows:
+        out.append("<tr><td>" + html.escape(r[0]) + "</td>"
+                   + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in r[1:]) + "</tr>")
+    out.append("</table>")
+    models = ", ".join(f"<code>{html.escape(n)}</code> = {html.escape(str(p))}" for n, p in result.models.items())
+    settings = ", ".join(f"{html.escape(str(k))}={html.escape(str(v))}" for k, v in result.settings.items())
+    out.append(f"<p>Models: {models}. Win rates are against <code>{html.escape(result.baseline)}</code>."
+               f"<br>Settings: {settings}</p>")
+    return "\n".join(out)
+
+
+def samples_html(result: EvalResult) -> str:
+    """Before/after table: each held-out prompt with every model's reply (and its reward)."""
+    if not result.samples:
+        return _note("eval.json has no per-prompt responses.")
+    names = list(result.models)
+    shown = result.samples[:MAX_SAMPLES]
+    has_ref = any(s.get("reference") for s in shown)
+    head = ["prompt"] + (["reference"] if has_ref else []) + names
+    out = [f"<h3>Responses to held-out prompts ({len(shown)} of {len(result.samples)})</h3>",
+           "<table id='samples'><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for s in shown:
+        cells = [html.escape(prompt_text(s.get("prompt", [])))]
+        if has_ref:
+            cells.append(html.escape(s.get("reference") or ""))
+        for n in names:
+            text = html.escape(s.get("responses", {}).get(n, "") or "(empty)")
+            reward = s.get("rewards", {}).get(n)
+            cells.append(text + (f"<br><small>reward {reward:.3f}</small>" if reward is not None else ""))
+        out.append("<tr>" + "".join(f"<td class='resp'>{c}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
