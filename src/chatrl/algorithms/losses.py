@@ -1,0 +1,167 @@
+"""Training losses as pure functions: PPO actor/critic, entropy, reward model, SFT, and token log-probs.
+
+Shapes: B = batch, T = sequence length, R = response length, V = vocabulary. mask [B, R]: 1 = the token
+counts, 0 = padding / after EOS. Per-token losses are averaged over counted tokens of the whole batch
+("token-mean"). Inputs at masked positions are zeroed before use, so they change neither the loss nor
+its gradient. Each `(loss, stats)` function returns stats as a dict of DETACHED 0-d tensors (call
+`.item()` when logging; tensors can be averaged / all-reduced across micro-batches first).
+
+  policy_loss   L = mean_t max(-A_t r_t, -A_t clip(r_t, 1-e, 1+e)),  r_t = exp(logp_t - old_logp_t)
+  value_loss    L = 0.5 * mean_t max((v_t - R_t)^2, (clip(v_t, old_t - e, old_t + e) - R_t)^2)
+  entropy       H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv
+  pairwise      L = mean_i -log sigmoid(r_c,i - r_r,i - m_i) + c * mean_i (r_c,i + r_r,i)^2
+  sft           L = sum_t CE(z_t, y_{t+1}) / #(y_{t+1} != -100)   (shifted causal-LM loss)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from chatrl.algorithms.masked import masked_mean, zero_masked
+
+Stats = dict[str, torch.Tensor]
+IGNORE_INDEX = -100
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, Stats]:
+    """Clipped PPO surrogate (Schulman et al. 2017), [B, R] inputs -> 0-d loss.
+
+    ratio r = exp(logprobs - old_logprobs); per token max(-A r, -A clip(r, 1 - e, 1 + e)); masked mean.
+    stats: clipfrac = share of counted tokens where the clipped term is the larger one (strictly),
+           approx_kl = masked mean of 0.5 (logprobs - old_logprobs)^2, ratio_mean = masked mean of r.
+    """
+    log_ratio = zero_masked(logprobs - old_logprobs, mask)  # zeroed first: exp(garbage) could overflow
+    advantages = zero_masked(advantages, mask)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.pow(2), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float | None,
+) -> tuple[torch.Tensor, Stats]:
+    """Clipped critic loss (PPO2 / DeepSpeed-Chat), [B, R] inputs -> 0-d loss.
+
+    v_clip = old + clip(v - old, -e, e); per token 0.5 * max((v - R)^2, (v_clip - R)^2); masked mean.
+    clip_eps=None gives the plain 0.5 * masked mean of (v - R)^2.
+    stats: clipfrac = share of counted tokens where the clipped error is the larger one (strictly),
+           values_mean = masked mean of v.
+    """
+    values = zero_masked(values, mask)
+    old_values = zero_masked(old_values, mask)
+    returns = zero_masked(returns, mask)
+    err = (values - returns).pow(2)
+    if clip_eps is None:
+        err_clipped = err
+    else:
+        v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        err_clipped = (v_clip - returns).pow(2)
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((err_clipped > err).float(), mask),
+            "values_mean": masked_mean(values, mask),
+        }
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, [B, R, V] -> [B, R] (fp32).
+
+    H = logsumexp(z) - sum_v p_v z_v. Computed one row at a time so only one [R, V] fp32 copy is live.
+    """
+    rows = []
+    for row in logits:
+        z = row.float()
+        rows.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
+    return torch.stack(rows)
+
+
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean entropy (0-d) of logits [B, R, V] over mask [B, R]; the bonus is `loss - coef * this`."""
+    return masked_mean(entropy_from_logits(logits), mask)
+
+
+def pairwise_reward_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, Stats]:
+    """Bradley-Terry reward-model loss on B pairs: r_chosen, r_rejected, margin [B] -> 0-d loss.
+
+    L = mean(-logsigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
+    (the margin term is Llama-2's; the centring term keeps rewards near 0, TRL's center_rewards_coefficient).
+    stats: accuracy = share with r_c > r_r (ties count as wrong), chosen / rejected = mean rewards,
+           margin = mean(r_c - r_r).
+    """
+    diff = r_chosen - r_rejected
+    logits = diff if margin is None else diff - margin.to(diff.dtype)
+    loss = -F.logsigmoid(logits).mean()
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected).pow(2).mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": (diff > 0).float().mean(),
+            "chosen": r_chosen.float().mean(),
+            "rejected": r_rejected.float().mean(),
+            "margin": diff.float().mean(),
+        }
+    return loss, stats
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss: logits [B, T, V] at position t predict labels[:, t + 1] ([B, T], UNshifted, HF style).
+
+    Mean cross-entropy (fp32) over target tokens != -100; 0 (not NaN) when there is none.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens] per position: logits [B, T, V], tokens [B, T] (valid ids) -> [B, T] fp32.
+
+    No shift here: to score the tokens of a sequence, pass logits[:, :-1] and input_ids[:, 1:].
+    Computed as gathered logit - logsumexp, one row at a time, so the full [B, T, V] log-softmax is
+    never materialised (and bf16 logits are upcast only one row at a time).
+    """
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens, strict=True):
+        picked = row_logits.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1).float()
+        rows.append(picked - torch.logsumexp(row_logits.float(), dim=-1))
+    return torch.stack(rows)
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {"ppo_clip": policy_loss}
+VALUE_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {"clipped": value_loss}
+REWARD_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {"bradley_terry": pairwise_reward_loss}
