@@ -183,6 +183,15 @@ class RewardSourceConfig:
     clip: Optional[float] = opt(5.0, "clip the summed score to [-clip, clip] before adding it (None = no clip)")
     eos_penalty: float = opt(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reward model")
+    offload: bool = opt(False, "keep the reward model in CPU memory, moved to the accelerator only to score")
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy (a copy of the initial actor) for the KL penalty."""
+
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reference model")
+    offload: bool = opt(False, "keep the reference in CPU memory, moved to the accelerator only to score")
 
 
 @dataclass
@@ -233,6 +242,7 @@ class PPOConfig:
     actor: ModelConfig = sub(ModelConfig)
     critic: ModelConfig = sub(ModelConfig, name_or_path="")  # "" = start from reward.model
     reward: RewardSourceConfig = sub(RewardSourceConfig)
+    reference: ReferenceConfig = sub(ReferenceConfig)
     data: DataConfig = sub(DataConfig)
     rollout: RolloutConfig = sub(RolloutConfig)
     ppo: PPOOptions = sub(PPOOptions)

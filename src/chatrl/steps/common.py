@@ -33,8 +33,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_step(cfg: Any, name: str) -> StepContext:
-    """Init the process group, seed, write `config.yaml`, load the tokenizer."""
+def start_step(cfg: Any, name: str, model_cfg: Any = None) -> StepContext:
+    """Init the process group, seed, write `config.yaml`, load the tokenizer of `model_cfg` (default cfg.model)."""
     from chatrl.models.loading import load_tokenizer, resolve_dtype
 
     rank, world = init_distributed()
@@ -42,8 +42,9 @@ def start_step(cfg: Any, name: str) -> StepContext:
     out = Path(cfg.output_dir)
     if rank == 0:
         save_config(cfg, out)
-    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
-    return StepContext(rank=rank, world=world, device=device(), tokenizer=load_tokenizer(cfg.model.name_or_path),
+    model_cfg = model_cfg or cfg.model
+    bf16 = resolve_dtype(model_cfg.dtype) == torch.bfloat16
+    return StepContext(rank=rank, world=world, device=device(), tokenizer=load_tokenizer(model_cfg.name_or_path),
                        bf16=bf16, weights_dtype=torch.float32, output_dir=out, model_dir=out / "model")
 
 

@@ -58,7 +58,7 @@ def run_reward(cfg: RewardConfig) -> Path:
     ctx: StepContext = start_step(cfg, "reward")
     from chatrl.data.pipeline import tokenized_rows
     from chatrl.data.tokenize import collate_pairs
-    from chatrl.models.reward import load_reward_model
+    from chatrl.models.reward import TokenValueModel, load_reward_model
 
     tok = ctx.tokenizer
     train_rows = tokenized_rows(cfg.data, tok, "reward", "train")
@@ -72,10 +72,10 @@ def run_reward(cfg: RewardConfig) -> Path:
         evaluate=lambda engine, rows: eval_pairs(engine, rows, collate, cfg.optim.micro_batch_size),
         count_tokens=lambda b: int(b.attention_mask.sum()),
     )
-    model = load_reward_model(cfg.model.name_or_path, dtype=ctx.weights_dtype,
-                              lora_cfg=cfg.model.lora if cfg.model.lora.r > 0 else None, tokenizer=tok)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # DeepSpeed must see the forward whose output the loss uses: wrap so forward returns per-token values
+    model = TokenValueModel(load_reward_model(
+        cfg.model.name_or_path, dtype=ctx.weights_dtype, lora_cfg=cfg.model.lora if cfg.model.lora.r > 0 else None,
+        tokenizer=tok, gradient_checkpointing=cfg.model.gradient_checkpointing))
     metrics = train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,
                     on_done=lambda engine: finish_model(ctx, engine, merge_lora=True))
     if ctx.rank == 0 and metrics:
