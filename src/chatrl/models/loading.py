@@ -141,7 +141,10 @@ def load_config(source: str, tokenizer: PreTrainedTokenizerBase, **overrides) ->
         config = AutoConfig.from_pretrained(source, **overrides)
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from err
-    config.pad_token_id = tokenizer.pad_token_id
+    # a freshly added <|pad|> is beyond the checkpoint's vocab: set it after `fit_embeddings` grew it.
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    pad = tokenizer.pad_token_id
+    config.pad_token_id = pad if vocab is None or pad < vocab else None
     return config
 
 
@@ -157,6 +160,8 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     with torch.no_grad():
         for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= old:
+        model.get_input_embeddings().padding_idx = tokenizer.pad_token_id  # no gradient into the pad row
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
