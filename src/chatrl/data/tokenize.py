@@ -1,0 +1,191 @@
+"""Tokenization of records into plain lists, and collators that pad them into typed batches.
+
+Which tokens are "assistant" tokens is found by rendering prefixes of the conversation with the
+chat template: `render(messages[:i], add_generation_prompt=True)` ends where reply i starts and
+`render(messages[:i+1])` ends after it. The characters in between, minus trailing whitespace the
+template adds after the end-of-turn token, are the trained span (reply + "<|im_end|>"). Tokens are
+then labelled by their character offsets (fast tokenizers) or by diffing token counts of the text
+up to each boundary (slow ones), so BPE merges at the boundaries cannot shift the mask.
+
+Encoders return None for a row dropped by `overlength="drop"` (or left with nothing to train on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from chatrl.batches import PairBatch, PromptBatch, TokenBatch
+from chatrl.data.templates import end_of_turn_text, render
+from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
+from chatrl.errors import ChatrlError
+
+IGNORE = -100
+Span = tuple[int, int]
+
+
+def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[Span]]:
+    """The rendered conversation and the [start, end) character span of every assistant reply,
+    including its end-of-turn token but not the whitespace the template puts after it."""
+    full = render(tokenizer, messages)
+    spans: list[Span] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        # transformers refuses to render an empty conversation, so a leading reply is located instead
+        head = render(tokenizer, messages[:i], add_generation_prompt=True) if i else None
+        through = render(tokenizer, messages[: i + 1])
+        if head is not None and full.startswith(through) and through.startswith(head) and len(head) >= cursor:
+            start, end = len(head), len(through)
+        else:  # template not prefix-stable (e.g. injects a default system turn): locate the content
+            start = full.find(msg["content"], cursor)
+            if start < 0:
+                raise ChatrlError(f"cannot locate assistant turn {i} in the rendered chat template")
+            end = start + len(msg["content"])
+            eot = end_of_turn_text(tokenizer)
+            if eot and full.startswith(eot, end):
+                end += len(eot)
+        end = start + len(full[start:end].rstrip())
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def _token_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None]:
+    """Token ids of `text` (no extra special tokens) and each token's start character (fast tokenizers)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
+
+
+def _count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def _trained_mask(tokenizer: Any, text: str, spans: list[Span]) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and whether each token lies inside one of `spans`."""
+    ids, starts = _token_starts(tokenizer, text)
+    if starts is not None:
+        return ids, [any(s <= a < e for s, e in spans) for a in starts]
+    mask = [False] * len(ids)
+    for s, e in spans:  # slow tokenizer: diff token counts of the text up to each boundary
+        for j in range(_count(tokenizer, text[:s]), min(len(ids), _count(tokenizer, text[:e]))):
+            mask[j] = True
+    return ids, mask
+
+
+def encode_conversation(tokenizer: Any, conv: Conversation | list[Message], max_length: int,
+                        train_on_prompt: bool = False, overlength: str = "truncate") -> dict[str, list[int]] | None:
+    """-> {"input_ids": [T], "labels": [T]}; labels are -100 on every token outside the assistant
+    replies (system/user turns, role headers) unless train_on_prompt. Too long: keep the first
+    max_length tokens ("truncate") or return None ("drop"); None too if no trained token is left."""
+    messages = conv.messages if isinstance(conv, Conversation) else conv
+    text, spans = assistant_spans(tokenizer, messages)
+    ids, mask = _trained_mask(tokenizer, text, spans)
+    if len(ids) > max_length:
+        if overlength == "drop":
+            return None
+        ids, mask = ids[:max_length], mask[:max_length]
+    labels = list(ids) if train_on_prompt else [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+    if not any(m for m in mask):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_reply(tokenizer: Any, prompt: list[Message], reply: str, max_length: int, max_prompt_length: int,
+                  overlength: str) -> list[int] | None:
+    text, spans = assistant_spans(tokenizer, prompt + [{"role": "assistant", "content": reply}])
+    start, end = spans[-1]
+    ids, starts = _token_starts(tokenizer, text[:end])  # ends exactly at the end-of-turn token
+    n_prompt = sum(1 for a in starts if a < start) if starts is not None else _count(tokenizer, text[:start])
+    if n_prompt > max_prompt_length:
+        if overlength == "drop":
+            return None
+        ids = ids[n_prompt - max_prompt_length:]  # left-truncate the prompt, keep its last tokens
+    if len(ids) > max_length:
+        if overlength == "drop":
+            return None
+        ids = ids[-max_length:]  # keep the end: the reward is read at the final token
+    return ids
+
+
+def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int, max_prompt_length: int,
+                overlength: str = "truncate") -> tuple[list[int], list[int]] | None:
+    """-> (chosen_ids, rejected_ids): prompt + reply, each ending exactly at the reply's
+    end-of-turn/EOS token. Overlong prompts keep their last max_prompt_length tokens."""
+    chosen = _encode_reply(tokenizer, pair.prompt_messages, pair.chosen, max_length, max_prompt_length, overlength)
+    rejected = _encode_reply(tokenizer, pair.prompt_messages, pair.rejected, max_length, max_prompt_length,
+                             overlength)
+    if chosen is None or rejected is None or chosen == rejected:
+        return None
+    return chosen, rejected
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt | list[Message], max_prompt_length: int,
+                  overlength: str = "truncate") -> list[int] | None:
+    """Prompt ids ending with the generation prompt (e.g. "<|im_start|>assistant\\n"); overlong prompts
+    keep their last max_prompt_length tokens (or are dropped)."""
+    messages = prompt.messages if isinstance(prompt, Prompt) else prompt
+    ids, _ = _token_starts(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    if len(ids) > max_prompt_length:
+        if overlength == "drop":
+            return None
+        ids = ids[-max_prompt_length:]
+    return ids
+
+
+# ----------------------------------------------------------------------------- collators
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad lists of ints to one [B, T] long tensor."""
+    width = max((len(s) for s in seqs), default=0)
+    rows = [([value] * (width - len(s)) + list(s)) if left else (list(s) + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width)
+
+
+def _mask(seqs: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
+    return _pad([[1] * len(s) for s in seqs], 0, left)
+
+
+def collate_sft(rows: Sequence[dict[str, Any]], pad_id: int) -> TokenBatch:
+    """Right-pad SFT rows to [B, T]; labels are -100 on padding."""
+    ids = [r["input_ids"] for r in rows]
+    return TokenBatch(input_ids=_pad(ids, pad_id), attention_mask=_mask(ids),
+                      labels=_pad([r["labels"] for r in rows], IGNORE))
+
+
+def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int) -> PairBatch:
+    """Chosen rows [0, B) then rejected rows [B, 2B), right padded to [2B, T]; margin [B] (0 if none)."""
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    margin = torch.tensor([float(r.get("margin") or 0.0) for r in rows], dtype=torch.float32)
+    return PairBatch(input_ids=_pad(seqs, pad_id), attention_mask=_mask(seqs), margin=margin)
+
+
+def collate_prompts(rows: Sequence[dict[str, Any]], pad_id: int) -> PromptBatch:
+    """LEFT-pad prompts to [B, P] so every prompt ends at the last column."""
+    seqs = [r["prompt_ids"] for r in rows]
+    return PromptBatch(input_ids=_pad(seqs, pad_id, left=True), attention_mask=_mask(seqs, left=True))
+
+
+def pack_rows(rows: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedily concatenate SFT rows (in order) into rows of at most max_length tokens, labels kept.
+    Rows are never split. Like TRL's simple packing, attention is NOT blocked at row boundaries:
+    a packed row is one causal sequence, so later conversations can attend to earlier ones."""
+    packed: list[dict[str, list[int]]] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    for r in rows:
+        ids, labels = list(r["input_ids"])[:max_length], list(r["labels"])[:max_length]
+        if cur_ids and len(cur_ids) + len(ids) > max_length:
+            packed.append({"input_ids": cur_ids, "labels": cur_labels})
+            cur_ids, cur_labels = [], []
+        cur_ids += ids
+        cur_labels += labels
+    if cur_ids:
+        packed.append({"input_ids": cur_ids, "labels": cur_labels})
+    return packed
