@@ -291,3 +291,32 @@ class PPOConfig:
         if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
             raise ChatrlError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
         self.batch_plan(1)
+
+
+@dataclass
+class EvalOptions:
+    """The pipeline's final evaluation on held-out prompts (the RLHF shard's eval split)."""
+
+    num_prompts: int = opt(32, "held-out prompts to evaluate on")
+    max_new_tokens: int = opt(64, "max response tokens")
+    batch_size: int = opt(8, "prompts generated together")
+    include_base: bool = opt(True, "also evaluate the starting model")
+
+
+@dataclass
+class PipelineConfig:
+    """SFT -> reward model -> PPO -> eval -> report in one run directory.
+
+    `model`, `data`, `deepspeed` and `seed` are set once here and passed to every step; the sections
+    `sft`, `reward` and `ppo` hold the rest of each step's config (same keys as `chatrl sft|reward|ppo
+    --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline."""
+
+    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo, eval, report.html")
+    seed: int = opt(42, "seed passed to every step")
+    model: ModelConfig = sub(ModelConfig)
+    data: DataConfig = sub(DataConfig)
+    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
+    sft: dict = opt({}, "step 1 settings (see `chatrl sft --help`)")
+    reward: dict = opt({}, "step 2 settings (see `chatrl reward --help`)")
+    ppo: dict = opt({}, "step 3 settings (see `chatrl ppo --help`)")
+    eval: EvalOptions = sub(EvalOptions)

@@ -145,8 +145,18 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ChatrlError(f"config key '{full}' is a section; set its fields, e.g. {full}.<field>=...")
             _apply(current, value, f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, dict):  # free-form section: merge, checked later
+            setattr(obj, key, deep_merge(current, value))
         else:
             setattr(obj, key, _coerce(value, tp, full))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`, recursing into nested mappings."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from chatrl.config import DeepSpeedConfig, OptimConfig
+from chatrl.configbase import deep_merge
 from chatrl.errors import ChatrlError
 from chatrl.paths import setup_extension_cache
 
@@ -117,15 +118,8 @@ def build_ds_config(optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool, worl
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ChatrlError(f"deepspeed.raw_config={path}: cannot read it as JSON ({e})") from None
-        config = _merge(config, raw)
+        config = deep_merge(config, raw)
     return config
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def initialize(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool,

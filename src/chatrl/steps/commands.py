@@ -52,3 +52,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--config", help="YAML config file (fields below); omitted = defaults")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, applied after the YAML")
         p.set_defaults(func=_run_step, config_class=config_path, runner=runner)
+    _register_pipeline(subparsers)
+
+
+def _parse_steps(text: str) -> list[int]:
+    from chatrl.errors import ChatrlError
+
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        steps = []
+    if not steps or any(s not in (1, 2, 3) for s in steps):
+        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (ppo)")
+    return steps
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from chatrl.config import PipelineConfig
+    from chatrl.engine.deepspeed import shutdown_distributed
+    from chatrl.steps.pipeline import run_pipeline
+
+    config = args.config
+    if args.command == "demo":
+        from chatrl.paths import REPO_ROOT
+
+        config = str(REPO_ROOT / "configs" / "demo.yaml")
+    cfg = load_config(PipelineConfig, config, args.overrides)
+    run_pipeline(cfg, _parse_steps(args.steps), force=args.force)
+    shutdown_distributed()
+    return 0
+
+
+def _register_pipeline(subparsers: argparse._SubParsersAction) -> None:
+    from chatrl.config import PipelineConfig
+
+    for name, desc in (("pipeline", "SFT -> reward model -> PPO -> eval -> report in one run directory"),
+                       ("demo", "the built-in demo: the pipeline on SmolLM2-135M-Instruct and hh-rlhf harmless")):
+        p = subparsers.add_parser(name, help=desc, description=desc,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="config fields:\n" + "\n".join(help_lines(PipelineConfig)))
+        if name == "pipeline":
+            p.add_argument("--config", help="pipeline YAML (e.g. configs/demo.yaml)")
+        p.add_argument("--steps", default="1,2,3", help="which steps to run, e.g. 2,3 (default 1,2,3)")
+        p.add_argument("--force", action="store_true", help="re-run steps whose output already exists")
+        p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. sft.optim.lr=2e-5")
+        p.set_defaults(func=_run_pipeline, config=None)

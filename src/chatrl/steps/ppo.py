@@ -51,7 +51,7 @@ def ppo_update(m: PPOModels, rollout: Rollout, adv: torch.Tensor, returns: torch
             mask = mb.response_mask
             ids, full_mask = joined(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask.long())
             # actor: clipped surrogate - entropy bonus (+ ptx LM loss)
-            logits = response_logits(m.actor, ids, full_mask, plen).float()
+            logits = response_logits(m.actor, ids, full_mask, plen)
             logprobs = token_logprobs(logits, mb.response_ids)
             pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, extra["adv"], mask, p.clip_eps)
             entropy = mean_entropy(logits, mask)

@@ -1,0 +1,135 @@
+"""`chatrl pipeline`: SFT -> reward model -> PPO -> eval -> report, each step feeding the next, all in
+one run directory. A step whose finished output exists is skipped (unless forced), so an interrupted
+pipeline continues where it stopped; every config is built and checked before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatrl.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
+from chatrl.configbase import load_config
+from chatrl.errors import ChatrlError
+
+
+@dataclass
+class Plan:
+    run: Path
+    sft: SFTConfig
+    reward: RewardConfig
+    ppo: PPOConfig
+
+    def outputs(self) -> dict[int, Path]:
+        """The folder whose presence means step N finished (written atomically as each step's last act)."""
+        return {1: self.run / "sft" / "model", 2: self.run / "reward" / "model", 3: self.run / "ppo" / "actor"}
+
+
+def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str, Any]) -> Any:
+    try:
+        return load_config(cls, extra=_merge(raw, forced))
+    except ChatrlError as e:
+        raise ChatrlError(f"pipeline section '{section}': {e}") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    from chatrl.configbase import deep_merge
+
+    return deep_merge(base, over)
+
+
+def build_plan(cfg: PipelineConfig) -> Plan:
+    """Derive the three step configs: shared sections copied in, each step's input = the previous output."""
+    run = Path(cfg.run_dir)
+    shared = {"seed": cfg.seed, "data": dataclasses.asdict(cfg.data), "deepspeed": dataclasses.asdict(cfg.deepspeed)}
+    base_model = dataclasses.asdict(cfg.model)
+    sft_model, rm_model = str(run / "sft" / "model"), str(run / "reward" / "model")
+    sft = _step_config(SFTConfig, "sft", cfg.sft, {**shared, "output_dir": str(run / "sft"), "model": base_model})
+    reward = _step_config(RewardConfig, "reward", cfg.reward,
+                          {**shared, "output_dir": str(run / "reward"),
+                           "model": {**base_model, "name_or_path": sft_model}})
+    ppo_raw = cfg.ppo
+    ppo = _step_config(PPOConfig, "ppo", ppo_raw,
+                       {**shared, "output_dir": str(run / "ppo"),
+                        "actor": _merge(base_model, {**ppo_raw.get("actor", {}), "name_or_path": sft_model}),
+                        "reward": {**ppo_raw.get("reward", {}), "model": rm_model}})
+    return Plan(run=run, sft=sft, reward=reward, ppo=ppo)
+
+
+def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
+    """Fail in seconds on what would otherwise fail after step 2: models, data, disk space."""
+    from chatrl.data.pipeline import load_records
+    from chatrl.models.builtin import ALIASES
+
+    name = cfg.model.name_or_path
+    if 1 in steps and name not in ALIASES and not Path(name).is_dir() and "/" not in name:
+        raise ChatrlError(f"model.name_or_path={name}: no such folder and not a built-in alias {list(ALIASES)}")
+    for step, kind in ((1, "sft"), (2, "reward"), (3, "rlhf")):
+        if step in steps:
+            records, _ = load_records(cfg.data, kind, "train")
+            if not records:
+                raise ChatrlError(f"data for step {step} ({kind}) is empty after cleaning and splitting: "
+                                  f"check data.paths and data.split={cfg.data.split}")
+    for step in steps:  # a later step whose input will not exist and is not produced by an earlier step
+        needs = {2: 1, 3: 2}.get(step)
+        if needs and needs not in steps and not plan.outputs()[needs].is_dir():
+            raise ChatrlError(f"step {step} needs the output of step {needs} ({plan.outputs()[needs]}), "
+                              f"which does not exist; run with --steps including {needs}")
+    plan.run.mkdir(parents=True, exist_ok=True)
+    free_gb = shutil.disk_usage(plan.run).free / 2**30
+    if free_gb < 2:
+        raise ChatrlError(f"only {free_gb:.1f} GiB free under {plan.run}; checkpoints need at least 2 GiB")
+
+
+def run_pipeline(cfg: PipelineConfig, steps: list[int], force: bool = False) -> Path:
+    from chatrl.steps.ppo import run_ppo
+    from chatrl.steps.reward import run_reward
+    from chatrl.steps.sft import run_sft
+
+    plan = build_plan(cfg)
+    preflight(cfg, plan, steps)
+    runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (run_ppo, plan.ppo)}
+    for step in steps:
+        out = plan.outputs()[step]
+        if out.is_dir() and not force:
+            print(f"[pipeline] step {step}: {out} already finished, skipping (use --force to re-run)")
+            continue
+        if force:
+            shutil.rmtree(out.parent, ignore_errors=True)
+        print(f"[pipeline] step {step}: {runners[step][0].__name__} -> {out.parent}")
+        runners[step][0](runners[step][1])
+        gc.collect()
+    run_final_eval(cfg, plan)
+    from chatrl.eval.report import write_report
+
+    report = write_report(plan.run)
+    print(f"[pipeline] report: {report}")
+    return report
+
+
+def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
+    """Base vs SFT vs PPO on held-out prompts: reward-model score, win rate, KL to the SFT model, ..."""
+    from chatrl.data.pipeline import load_records
+    from chatrl.eval.evaluate import evaluate_models
+    from chatrl.eval.results import rich_table, save_result
+
+    outs = plan.outputs()
+    if not all(p.is_dir() for p in outs.values()):
+        print("[pipeline] eval skipped: not all steps have finished")
+        return
+    prompts, _ = load_records(cfg.data, "rlhf", "eval")
+    prompts = prompts[:cfg.eval.num_prompts]
+    models = {"base": cfg.model.name_or_path} if cfg.eval.include_base else {}
+    models.update({"sft": str(outs[1]), "ppo": str(outs[3])})
+    result = evaluate_models(models, prompts, reward_model=str(outs[2]), reference_model=str(outs[1]),
+                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                             seed=cfg.seed, log=lambda msg: print(f"[eval] {msg}"))
+    save_result(result, plan.run / "eval")
+    (plan.run / "eval" / "summary.json").write_text(json.dumps(result.metrics, indent=1))
+    from rich.console import Console
+
+    Console().print(rich_table(result))
