@@ -36,7 +36,8 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right}.note{color:#8a5a00;font-style:italic}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}
-td.resp{white-space:pre-wrap;max-width:420px}"""
+td.resp{white-space:pre-wrap;max-width:420px}.charts{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;border:1px solid #e3e3e3;padding:6px}figcaption{font-weight:600;margin-bottom:4px}"""
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -73,7 +74,8 @@ def _note(text: str) -> str:
 
 def _config_block(path: Path, title: str) -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
-    return f"<details><summary>{html.escape(title)} ({html.escape(path.name)})</summary><pre>{html.escape(text)}</pre></details>"
+    return (f"<details><summary>{html.escape(title)} ({html.escape(path.name)})</summary>"
+            f"<pre>{html.escape(text)}</pre></details>")
 
 
 def _step_section(folder: Path, step: str) -> str:
@@ -95,9 +97,12 @@ def _step_section(folder: Path, step: str) -> str:
     series = collect_series(rows)
     if not series:
         parts.append(_note(f"{step}/metrics.jsonl has no numeric metrics."))
+    charts = []
     for title, keys in group_keys(list(series)).items():
-        png = plot_group(f"{step}: {title}", {k: series[k] for k in keys})
-        parts.append(f"<h3>{html.escape(title)}</h3>" + img_tag(png, f"{step} {title}"))
+        png = plot_group({k: series[k] for k in keys})
+        charts.append(f"<figure><figcaption>{html.escape(title)}</figcaption>{img_tag(png, f'{step}: {title}')}"
+                      "</figure>")
+    parts.append("<div class='charts'>" + "".join(charts) + "</div>")
     return "\n".join(parts)
 
 
@@ -149,8 +154,8 @@ def group_keys(keys: list[str]) -> dict[str, list[str]]:
     return {t: ks for t, ks in groups.items() if ks}
 
 
-def plot_group(title: str, series: dict[str, dict[str, tuple[list[float], list[float]]]]) -> bytes:
-    """PNG bytes: one subplot per metric (up to 3 per row), one line per split."""
+def plot_group(series: dict[str, dict[str, tuple[list[float], list[float]]]]) -> bytes:
+    """PNG bytes: one subplot per metric (up to 3 per row), one line per split (train first, same colours)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; safe to call repeatedly
@@ -161,7 +166,7 @@ def plot_group(title: str, series: dict[str, dict[str, tuple[list[float], list[f
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.0 * rows), squeeze=False)
     for ax, (key, splits) in zip(axes.flat, series.items(), strict=False):
-        for split, (xs, ys) in sorted(splits.items()):
+        for split, (xs, ys) in sorted(splits.items(), key=lambda kv: (kv[0] != "train", kv[0])):
             style = {"marker": "o", "markersize": 3} if split != "train" or len(xs) == 1 else {}
             ax.plot(xs, ys, label=split, **style)
         ax.set_title(key, fontsize=10)
@@ -172,7 +177,6 @@ def plot_group(title: str, series: dict[str, dict[str, tuple[list[float], list[f
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)

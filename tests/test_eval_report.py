@@ -1,0 +1,109 @@
+"""The HTML run report, built from a synthetic run folder and rendered in real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chatrl.cli import main
+from chatrl.eval.report import collect_series, group_keys, write_report
+from chatrl.eval.results import EvalResult, save_result
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def make_run(root: Path) -> Path:
+    """A run folder like `chatrl pipeline` writes: sft + reward + ppo metrics and configs, eval results."""
+    run = root / "demo-run"
+    _jsonl(run / "sft" / "metrics.jsonl",
+           [{"step": s, "loss": 3.0 - 0.2 * s, "lr": 1e-4, "tokens_per_s": 900.0 + s} for s in range(1, 11)]
+           + [{"step": s, "split": "eval", "loss": 3.1 - 0.2 * s} for s in (5, 10)]
+           + ['{"step": 11, "loss": 1.'])  # a torn last line from a killed run
+    (run / "sft" / "config.yaml").write_text("model:\n  name_or_path: tiny-random\noptim:\n  lr: 1.0e-4\n")
+    _jsonl(run / "reward" / "metrics.jsonl",
+           [{"step": s, "loss": 0.7 - 0.03 * s, "accuracy": 0.5 + 0.04 * s, "margin": 0.1 * s,
+             "chosen_score": 0.05 * s, "rejected_score": -0.05 * s} for s in range(1, 9)])
+    _jsonl(run / "ppo" / "metrics.jsonl",
+           [{"step": s, "reward/mean": 0.1 * s, "kl": 0.01 * s, "response_length": 20 + s, "actor_loss": -0.1,
+             "critic_loss": 0.5 / s, "samples_per_s": 3.5, "done": False, "note": "text"} for s in range(1, 7)])
+    result = EvalResult(models={"sft": "runs/demo-run/sft/final", "ppo": "runs/demo-run/ppo/final"},
+                        settings={"num_prompts": 2, "max_new_tokens": 32, "greedy": True})
+    result.metrics = {"sft": {"reward_mean": 0.25, "reward_std": 0.5, "win_rate": None, "kl": 0.0,
+                              "length_mean": 12.0, "eos_rate": 1.0},
+                      "ppo": {"reward_mean": 1.5, "reward_std": 0.25, "win_rate": 0.75, "kl": 2.5,
+                              "length_mean": 18.5, "eos_rate": 0.5}}
+    result.samples = [{"prompt": [{"role": "user", "content": "How do I bake <bread>?"}], "reference": None,
+                       "responses": {"sft": "Mix flour & water.", "ppo": "Knead, proof, then bake at 230C."},
+                       "rewards": {"sft": 0.1, "ppo": 1.9}, "kl": {}},
+                      {"prompt": [{"role": "user", "content": "Say hi"}], "reference": None,
+                       "responses": {"sft": "hi", "ppo": "Hello there!"}, "rewards": {}, "kl": {}}]
+    save_result(result, run / "eval")
+    return run
+
+
+def test_metric_grouping_and_series():
+    groups = group_keys(["loss", "eval_loss", "kl", "reward/mean", "accuracy", "margin", "response_length",
+                         "tokens_per_s", "lr", "entropy"])
+    assert groups["Losses"] == ["loss", "eval_loss"] and groups["KL"] == ["kl"]
+    assert groups["Accuracy"] == ["accuracy"] and groups["Rewards, scores and margins"] == ["reward/mean", "margin"]
+    assert groups["Response length"] == ["response_length"] and groups["Throughput and time"] == ["tokens_per_s"]
+    assert groups["Learning rate"] == ["lr"] and groups["Other"] == ["entropy"]
+    series = collect_series([{"step": 1, "loss": 2.0, "done": True, "x": "s"},
+                             {"step": 2, "split": "eval", "loss": 1.5, "acc": float("nan")}])
+    assert series == {"loss": {"train": ([1], [2.0]), "eval": ([2], [1.5])}}
+
+
+def test_report_html_sections_and_missing_parts(tmp_path):
+    run = make_run(tmp_path)
+    page = write_report(run).read_text()
+    assert page.count("data:image/png;base64,") >= 7  # sft 3 groups, reward 3, ppo 5
+    assert "name_or_path: tiny-random" in page and "1 line(s) of sft/metrics.jsonl" in page
+    assert "How do I bake &lt;bread&gt;?" in page and "Mix flour &amp; water." in page  # escaped
+    assert "75.0%" in page and "2.500" in page
+
+    bare = tmp_path / "bare"
+    _jsonl(bare / "sft" / "metrics.jsonl", [{"step": 1, "loss": 1.0}])
+    assert main(["report", str(bare)]) == 0
+    page = (bare / "report.html").read_text()
+    assert "No reward/ folder" in page and "No ppo/ folder" in page and "No eval/eval.json" in page
+    assert "No sft/config.yaml" in page and page.count("data:image/png") == 1
+    assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium) for the browser check")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    report = write_report(make_run(tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(report.as_uri())
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all(
+                "img.chart", "els => els.map(e => ({done: e.complete, w: e.naturalWidth, h: e.naturalHeight}))")
+            assert len(images) >= 7
+            assert all(i["done"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+            assert page.locator("#eval-table").is_visible()
+            cells = page.locator("#eval-table tr").all_inner_texts()
+            assert len(cells) == 3 and cells[2].split("\t")[0] == "ppo" and "75.0%" in cells[2]
+            assert "Knead, proof, then bake at 230C." in page.locator("#samples").inner_text()
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            if os.environ.get("CHATRL_KEEP_SCREENSHOT"):
+                shutil.copy(tmp_path / "report.png", os.environ["CHATRL_KEEP_SCREENSHOT"])
+        finally:
+            browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
