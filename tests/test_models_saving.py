@@ -41,6 +41,12 @@ print(text)
 """
 
 
+class FakeEngine(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
 def reload_in_subprocess(folder: Path, tmp_path: Path) -> dict:
     io_path = tmp_path / "io.safetensors"
     save_file({"ids": IDS, "mask": MASK}, io_path)
@@ -111,7 +117,8 @@ def test_explicit_state_dict_with_wrapper_prefix_and_untied_copy(tiny_model_dir,
     gathered = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         gathered["module.model.norm.weight"] += 0.5  # proves the given dict, not the model, is written
-    out = save_hf_folder(model, tok, tmp_path / "z3", state_dict=gathered)
+    engine = FakeEngine(model)  # unwrapped through `.module` like a DeepSpeed engine
+    out = save_hf_folder(engine, tok, tmp_path / "z3", state_dict=gathered)
     sd = load_state_dict_safetensors(out)
     assert "lm_head.weight" not in sd
     torch.testing.assert_close(sd["model.norm.weight"], model.model.norm.weight + 0.5)
