@@ -158,7 +158,7 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         return
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
-        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= old:
         model.get_input_embeddings().padding_idx = tokenizer.pad_token_id  # no gradient into the pad row
