@@ -83,7 +83,9 @@ def read_examples(spec: str, cfg: DataConfig, report: DataReport) -> Dataset:
     if src.builtin and not cfg.skip_bad_rows:
         report.notes.append(f"bad rows of the shipped {spec} are skipped (and counted)")
     raw = read_source(src, report, skip)
-    schema = _schema_for(cfg, src, [r.data for r in raw], raw[0].source if raw else spec)
+    if not raw:  # every row was malformed and skipped
+        raise ChatrlError(f"{spec}: no usable rows left after filtering.\n{report.summary()}\n{SCHEMA_HELP}")
+    schema = _schema_for(cfg, src, [r.data for r in raw], raw[0].source)
     adapter = find_adapter(cfg.schema, src.hub_name)
     examples: list[Example] = []
     for row in raw:
@@ -234,7 +236,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any, step: str, part: str, train_on_pr
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -271,5 +273,5 @@ def tokenized_rows(cfg: DataConfig, tokenizer: Any, step: Step, part: Part, *,
                           f"data.max_prompt_length={cfg.max_prompt_length}, data.overlength={cfg.overlength}); "
                           "raise the limits or use data.overlength=truncate.\n" + report.summary())
     log.info("data %s/%s: %d tokenized rows\n%s", step, part, len(rows), report.summary())
-    _write_json_atomic(path, {"rows": rows, "report": report.to_dict()})
+    write_json_atomic(path, {"rows": rows, "report": report.to_dict()})
     return rows
