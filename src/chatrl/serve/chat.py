@@ -77,15 +77,16 @@ class ChatSession:
         Returns stats: prompt_tokens, completion_tokens, finish_reason, dropped (messages trimmed).
         Ctrl-C stops the answer early; what was generated so far is kept.
         """
-        self.history.append({"role": "user", "content": text})
+        user = {"role": "user", "content": text}
+        alone = len(self.chat.render(build_messages(self.system, [user])))
+        if alone >= self.chat.context_window:  # refuse before trimming, so the history survives
+            raise ChatrlError(f"this message makes a {alone}-token prompt, over the model's "
+                              f"{self.chat.context_window}-token window: send a shorter one")
+        self.history.append(user)
         prompt_ids, dropped = self.fit()
         if dropped:
             on_notice(f"[context: dropped the {dropped} oldest message(s) to fit the model's "
                       f"{self.chat.context_window}-token window]")
-        if len(prompt_ids) >= self.chat.context_window:
-            self.history.pop()
-            raise ChatrlError(f"this message makes a {len(prompt_ids)}-token prompt, over the model's "
-                              f"{self.chat.context_window}-token window: send a shorter one")
         seed = None if self.settings.seed is None else self.settings.seed + self.turns
         settings = SamplingSettings(self.settings.max_new_tokens, self.settings.temperature, self.settings.top_p,
                                     list(self.settings.stop), seed)

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatrl.serve import schemas
@@ -27,6 +28,7 @@ from chatrl.serve.generation import ChatModel, SamplingSettings
 from chatrl.serve.worker import Event, GenerationWorker, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 16 * 2**20
 CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than window * this many characters is refused before tokenizing
 
 
@@ -82,7 +84,8 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
         return _model_card(name)
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(req: schemas.ChatRequest, request: Request):
+    async def chat_completions(request: Request):
+        req = await _parse_request(request)
         prompt_ids, settings = _prepare(chat, req, default_max_tokens)
         n = req.n or 1
         loop = asyncio.get_running_loop()
@@ -141,6 +144,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(schemas.error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+
+async def _parse_request(request: Request) -> schemas.ChatRequest:
+    """The JSON body as a `ChatRequest`, whatever the Content-Type (curl -d sends a form type)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
+                       code="request_too_large")
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}", code="invalid_json")
+    try:
+        return schemas.ChatRequest.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from e
 
 
 def _prepare(chat: ChatModel, req: schemas.ChatRequest, default_max_tokens: int) -> tuple[list[int], SamplingSettings]:
