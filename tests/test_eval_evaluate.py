@@ -72,11 +72,12 @@ def test_evaluate_models_end_to_end(tiny_model_dir, tiny_rm_dir, other_policy_di
         rewards = [s["rewards"][name] for s in result.samples]
         assert m[name]["reward_mean"] == pytest.approx(sum(rewards) / 3)
 
-    # rewards from padded batches equal unpadded single-sequence scores
+    # rewards from padded batches equal unpadded single-sequence scores (HF's own pooling), read at the
+    # reply's end-of-turn token
     rm, rm_tok = R.load_reward(tiny_rm_dir)
     for s in result.samples:
-        text = R.render(rm_tok, s["prompt"], s["responses"]["other"])
-        ids = torch.tensor([rm_tok(text, add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([R.reward_ids(rm_tok, s["prompt"], s["responses"]["other"], 2048)])
+        assert ids[0, -1].item() == rm_tok.eos_token_id
         with torch.no_grad():
             single = rm(input_ids=ids).logits[0, 0].item()
         assert s["rewards"]["other"] == pytest.approx(single, abs=1e-4)
