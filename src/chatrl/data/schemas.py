@@ -145,7 +145,13 @@ def _prompt_messages(value: Any, key: str) -> list[Message]:
         return [{"role": "user", "content": value}]
     if value is None:
         raise RowError("missing_field", key, "is missing")
+    _string_or_list(value, key)
     return _messages(value, key)
+
+
+def _string_or_list(value: Any, key: str) -> None:
+    if not isinstance(value, (str, list)):
+        raise RowError("wrong_type", key, f"must be a string or a list of messages, got {type(value).__name__}")
 
 
 def _reply(row: dict[str, Any], key: str) -> tuple[str, list[Message]]:
@@ -154,6 +160,7 @@ def _reply(row: dict[str, Any], key: str) -> tuple[str, list[Message]]:
     value = row.get(key)
     if value is None:
         raise RowError("missing_field", key, "is missing")
+    _string_or_list(value, key)
     if isinstance(value, str):
         text, before = value, []
     else:
