@@ -1,0 +1,56 @@
+"""Helpers for tests that drive the real `chatrl` CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("CHATRL_HOME", str(REPO / ".cache" / "test-home"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    """`python -m chatrl ARGS` in a fresh process (its own process group), output captured."""
+    return subprocess.run([sys.executable, "-m", "chatrl", *args], cwd=REPO, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row.get("split") == split]
+
+
+def final_by_step(rows: list[dict], key: str) -> dict[int, float]:
+    """The last logged value of `key` per step (a resumed run may log a step twice)."""
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+LOAD_PLAIN = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+assert 'chatrl' not in sys.modules
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = t.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt",
+                            return_dict=True)
+out = m.generate(**ids, max_new_tokens=3, do_sample=False)
+print("OK", out.shape[1] > ids["input_ids"].shape[1])
+"""
+
+
+def load_with_plain_transformers(model_dir: Path) -> str:
+    """Load a saved folder in a process that never imports chatrl; returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_PLAIN, str(model_dir)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
