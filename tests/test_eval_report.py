@@ -27,7 +27,8 @@ def make_run(root: Path) -> Path:
     """A run folder like `chatrl pipeline` writes: sft + reward + ppo metrics and configs, eval results."""
     run = root / "demo-run"
     _jsonl(run / "sft" / "metrics.jsonl",
-           [{"step": s, "loss": 3.0 - 0.2 * s, "lr": 1e-4, "tokens_per_s": 900.0 + s} for s in range(1, 11)]
+           [{"step": s, "split": "train", "time": 1.7e9 + s, "loss": 3.0 - 0.2 * s, "lr": 1e-4,
+             "tokens_per_s": 900.0 + s} for s in range(1, 11)]
            + [{"step": s, "split": "eval", "loss": 3.1 - 0.2 * s} for s in (5, 10)]
            + ['{"step": 11, "loss": 1.'])  # a torn last line from a killed run
     (run / "sft" / "config.yaml").write_text("model:\n  name_or_path: tiny-random\noptim:\n  lr: 1.0e-4\n")
@@ -59,9 +60,11 @@ def test_metric_grouping_and_series():
     assert groups["Accuracy"] == ["accuracy"] and groups["Rewards, scores and margins"] == ["reward/mean", "margin"]
     assert groups["Response length"] == ["response_length"] and groups["Throughput and time"] == ["tokens_per_s"]
     assert groups["Learning rate"] == ["lr"] and groups["Other"] == ["entropy"]
-    series = collect_series([{"step": 1, "loss": 2.0, "done": True, "x": "s"},
-                             {"step": 2, "split": "eval", "loss": 1.5, "acc": float("nan")}])
-    assert series == {"loss": {"train": ([1], [2.0]), "eval": ([2], [1.5])}}
+    series = collect_series([{"step": 1, "loss": 2.0, "done": True, "x": "s", "time": 1.7e9},
+                             {"step": 2, "split": "eval", "loss": 1.5, "acc": float("nan")},
+                             {"step": 3, "loss": 1.0}, {"step": 2, "loss": 1.2}, {"step": 3, "loss": 0.9}])
+    # a resumed run re-logs steps 2-3: sorted by step, the later line wins; wall-clock "time" is no curve
+    assert series == {"loss": {"train": ([1, 2, 3], [2.0, 1.2, 0.9]), "eval": ([2], [1.5])}}
 
 
 def test_report_html_sections_and_missing_parts(tmp_path):

@@ -22,15 +22,16 @@ from chatrl.eval.results import EvalResult, load_result, prompt_text, table_rows
 STEP_TITLES = {"sft": "Step 1: supervised fine-tuning", "reward": "Step 2: reward model", "ppo": "Step 3: PPO"}
 # metric groups, first match wins: (title, substrings of the lower-cased key)
 GROUPS = [
-    ("Losses", ("loss",)),
+    ("Losses", ("loss", "perplexity", "ppl")),
     ("KL", ("kl",)),
     ("Accuracy", ("acc",)),
-    ("Rewards, scores and margins", ("reward", "score", "margin", "return", "advantage", "value")),
+    ("Rewards, scores and margins", ("reward", "score", "margin", "chosen", "rejected", "return", "advantage",
+                                     "value")),
     ("Response length", ("len", "eos")),
     ("Throughput and time", ("tok", "throughput", "per_s", "/s", "sec", "time", "samples", "it_s")),
     ("Learning rate", ("lr", "learning_rate")),
 ]
-NOT_PLOTTED = {"step", "split", "epoch", "timestamp", "global_step"}
+NOT_PLOTTED = {"step", "split", "epoch", "time", "timestamp", "wall_time", "global_step"}  # not curves
 MAX_SAMPLES = 20
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
@@ -125,8 +126,11 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
 
 
 def collect_series(rows: list[dict]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
-    """key -> split -> (steps, values) for every finite numeric value (bools are not metrics)."""
-    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    """key -> split -> (steps, values), sorted by step, for every finite numeric value (bools are not metrics).
+
+    A resumed run appends to metrics.jsonl and may log a step twice: the later line wins.
+    """
+    points: dict[str, dict[str, dict[float, float]]] = {}
     for i, row in enumerate(rows):
         step = row.get("step", i)
         if not isinstance(step, (int, float)) or isinstance(step, bool):
@@ -135,12 +139,10 @@ def collect_series(rows: list[dict]) -> dict[str, dict[str, tuple[list[float], l
         for key, value in row.items():
             if key in NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if not math.isfinite(value):
-                continue
-            xs, ys = series.setdefault(key, {}).setdefault(split, ([], []))
-            xs.append(step)
-            ys.append(value)
-    return series
+            if math.isfinite(value):
+                points.setdefault(key, {}).setdefault(split, {})[step] = value
+    return {key: {split: (sorted(pts), [pts[x] for x in sorted(pts)]) for split, pts in splits.items()}
+            for key, splits in points.items()}
 
 
 def group_keys(keys: list[str]) -> dict[str, list[str]]:

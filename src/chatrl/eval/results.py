@@ -111,16 +111,18 @@ def _quote(text: str) -> str:
 
 
 def rich_table(result: EvalResult):
+    """Terminal table with one row per metric and one column per model (fits 80 columns for a few models)."""
     from rich.table import Table
     from rich.text import Text
 
     header, rows = table_rows(result)
     table = Table(title=Text(f"Evaluation on {result.settings.get('num_prompts', '?')} prompts "
-                        f"(win rate vs {result.baseline})"))
-    for i, h in enumerate(header):
-        table.add_column(Text(h), justify="left" if i == 0 else "right")
+                             f"(win rate vs {result.baseline})"))
+    table.add_column("metric")
     for r in rows:
-        table.add_row(*(Text(c) for c in r))
+        table.add_column(Text(r[0]), justify="right")
+    for i, title in enumerate(header[1:], 1):
+        table.add_row(Text(title), *(Text(r[i]) for r in rows))
     return table
 
 

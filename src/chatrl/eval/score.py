@@ -85,7 +85,7 @@ def print_scores(rows: Sequence[dict], max_rows: int = 50) -> None:
     for r in rows[:max_rows]:
         cells = [f"{r[c]:.3f}" if c in r else "-" for c in cols]
         ok = ["yes" if r.get("correct") else "no" if "correct" in r else "-"] if pairs else []
-        table.add_row(Text(r["source"]), Text(r["prompt"][:200]), *cells, *ok)
+        table.add_row(Text(r["source"].rsplit("/", 1)[-1]), Text(r["prompt"][:200]), *cells, *ok)
     console = Console()
     console.print(table)
     if len(rows) > max_rows:
