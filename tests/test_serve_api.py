@@ -96,6 +96,8 @@ def test_auth_is_required_except_for_health(server):
         r = httpx.request("GET" if "models" in path else "POST", url + path, json={"messages": HELLO})
         assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(url + "/health").json()["status"] == "ok"
+    page = httpx.get(url + "/")  # the static page holds no data; its API calls send the key typed into it
+    assert page.status_code == 200 and "<html" in page.text
     models = openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list()
     assert [m.id for m in models.data] == [MODEL]
 
@@ -156,10 +158,13 @@ def test_32_concurrent_streams_complete(server):
 def test_disconnected_clients_free_their_slots(server):
     url = server[0]
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "stream": True}
+    # greedy decoding of this prompt settles into repeating "\n" and never samples EOS, so without the
+    # disconnect the job would run all 1500 tokens (tens of seconds)
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "stream": True, "temperature": 0}
     # streaming: read a couple of chunks, then hang up (1500 tokens would take far longer than the wait below)
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
-        lines = [line for _, line in zip(range(6), r.iter_lines(), strict=False) if line.startswith("data:")]
+        it = r.iter_lines()  # keep a reference: a collected iterator closes the response (= disconnects)
+        lines = [line for line in (next(it) for _ in range(6)) if line.startswith("data:")]
         assert json.loads(lines[0][5:])["choices"][0]["delta"]["role"] == "assistant"
         assert httpx.get(url + "/health").json()["active"] == 1
     assert _wait_idle(url, timeout=10)["active"] == 0

@@ -54,6 +54,13 @@ def _check_positive(**values: int | float | None) -> None:
             raise ChatrlError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
 
 
+def _quiet_loading() -> None:
+    """No weight-loading progress bar in a terminal chat or a server log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _run_chat(args: argparse.Namespace) -> int:
     from chatrl.serve.chat import ChatSession, run_chat
     from chatrl.serve.generation import ChatModel, SamplingSettings
@@ -61,6 +68,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     _check_positive(max_new_tokens=args.max_new_tokens, top_p=args.top_p, context_window=args.context_window)
     if args.temperature < 0 or args.top_p > 1:
         raise ChatrlError("--temperature must be >= 0 and --top-p in (0, 1]")
+    _quiet_loading()
     chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
@@ -78,6 +86,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"chatrl serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               f"address can use the model", file=sys.stderr)
     print(f"chatrl serve: loading {args.model} ...", file=sys.stderr, flush=True)
+    _quiet_loading()
     app = create_app(args.model, api_key=args.api_key, dtype=args.dtype, context_window=args.context_window,
                      max_active=args.max_active, max_queue=args.max_queue,
                      default_max_tokens=args.default_max_tokens, model_name=args.model_name)
