@@ -134,7 +134,8 @@ def test_cli_eval_compare_score(tiny_model_dir, tiny_rm_dir, tmp_path, capsys):
     assert "Prompt 3" in text and "greedy" in text and "capital of France" in text
 
     pairs = _jsonl(tmp_path / "pairs.jsonl", [
-        {"chosen": "\n\nHuman: hi\n\nAssistant: Hello, how can I help?", "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: Hello, how can I help?",
+         "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
         {"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
     scored = tmp_path / "scores.jsonl"
     assert main(["score", "--model", tiny_rm_dir, "--data", pairs, "--output", str(scored)]) == 0
@@ -142,6 +143,12 @@ def test_cli_eval_compare_score(tiny_model_dir, tiny_rm_dir, tmp_path, capsys):
     assert len(rows) == 2 and rows[0]["margin"] == pytest.approx(rows[0]["chosen_score"] - rows[0]["rejected_score"])
     accuracy = sum(r["correct"] for r in rows) / 2
     assert f"pair accuracy (chosen scored above rejected): {accuracy:.1%}" in capsys.readouterr().out
+    # the same reply scored as a single prompt + response row gets the same score as inside the pair
+    singles = _jsonl(tmp_path / "singles.jsonl", [{"prompt": "2+2?", "response": "4"}])
+    assert main(["score", "--model", tiny_rm_dir, "--data", singles, "--output", str(scored)]) == 0
+    (single,) = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert single["score"] == pytest.approx(rows[1]["chosen_score"], abs=1e-5) and "correct" not in single
+    assert "pair accuracy" not in capsys.readouterr().out
 
     assert main(["eval", "--model", "nonsense", "--prompts", prompts]) == 2
     assert "expected NAME=PATH" in capsys.readouterr().err
