@@ -172,3 +172,26 @@ def test_disconnected_clients_free_their_slots(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=headers, timeout=1.0)
     assert _wait_idle(url, timeout=10)["active"] == 0
+
+
+def test_queued_clients_that_leave_are_dropped(tiny_model_dir: str):
+    """With one slot busy, requests wait in the queue; those whose clients leave never run."""
+    app = create_app(tiny_model_dir, chat=ChatModel(tiny_model_dir, dtype="fp32"), max_active=1)
+    srv, thread, url = start_in_thread(app)
+    body = {"messages": HELLO, "max_tokens": 1500, "stream": True, "temperature": 0}  # greedy: runs to 1500
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+            it = r.iter_lines()
+            assert next(it).startswith("data:")
+            for stream in (False, True):
+                with pytest.raises(httpx.ReadTimeout):
+                    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": stream},
+                                      timeout=1.0) as queued:
+                        queued.read()
+            health = httpx.get(url + "/health").json()
+            assert health["active"] == 1 and health["queued"] <= 2
+        health = _wait_idle(url, timeout=10)
+        assert (health["active"], health["queued"]) == (0, 0)
+    finally:
+        srv.should_exit = True
+        thread.join(15)

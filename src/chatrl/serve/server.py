@@ -12,6 +12,7 @@ import hmac
 import json
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -97,7 +98,11 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
             raise ApiError(503, f"server busy: {e}; retry later", "server_error", code="server_overloaded") from e
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return StreamingResponse(_sse(job, events, name, len(prompt_ids), include_usage),
+            body = _sse(job, events, name, len(prompt_ids), include_usage)
+            # a client gone before the first chunk means the generator never starts (its `finally` never
+            # runs): cancel the job when the generator is dropped too
+            weakref.finalize(body, job.cancel)
+            return StreamingResponse(body,
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(job, events, request, name, len(prompt_ids))
