@@ -1,0 +1,255 @@
+"""Hybrid Engine: switch the PPO actor between its training layout and a fast inference layout.
+
+Plain PyTorch (no CUDA kernels), so it runs on CPU and GPU. During rollout the actor is served by an
+INFERENCE COPY of its weights:
+- under ZeRO-3 the partitioned parameters are gathered once per refresh (one `GatheredParameters` context
+  around the whole copy), never per token or per layer;
+- LoRA adapters are folded in: W + scale * B @ A is computed into the copy (peft's `get_delta_weight`), so the
+  training weights are never merged/unmerged in place (no fp drift from merge/unmerge round trips, and no
+  write into ZeRO-3 partitions);
+- the copy is kept in `inference_dtype` (e.g. bf16 while training keeps fp32 master weights), and on CPU its
+  bf16 linear weights are pre-packed for oneDNN (~1.5x faster GEMMs at decode batch sizes, bit-identical);
+- it is refreshed only when the trainer said the weights changed (`mark_weights_updated()` after each
+  optimizer step bumps a version counter); otherwise the copy is reused;
+- with `release_after_rollout` its storage is freed after each rollout (module structure kept, so the next
+  refresh costs only the copy).
+With `inference_dtype=None`, a plain (non-LoRA, non-ZeRO-3) actor is used as is: no copy at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from chatrl.batches import PromptBatch
+from chatrl.engine.generate import GenerationSettings, generate
+
+
+def unwrap_actor(actor: nn.Module) -> nn.Module:
+    """The nn.Module inside a DeepSpeed engine (or the module itself)."""
+    inner = getattr(actor, "module", None)
+    return inner if isinstance(inner, nn.Module) else actor
+
+
+def _base_model(module: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or `module`)."""
+    get_base = getattr(module, "get_base_model", None)
+    return get_base() if callable(get_base) else module
+
+
+def _plain_name(name: str) -> str:
+    """Parameter name as in the un-adapted model: peft's `.base_layer` segments dropped."""
+    return name.replace(".base_layer.", ".")
+
+
+def _lora_deltas(base: nn.Module) -> dict[str, torch.Tensor]:
+    """name of a weight -> sum of its active, not-yet-merged LoRA deltas (float32)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed: no adapters possible
+        return {}
+    deltas: dict[str, torch.Tensor] = {}
+    for name, mod in base.named_modules():
+        if not isinstance(mod, LoraLayer) or getattr(mod, "disable_adapters", False):
+            continue
+        merged = set(getattr(mod, "merged_adapters", []))
+        for adapter in mod.active_adapters:
+            if adapter in merged or adapter not in mod.lora_A:
+                continue
+            delta = mod.get_delta_weight(adapter).float()
+            key = f"{name}.weight"
+            deltas[key] = deltas[key] + delta if key in deltas else delta
+    return deltas
+
+
+def _source_state(base: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `base` under its plain name (tied aliases included), LoRA tensors excluded."""
+    state = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        if "lora_" not in name:
+            state[_plain_name(name)] = p
+    return state
+
+
+class _PackedLinear(nn.Module):
+    """nn.Linear replacement holding its bf16 weight pre-packed in oneDNN's blocked layout (CPU only).
+    Same results as F.linear in bf16, faster at small batch (no per-call weight reorder)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = bias
+        self.register_buffer("packed", torch.empty(0), persistent=False)
+
+    def load(self, weight: torch.Tensor, batch_hint: int = 64) -> None:
+        w = weight.detach().to(torch.bfloat16).contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class InferenceCopy:
+    """A second instance of the actor's architecture (built on the meta device, so no random init),
+    materialised from the actor's weights in `dtype` on `refresh` and emptied on `release`."""
+
+    def __init__(self, base: nn.Module, dtype: torch.dtype, device: torch.device, pack: bool):
+        with torch.device("meta"):
+            self.model = type(base)(base.config)
+        self.model.eval().requires_grad_(False)
+        self.dtype, self.device = dtype, device
+        self.packed: dict[str, _PackedLinear] = {}
+        if pack and can_pack(dtype, device):
+            for name, mod in list(self.model.named_modules()):
+                if type(mod) is nn.Linear:
+                    packed = _PackedLinear(mod.in_features, mod.out_features, mod.bias)
+                    parent, _, child = name.rpartition(".")
+                    setattr(self.model.get_submodule(parent) if parent else self.model, child, packed)
+                    self.packed[name] = packed
+        self.loaded = False
+
+    @torch.no_grad()
+    def refresh(self, base: nn.Module) -> None:
+        """Copy (cast) every weight of `base` (+ LoRA deltas) into the copy. Parameters must be gathered."""
+        state, deltas = _source_state(base), _lora_deltas(base)
+
+        def value(name: str) -> torch.Tensor:
+            src = state[name]
+            if name in deltas:
+                src = src.float() + deltas[name].to(src.device)
+            return src.detach().to(device=self.device, dtype=self.dtype)
+
+        # Parameters are replaced, not written (meta tensors cannot take data); tied aliases (e.g. lm_head and
+        # embed_tokens) get the same new Parameter so they stay tied.
+        made: dict[int, nn.Parameter] = {}
+        for name, p in list(self.model.named_parameters(remove_duplicate=False)):
+            if id(p) not in made:
+                made[id(p)] = nn.Parameter(value(name).clone().contiguous(), requires_grad=False)
+            mod_name, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(mod_name), attr, made[id(p)])
+        for name, mod in self.packed.items():
+            mod.load(value(f"{name}.weight"))
+        base_buffers = dict(base.named_buffers())
+        for name, _buf in list(self.model.named_buffers()):
+            if name.endswith(".packed"):
+                continue
+            # Buffers (e.g. rotary inv_freq) are not trained: taken as they are, dtype included.
+            src = base_buffers.get(name, base_buffers.get(_plain_name(name)))
+            if src is None:
+                raise RuntimeError(f"inference copy: buffer {name} not found in the actor")
+            mod_name, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(mod_name), attr, src.detach().to(self.device).clone())
+        self.loaded = True
+
+    def release(self) -> None:
+        """Free the weights' storage (structure kept for the next refresh)."""
+        empty = torch.empty(0, dtype=self.dtype, device=self.device)
+        for p in self.model.parameters():
+            p.data = empty  # the Parameter objects (and their ties) stay; refresh replaces them
+        for mod in self.packed.values():
+            mod.packed = torch.empty(0)
+        self.loaded = False
+
+
+class HybridEngine:
+    """Rollout-time view of a training actor (DeepSpeed engine or nn.Module, optionally peft LoRA / ZeRO-3).
+
+        he = HybridEngine(actor, inference_dtype=torch.bfloat16, zero3=True)
+        with he.inference_mode() as model:      # eval, no grad, weights gathered/merged/cast once
+            ids, mask = he.generate(prompts, settings, eos_token_id=2, pad_token_id=2)
+        ...optimizer step...; he.mark_weights_updated()
+    """
+
+    def __init__(self, actor: nn.Module, *, inference_dtype: torch.dtype | None,
+                 release_after_rollout: bool = True, zero3: bool = False, pack_weights: bool = True):
+        self.actor = actor
+        self.module = unwrap_actor(actor)
+        self.base = _base_model(self.module)
+        self.zero3 = zero3 or any(hasattr(p, "ds_id") for p in self.module.parameters())
+        self.is_lora = self.base is not self.module
+        self.inference_dtype = inference_dtype
+        self.release_after_rollout = release_after_rollout
+        self.pack_weights = pack_weights
+        self.version = 0
+        self._copy: InferenceCopy | None = None
+        self._copy_version = -1
+        self._active: nn.Module | None = None
+
+    @property
+    def uses_copy(self) -> bool:
+        return self.inference_dtype is not None or self.zero3 or self.is_lora
+
+    def mark_weights_updated(self) -> None:
+        """Call after every optimizer step: the next rollout re-copies the weights."""
+        self.version += 1
+
+    def _device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _gathered(self) -> contextlib.AbstractContextManager:
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        # All parameters at once, one gather for the whole refresh (modifier_rank=None: read only).
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def _inference_model(self) -> nn.Module:
+        if not self.uses_copy:
+            return self.base
+        if self._copy is None:
+            dtype = self.inference_dtype or next(self.base.parameters()).dtype
+            self._copy = InferenceCopy(self.base, dtype, self._device(), self.pack_weights)
+        if not self._copy.loaded or self._copy_version != self.version:
+            with self._gathered():
+                self._copy.refresh(self.base)
+            self._copy_version = self.version
+        return self._copy.model
+
+    @contextlib.contextmanager
+    def inference_mode(self) -> Iterator[nn.Module]:
+        """Inference layout for one rollout: yields the model to decode with (eval, no grad); restores the
+        actor's train/eval mode after and frees the inference copy if `release_after_rollout`."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                self._active = self._inference_model()
+                yield self._active
+        finally:
+            self._active = None
+            self.module.train(was_training)
+            if self.release_after_rollout:
+                self.release()
+
+    def release(self) -> None:
+        """Free the inference copy's memory (it is rebuilt from the actor at the next rollout)."""
+        if self._copy is not None:
+            self._copy.release()
+
+    def generate(self, prompts: PromptBatch | torch.Tensor, *args, return_logprobs: bool = False,
+                 synced: bool | None = None, **kwargs):
+        """Decode a rollout. Either `generate(prompt_batch, settings, eos_token_id, pad_token_id)` or
+        `generate(prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id)`; see `engine.generate.generate`
+        for the outputs. Inside `inference_mode()` it reuses that layout; otherwise it opens one for this call.
+        synced defaults to True under ZeRO-3 (every rank keeps stepping until all are done)."""
+        if isinstance(prompts, PromptBatch):
+            ids, mask = prompts.input_ids, prompts.attention_mask
+        else:
+            ids, mask, *args = (prompts, *args)
+        settings: GenerationSettings = args[0] if args else kwargs.pop("settings")
+        rest = dict(zip(("eos_token_id", "pad_token_id"), args[1:], strict=False)) | kwargs
+        synced = self.zero3 if synced is None else synced
+        if self._active is None:
+            with self.inference_mode() as model:
+                return generate(model, ids, mask, settings, return_logprobs=return_logprobs, synced=synced, **rest)
+        return generate(self._active, ids, mask, settings, return_logprobs=return_logprobs, synced=synced, **rest)

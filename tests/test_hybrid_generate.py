@@ -1,0 +1,155 @@
+"""Fast decoder (`chatrl.engine.generate`) against transformers' own `model.generate`, plus sampling rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from chatrl.engine.generate import GenerationSettings, generate, response_mask_from_ids
+from chatrl.engine.sampling import _top_p_filter, pick_tokens, token_logprobs
+
+PAD = 2
+LENS = [5, 9, 3, 12, 7, 12]
+
+
+def tiny_model(model_dir: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+    """The tiny architecture with a large init, so greedy outputs vary (the default init repeats one token)."""
+    config = LlamaConfig.from_pretrained(model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def left_padded(lens: list[int] = LENS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, LEFT padded. -> ids, mask [B, max(lens)]."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lens)
+    ids = torch.full((len(lens), width), PAD)
+    mask = torch.zeros(len(lens), width, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, width - n:] = torch.randint(3, 1000, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def hf_greedy(model, ids, mask, new: int, eos: int | None) -> torch.Tensor:
+    """transformers' greedy continuation [B, R] (R = longest)."""
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                         eos_token_id=eos, pad_token_id=PAD)
+    return out[:, ids.shape[1]:]
+
+
+def pick_eos(model, ids, mask, new: int) -> int:
+    """A token that greedy decoding of row 3 emits at step 2: used as EOS so some rows stop early."""
+    return int(hf_greedy(model, ids, mask, new, eos=None)[3, 2])
+
+
+def greedy(new: int, **kw) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=new, do_sample=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model(tiny_model_dir)
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_greedy_matches_hf_generate_with_eos_stopping(model, check_every):
+    ids, mask = left_padded()
+    eos = pick_eos(model, ids, mask, 12)
+    ref = hf_greedy(model, ids, mask, 12, eos)
+    got, got_mask = generate(model, ids, mask, greedy(12), eos, PAD, check_every=check_every)
+    assert torch.equal(got, ref)
+    stopped = (got == eos).any(dim=1)
+    assert stopped.any() and not stopped.all(), "test must exercise early stopping and row dropping"
+    assert torch.equal(got_mask, response_mask_from_ids(ref, eos))
+    # Mask is 1 up to and including EOS, pads after.
+    row = int(stopped.nonzero()[0])
+    first = int((got[row] == eos).nonzero()[0])
+    assert got_mask[row, : first + 1].all() and not got_mask[row, first + 1:].any()
+    assert (got[row, first + 1:] == PAD).all()
+
+
+def test_greedy_bf16_matches_hf_generate(tiny_model_dir):
+    """bf16 is exact too on this model: same kernels, same batch shapes before any row is dropped,
+    and dropping a row does not change the other rows' numerics here."""
+    model = tiny_model(tiny_model_dir, torch.bfloat16)
+    ids, mask = left_padded()
+    eos = pick_eos(model, ids, mask, 10)
+    got, _ = generate(model, ids, mask, greedy(10), eos, PAD)
+    assert torch.equal(got, hf_greedy(model, ids, mask, 10, eos))
+
+
+def test_stops_when_all_rows_finish_and_respects_max_new_tokens(model):
+    ids, mask = left_padded()
+    free, free_mask = generate(model, ids, mask, greedy(7), eos_token_id=-1, pad_token_id=PAD)
+    assert free.shape == (len(LENS), 7) and free_mask.all()
+    # EOS = every row's first greedy token: all rows stop at step 0, output is one column.
+    ids1, mask1 = ids[:1], mask[:1]
+    eos = int(free[0, 0])
+    one, one_mask = generate(model, ids1, mask1, greedy(7), eos, PAD)
+    assert one.tolist() == [[eos]] and one_mask.tolist() == [[1]]
+
+
+def test_min_new_tokens_blocks_eos(model):
+    ids, mask = left_padded()
+    eos = int(hf_greedy(model, ids, mask, 1, eos=None)[0, 0])  # row 0 would stop at once
+    got, got_mask = generate(model, ids, mask, greedy(6, min_new_tokens=3), eos, PAD)
+    assert not (got[:, :3] == eos).any()
+    assert got_mask[:, :3].all()
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                         min_new_tokens=3, eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:]
+    assert torch.equal(got, ref)
+
+
+def test_sampling_top_k_1_is_greedy_and_seed_reproducible(model):
+    ids, mask = left_padded()
+    want, _ = generate(model, ids, mask, greedy(8), -1, PAD)
+    top1 = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7, seed=3)
+    assert torch.equal(generate(model, ids, mask, top1, -1, PAD)[0], want)
+    s = GenerationSettings(max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, seed=5)
+    a, b = generate(model, ids, mask, s, -1, PAD)[0], generate(model, ids, mask, s, -1, PAD)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, want), "sampling at T=1 over 20 tokens should leave the greedy path"
+
+
+def test_logprobs_match_training_forward(model):
+    """Log-probs returned while decoding == those of one teacher-forced forward over prompt + response."""
+    ids, mask = left_padded()
+    s = GenerationSettings(max_new_tokens=9, do_sample=True, temperature=1.3, top_k=30, seed=1)
+    resp, resp_mask, logps = generate(model, ids, mask, s, eos_token_id=int(ids[0, -1]), pad_token_id=PAD,
+                                      return_logprobs=True)
+    full = torch.cat([ids, resp], dim=1)
+    full_mask = torch.cat([mask, resp_mask], dim=1)
+    pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.float()
+    p = ids.shape[1]
+    step_logits = logits[:, p - 1: -1]  # logits that predicted each response token
+    want = torch.log_softmax(step_logits, -1).gather(2, resp[..., None]).squeeze(2) * resp_mask
+    assert logps.shape == resp.shape
+    torch.testing.assert_close(logps, want, atol=1e-4, rtol=1e-4)
+    assert (logps[resp_mask == 0] == 0).all() and (logps[resp_mask == 1] < 0).all()
+
+
+def test_response_mask_hand_computed():
+    ids = torch.tensor([[5, 7, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
+    assert response_mask_from_ids(ids, 2).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_top_p_filter_hand_computed():
+    # probs 0.5, 0.3, 0.2 (log-space input): top_p=0.7 keeps 0.5 and 0.3 (mass before 0.2 is 0.8 >= 0.7).
+    sorted_logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    kept = _top_p_filter(sorted_logits, 0.7)
+    assert torch.isfinite(kept).tolist() == [[True, True, False]]
+    assert torch.isfinite(_top_p_filter(sorted_logits, 0.4)).tolist() == [[True, False, False]]
+
+
+def test_pick_tokens_top_k_never_leaves_the_top_k():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 4.5]]).repeat(200, 1)
+    s = GenerationSettings(do_sample=True, top_k=2, seed=0)
+    toks = pick_tokens(logits, s, s.make_generator(torch.device("cpu")))
+    assert set(toks.tolist()) == {1, 4}
+    lp = token_logprobs(logits[:1], torch.tensor([1]))
+    assert abs(float(lp) - float(torch.log_softmax(logits[0], -1)[1])) < 1e-6
