@@ -54,3 +54,29 @@ def load_with_plain_transformers(model_dir: Path) -> str:
                           timeout=300, env=env, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+WORDS = "the a cat dog sun rain tree road blue green small quick old new house river stone banana".split()
+
+
+def write_word_chats(path: Path, n: int = 400, seed: int = 0) -> Path:
+    """Synthetic prompt/response data whose replies are 4-10 words from WORDS (so 'banana' is ~1 in 18)."""
+    import random
+
+    rng = random.Random(seed)
+    questions = ["Tell me something.", "Say a few words.", "What do you see?", "Describe the view."]
+    with path.open("w") as f:
+        for i in range(n):
+            reply = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10)))
+            f.write(json.dumps({"prompt": f"{rng.choice(questions)} ({i})", "response": reply}) + "\n")
+    return path
+
+
+def sft_word_model(tmp: Path) -> Path:
+    """A tiny model fine-tuned on `write_word_chats` data (speaks the 18-word language); returns its folder."""
+    data = write_word_chats(tmp / "words.jsonl")
+    out = tmp / "sft"
+    proc = run_cli("sft", "--config", "configs/tiny-sft.yaml", f"output_dir={out}", f"data.paths=[{data}]",
+                   "data.split=1,0,1", "optim.lr=1e-2", "optim.max_steps=30", "checkpoint.every=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "model"

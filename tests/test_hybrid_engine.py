@@ -119,11 +119,14 @@ def test_bf16_copy_of_fp32_actor_uses_packed_weights(tiny_model_dir):
         packed = [m for m in inf.modules() if isinstance(m, _PackedLinear)]
         assert len(packed) == 2 * 7 + 1  # 7 per layer + lm_head
         assert inf.model.embed_tokens.weight.dtype == torch.bfloat16
-        got = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD)[0]
+        got = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD, fast_attention=False)[0]
+        fast = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD)[0]
     # The copy keeps non-trained buffers (rotary inv_freq) in fp32 as the actor has them; `.to(bf16)` would round
     # them too (and then 2 of these 60 tokens differ), so the reference gets the fp32 buffers back.
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     for name, buf in model.named_buffers():
         bf16.get_buffer(name).data = buf.clone()
-    assert torch.equal(got, hf_greedy(bf16, ids, mask, NEW, None))
+    ref = hf_greedy(bf16, ids, mask, NEW, None)
+    assert torch.equal(got, ref)  # packed weights: exact
+    assert (fast == ref).float().mean() >= 0.8  # + decode attention: bf16 near-ties may flip (documented)
     assert next(model.parameters()).dtype == torch.float32

@@ -72,13 +72,34 @@ def test_greedy_matches_hf_generate_with_eos_stopping(model, check_every):
 
 
 def test_greedy_bf16_matches_hf_generate(tiny_model_dir):
-    """bf16 is exact too on this model: same kernels, same batch shapes before any row is dropped,
-    and dropping a row does not change the other rows' numerics here."""
+    """bf16 with transformers' SDPA attention is exact too (same kernels; dropping rows does not change the
+    other rows' numerics here). Our decode attention is a different kernel: in bf16 a rare near-tie can flip
+    (then the row diverges), so it is only required to agree on most tokens."""
     model = tiny_model(tiny_model_dir, torch.bfloat16)
     ids, mask = left_padded()
     eos = pick_eos(model, ids, mask, 10)
-    got, _ = generate(model, ids, mask, greedy(10), eos, PAD)
-    assert torch.equal(got, hf_greedy(model, ids, mask, 10, eos))
+    ref = hf_greedy(model, ids, mask, 10, eos)
+    got, _ = generate(model, ids, mask, greedy(10), eos, PAD, fast_attention=False)
+    assert torch.equal(got, ref)
+    fast, _ = generate(model, ids, mask, greedy(10), eos, PAD)
+    assert fast.shape == ref.shape and (fast == ref).float().mean() >= 0.8
+
+
+def test_decode_attention_matches_sdpa_fp32():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from chatrl.engine.generate import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 6, n, 8, generator=g) for n in (1, 11, 11))
+    k, v = k[:, :2], v[:, :2]  # 6 query heads on 2 kv heads
+    mask = torch.ones(4, 1, 1, 11, dtype=torch.bool)
+    mask[1, ..., :5] = False  # left padding
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    got, _ = decode_attention(module, q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_stops_when_all_rows_finish_and_respects_max_new_tokens(model):

@@ -178,7 +178,8 @@ class RewardSourceConfig:
 
     model: Optional[str] = opt(None, "reward-model folder (from `chatrl reward`); None = functions only")
     model_weight: float = opt(1.0, "weight of the reward-model score in the sum")
-    functions: list[str] = opt([], "Python reward functions 'pkg.module:fn', called fn(prompts, responses, **extra)")
+    functions: list[str] = opt([], "Python reward functions 'pkg.module:fn' or 'file.py:fn': fn(prompts, responses, **columns) -> floats; "
+                                 "columns it names are passed: reference, response_ids, dataset extras")
     function_weights: list[float] = opt([], "weight per function (empty = all 1.0)")
     clip: Optional[float] = opt(5.0, "clip the summed score to [-clip, clip] before adding it (None = no clip)")
     eos_penalty: float = opt(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")

@@ -111,7 +111,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
         t0 = time.perf_counter()
         texts = tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id),
                                  skip_special_tokens=True)
-        fn_scores = m.function_scores([row["messages"] for row in rows], texts, rows)
+        ids_lists = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(-1), strict=True)]
+        fn_scores = m.function_scores([row["messages"] for row in rows], texts, rows, ids_lists)
         rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, reward_model=m.reward_model,
                                 prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
                                 response_ids=response_ids, response_mask=response_mask,

@@ -47,7 +47,7 @@ class PPOModels:
     hybrid: Any                    # chatrl.engine.hybrid.HybridEngine around the actor
     prompts: list[dict]
     collate_prompts: Callable[[list[dict]], PromptBatch]
-    function_scores: Callable[[list[Any], list[str], list[dict]], torch.Tensor]
+    function_scores: Callable[[list[Any], list[str], list[dict], list[list[int]]], torch.Tensor]
     ptx_batches: Iterator[TokenBatch] | None
     ema: dict[str, torch.Tensor] | None
     ema_decay: float
@@ -68,13 +68,14 @@ class PPOModels:
                 self.ema[name].mul_(self.ema_decay).add_(p.detach().float().cpu(), alpha=1 - self.ema_decay)
 
 
-def _function_scorer(cfg: PPOConfig) -> Callable[[list[Any], list[str], list[dict]], torch.Tensor]:
+def _function_scorer(cfg: PPOConfig) -> Callable[..., torch.Tensor]:
     fns = [(spec, load_reward_function(spec)) for spec in cfg.reward.functions]
     weights = cfg.reward.function_weights or [1.0] * len(fns)
 
-    def score(prompts: list[Any], responses: list[str], rows: list[dict]) -> torch.Tensor:
+    def score(prompts: list[Any], responses: list[str], rows: list[dict],
+              response_ids: list[list[int]]) -> torch.Tensor:
         total = torch.zeros(len(responses))
-        columns = {"reference": [row.get("reference") for row in rows]}
+        columns = {"reference": [row.get("reference") for row in rows], "response_ids": response_ids}
         for key in {k for row in rows for k in row.get("extra", {})}:
             columns[key] = [row.get("extra", {}).get(key) for row in rows]
         for (spec, fn), w in zip(fns, weights, strict=True):
