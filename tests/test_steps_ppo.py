@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO, cli_env, load_with_plain_transformers, read_metrics, run_cli, sft_word_model
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import read_metrics, run_cli
 
 WORDS = "the a cat dog sun rain tree road blue green small quick old new house river stone".split()

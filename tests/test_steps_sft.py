@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO, cli_env, final_by_step, load_with_plain_transformers, read_metrics, run_cli
 
 TINY = "configs/tiny-sft.yaml"
