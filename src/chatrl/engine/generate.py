@@ -16,28 +16,84 @@ Greedy decoding returns exactly the tokens of `model.generate(do_sample=False)` 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from chatrl.engine.sampling import GenerationSettings, block_token, pick_tokens, token_logprobs
 
-__all__ = ["GenerationSettings", "generate", "response_mask_from_ids"]
+__all__ = ["GenerationSettings", "decode_attention_enabled", "generate", "response_mask_from_ids"]
+
+DECODE_ATTENTION = "chatrl_decode"
+
+
+def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention for one new token per row: two small batched matmuls with the query heads grouped by their
+    KV head (no repeat_kv). On CPU torch's flash SDPA kernel costs ~1 ms per layer at batch 64 for this
+    (a third of a decode step); this costs a fraction. Prefill (several query tokens) goes to transformers' SDPA.
+    query: [b, H, 1, D], key/value: [b, Hkv, T, D], mask: bool [b, 1, 1, T] (True = attend) or additive or None.
+    Returns [b, 1, H, D] like the other attention functions."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    b, h, _, d = query.shape
+    kvh = key.shape[1]
+    q = query.reshape(b, kvh, h // kvh, d)  # head i reads kv head i // (h // kvh), as repeat_kv does
+    # fp32 scores and probabilities, as the SDPA kernels keep them (bf16 scores flip greedy tokens).
+    scores = torch.matmul(q.float(), key.transpose(-1, -2).float()) * (scaling if scaling is not None else d ** -0.5)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1:, : key.shape[2]]  # [b, 1, 1, T]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, value.float())  # [b, kvh, g, D]
+    return out.to(query.dtype).reshape(b, 1, h, d), None
+
+
+@contextlib.contextmanager
+def decode_attention_enabled(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """While inside, an SDPA model uses `decode_attention` (same masks as SDPA); restored after."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = getattr(model, "config", None)
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    ALL_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 class _SlabLayer(DynamicLayer):
-    """One layer's KV cache in a buffer of fixed capacity [B, H, capacity, D], filled in place.
-    `keys`/`values` are views of the filled prefix, so attention only reads what exists."""
+    """One layer's KV cache in buffers of fixed capacity, filled in place (no per-step re-concatenation).
+    Keys are stored TRANSPOSED, [B, H, D, capacity], and handed out as a [B, H, T, D] view of the filled
+    prefix: `query @ key^T` then reads a plain strided matrix, which bf16 matmul on CPU does ~3x faster
+    than the transposed view of a [B, H, capacity, D] buffer (that one is copied to contiguous every call).
+    Values are [B, H, capacity, D]. `transposed_keys=False` keeps keys [B, H, capacity, D] (what SDPA prefers:
+    its CPU kernel gives bit-identical results to transformers' own cache only with that layout)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, transposed_keys: bool = True):
         super().__init__()
         self.capacity = capacity
+        self.transposed_keys = transposed_keys
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, _ = key_states.shape
-        self.k_buf = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
+        b, h, _, d = key_states.shape
+        shape = (b, h, d, self.capacity) if self.transposed_keys else (b, h, self.capacity, d)
+        self.kt_buf = key_states.new_empty(shape)
         self.v_buf = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
@@ -47,14 +103,20 @@ class _SlabLayer(DynamicLayer):
         start, n = self.length, key_states.shape[-2]
         if start + n > self.capacity:
             raise RuntimeError(f"KV cache capacity {self.capacity} exceeded (need {start + n})")
-        self.k_buf[:, :, start:start + n].copy_(key_states)
+        if self.transposed_keys:
+            self.kt_buf[..., start:start + n].copy_(key_states.transpose(-1, -2))
+        else:
+            self.kt_buf[:, :, start:start + n].copy_(key_states)
         self.v_buf[:, :, start:start + n].copy_(value_states)
         self.length = start + n
         self._refresh_views()
         return self.keys, self.values
 
     def _refresh_views(self) -> None:
-        self.keys = self.k_buf[:, :, : self.length]
+        if self.transposed_keys:
+            self.keys = self.kt_buf[..., : self.length].transpose(-1, -2)
+        else:
+            self.keys = self.kt_buf[:, :, : self.length]
         self.values = self.v_buf[:, :, : self.length]
 
     def get_seq_length(self) -> int:
@@ -62,7 +124,7 @@ class _SlabLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self.k_buf = self.k_buf.index_select(0, indices)
+            self.kt_buf = self.kt_buf.index_select(0, indices)
             self.v_buf = self.v_buf.index_select(0, indices)
             self._refresh_views()
 
@@ -72,14 +134,14 @@ class _SlabLayer(DynamicLayer):
         self.is_initialized = False
 
 
-def make_cache(model: torch.nn.Module, capacity: int) -> Cache:
+def make_cache(model: torch.nn.Module, capacity: int, transposed_keys: bool = True) -> Cache:
     """A slab cache when every layer is plain full attention; otherwise transformers' own DynamicCache
     (sliding-window / hybrid models keep their specific layer types)."""
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
         return DynamicCache(config=config)
-    return Cache(layers=[_SlabLayer(capacity) for _ in range(config.num_hidden_layers)])
+    return Cache(layers=[_SlabLayer(capacity, transposed_keys) for _ in range(config.num_hidden_layers)])
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -114,7 +176,8 @@ def _global_any(flag: bool, device: torch.device) -> bool:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              settings: GenerationSettings, eos_token_id: int, pad_token_id: int, *,
-             return_logprobs: bool = False, synced: bool = False, check_every: int | None = None):
+             return_logprobs: bool = False, synced: bool = False, check_every: int | None = None,
+             fast_attention: bool = True):
     """Decode responses for a LEFT padded prompt batch.
 
     prompt_ids, prompt_mask: [B, P].
@@ -125,7 +188,18 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     synced: several processes (ZeRO-3): every rank keeps running forwards (a 1-row dummy once its own rows
       are done) until all ranks are done, so per-forward collectives stay matched; R is then equal on all ranks.
     check_every: steps between "finished rows?" checks (each is one host sync); default 1 on CPU, 8 on GPU.
+    fast_attention: decode steps of SDPA models use `decode_attention` (fp32: same tokens as HF in the tests;
+      bf16: a different kernel, so rare greedy near-ties can resolve differently — see bench/README.md).
     """
+    with decode_attention_enabled(model, fast_attention):
+        fast = model.config._attn_implementation == DECODE_ATTENTION
+        return _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
+                         return_logprobs=return_logprobs, synced=synced, check_every=check_every,
+                         transposed_keys=fast)
+
+
+def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id, *, return_logprobs, synced,
+              check_every, transposed_keys):
     settings.validate()
     device = prompt_ids.device
     b0, plen = prompt_ids.shape
@@ -138,7 +212,7 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     logps = torch.zeros((b0, max_new), dtype=torch.float32, device=device) if return_logprobs else None
     # Mask for prompt + every future step, sliced per step; generated slots are real tokens (1).
     full_mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(b0, max_new).long()], dim=1)
-    cache = make_cache(model, plen + max_new)
+    cache = make_cache(model, plen + max_new, transposed_keys)
     pos = _prefill_positions(prompt_mask)
     logits = _logits(model, prompt_ids, prompt_mask, pos, cache)
     next_pos = pos[:, -1] + 1  # [b]

@@ -19,6 +19,7 @@ With `inference_dtype=None`, a plain (non-LoRA, non-ZeRO-3) actor is used as is:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -101,8 +102,9 @@ class InferenceCopy:
     materialised from the actor's weights in `dtype` on `refresh` and emptied on `release`."""
 
     def __init__(self, base: nn.Module, dtype: torch.dtype, device: torch.device, pack: bool):
+        config = copy.deepcopy(base.config)  # own config: switching its attention must not touch the actor's
         with torch.device("meta"):
-            self.model = type(base)(base.config)
+            self.model = type(base)(config)
         self.model.eval().requires_grad_(False)
         self.dtype, self.device = dtype, device
         self.packed: dict[str, _PackedLinear] = {}
