@@ -1,0 +1,65 @@
+"""`chatrl pipeline` on the tiny model: all three steps, eval and report; finished steps are skipped;
+config mistakes fail before any training."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import read_metrics, run_cli
+
+TINY = "configs/tiny-pipeline.yaml"
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir) -> Path:
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run
+
+
+def test_pipeline_runs_every_step_then_eval_and_report(pipeline_run: Path) -> None:
+    for step, folder in (("sft", "model"), ("reward", "model"), ("ppo", "actor")):
+        assert (pipeline_run / step / folder / "config.json").exists()
+        assert read_metrics(pipeline_run / step)
+    reward_cfg = (pipeline_run / "reward" / "config.yaml").read_text()
+    assert str(pipeline_run / "sft" / "model") in reward_cfg  # step 2 starts from step 1's output
+    ppo_cfg = (pipeline_run / "ppo" / "config.yaml").read_text()
+    assert str(pipeline_run / "reward" / "model") in ppo_cfg
+    result = json.loads((pipeline_run / "eval" / "eval.json").read_text())
+    assert list(result["models"]) == ["base", "sft", "ppo"]
+    assert all(result["metrics"][m]["reward_mean"] is not None for m in result["models"])
+    html = (pipeline_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "ppo" in html
+
+
+def test_pipeline_skips_finished_steps(pipeline_run: Path) -> None:
+    before = (pipeline_run / "sft" / "model" / "model.safetensors").stat().st_mtime
+    started = time.time()
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={pipeline_run}", "--steps", "1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("already finished, skipping") == 2
+    assert (pipeline_run / "sft" / "model" / "model.safetensors").stat().st_mtime == before
+    assert (pipeline_run / "report.html").stat().st_mtime >= started
+
+
+def test_pipeline_fails_fast_on_missing_data(tmp_path: Path) -> None:
+    started = time.time()
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={tmp_path / 'run'}",
+                   f"data.paths=[{tmp_path / 'nope.jsonl'}]")
+    assert proc.returncode == 2
+    assert "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "sft").exists()
+    assert time.time() - started < 60
+
+
+def test_pipeline_rejects_bad_step_keys(tmp_path: Path) -> None:
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={tmp_path / 'run'}", "reward.optim.lr=fast")
+    assert proc.returncode == 2 and "pipeline section 'reward'" in proc.stderr and "optim.lr" in proc.stderr
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={tmp_path / 'run'}", "ppo.ppo.mini_batches=3")
+    assert proc.returncode == 2 and "mini_batches=3" in proc.stderr
+    assert not (tmp_path / "run" / "sft").exists()
