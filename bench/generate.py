@@ -137,7 +137,7 @@ def main() -> None:
               f"{r['ms_per_step']:>8.2f}")
     for k, v in ratios.items():
         print(f"{k:<16} {v:5.2f}x")
-    payload = dict(config=dict(vars(args), model="random SmolLM2-135M shape", dtype="bfloat16", top_k=TOP_K,
+    payload = dict(config=dict(vars(args) | {"out": os.path.relpath(args.out, ROOT)}, model="random SmolLM2-135M shape", dtype="bfloat16", top_k=TOP_K,
                                torch=torch.__version__, machine=platform.processor() or platform.machine()),
                    results=results, ratios={k: round(v, 2) for k, v in ratios.items()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
