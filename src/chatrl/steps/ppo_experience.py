@@ -28,9 +28,12 @@ def joined(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: to
 
 
 def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits [B, R, V] that predict each response token: positions P-1 .. P+R-2 of the joined sequence."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-    return out.logits[:, prompt_len - 1:-1]
+    """Logits [B, R, V] that predict each response token: positions P-1 .. P+R-2 of the joined sequence.
+    Only the last R+1 positions go through the LM head (`logits_to_keep`): prompt logits are never needed."""
+    keep = ids.shape[1] - prompt_len + 1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+                logits_to_keep=keep)
+    return out.logits[:, :-1]
 
 
 def response_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
