@@ -302,6 +302,7 @@ class EvalOptions:
     max_new_tokens: int = opt(64, "max response tokens")
     batch_size: int = opt(8, "prompts generated together")
     include_base: bool = opt(True, "also evaluate the starting model")
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the evaluated models (fp32 = exact but ~2x slower)")
 
 
 @dataclass

@@ -29,7 +29,7 @@ def _as_prompt(p: Prompt | str | Sequence[Message]) -> Prompt:
 def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Sequence[Message]], *,
                     reward_model: str | None = None, reference_model: str | None = None,
                     max_new_tokens: int = 128, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                    batch_size: int = 8, seed: int = 0,
+                    batch_size: int = 8, seed: int = 0, dtype: str = "fp32", max_prompt_tokens: int | None = None,
                     log: Callable[[str], None] | None = None) -> EvalResult:
     """Generate a response per prompt with every model and compute the metrics of `results.METRICS`.
 
@@ -50,13 +50,14 @@ def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Seq
     ref = None
     for name, path in models.items():
         log(f"generating with {name} ({path}) on {len(recs)} prompts")
-        model, tok = R.load_policy(path)
+        model, tok = R.load_policy(path, dtype=dtype)
         gens[name] = gen = R.generate(model, tok, msgs, max_new_tokens=max_new_tokens, greedy=greedy,
+                                      max_prompt_tokens=max_prompt_tokens,
                                       temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
         if reference_model:
             if ref is None:
                 log(f"loading reference model {reference_model}")
-                ref = R.load_policy(reference_model)
+                ref = R.load_policy(reference_model, dtype=dtype)
             kls[name] = _kl(model, tok, ref, gen, batch_size, name)
         del model
         gc.collect()
@@ -64,7 +65,7 @@ def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Seq
     rewards: dict[str, list[float]] = {}
     if reward_model:
         log(f"scoring responses with reward model {reward_model}")
-        rm, rm_tok = R.load_reward(reward_model)
+        rm, rm_tok = R.load_reward(reward_model, dtype=dtype)
         for name, gen in gens.items():
             rewards[name] = R.reward_scores(rm, rm_tok, msgs, gen.texts, batch_size=batch_size)
         del rm

@@ -72,12 +72,14 @@ def reward_ids(tok, prompt: Sequence[Message], reply: str, max_tokens: int) -> l
 
 @torch.inference_mode()
 def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens: int, greedy: bool = True,
-             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0) -> Generation:
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
+             max_prompt_tokens: int | None = None) -> Generation:
     """One response per prompt with the engine's batched decoder (left-padded B x P prompts)."""
     from chatrl.engine.generate import generate as engine_generate
     from chatrl.engine.sampling import GenerationSettings
 
-    prompt_ids = encode_prompts(tok, prompts, max(1, _max_positions(model) - max_new_tokens))
+    limit = max(1, _max_positions(model) - max_new_tokens)
+    prompt_ids = encode_prompts(tok, prompts, min(limit, max_prompt_tokens or limit))  # keeps the last tokens
     eos, pad = tok.eos_token_id, tok.pad_token_id
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
                                   top_p=top_p, generator=torch.Generator().manual_seed(seed))

@@ -127,7 +127,8 @@ def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
     models.update({"sft": str(outs[1]), "ppo": str(outs[3])})
     result = evaluate_models(models, prompts, reward_model=str(outs[2]), reference_model=str(outs[1]),
                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                             seed=cfg.seed, log=lambda msg: print(f"[eval] {msg}"))
+                             seed=cfg.seed, dtype=cfg.eval.dtype, max_prompt_tokens=cfg.data.max_prompt_length,
+                             log=lambda msg: print(f"[eval] {msg}"))
     save_result(result, plan.run / "eval")
     (plan.run / "eval" / "summary.json").write_text(json.dumps(result.metrics, indent=1))
     from rich.console import Console
