@@ -125,22 +125,32 @@ class SFTOptions:
 
 
 @dataclass
-class SFTConfig:
-    """Step 1: supervised fine-tuning."""
+class SupervisedStepConfig:
+    """Sections shared by the supervised steps (SFT and reward model); each step adds its own section."""
 
-    output_dir: str = opt("runs/sft", "where checkpoints, metrics and the final HF model folder go")
-    seed: int = opt(42, "seed for model init, shuffling and dropout")
+    output_dir: str = opt("runs/step", "where checkpoints, metrics and the final HF model folder go")
+    seed: int = opt(42, "seed for model/head init, shuffling and dropout")
     model: ModelConfig = sub(ModelConfig)
     data: DataConfig = sub(DataConfig)
     optim: OptimConfig = sub(OptimConfig)
     deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
     logging: LoggingConfig = sub(LoggingConfig)
     checkpoint: CheckpointConfig = sub(CheckpointConfig)
-    sft: SFTOptions = sub(SFTOptions)
 
     def check(self) -> None:
         check_common(self.model, self.deepspeed, self.optim)
-        if self.sft.packing and self.sft.train_on_prompt is False and self.data.max_length < 16:
+
+
+@dataclass
+class SFTConfig(SupervisedStepConfig):
+    """Step 1: supervised fine-tuning."""
+
+    output_dir: str = opt("runs/sft", "where checkpoints, metrics and the final HF model folder go")
+    sft: SFTOptions = sub(SFTOptions)
+
+    def check(self) -> None:
+        super().check()
+        if self.sft.packing and self.data.max_length < 16:
             raise ChatrlError("sft.packing needs data.max_length >= 16")
 
 
@@ -153,21 +163,14 @@ class RewardOptions:
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(SupervisedStepConfig):
     """Step 2: reward model on preference pairs (Bradley-Terry)."""
 
     output_dir: str = opt("runs/reward", "where checkpoints, metrics and the final reward-model folder go")
-    seed: int = opt(42, "seed for head init, shuffling and dropout")
-    model: ModelConfig = sub(ModelConfig)
-    data: DataConfig = sub(DataConfig)
-    optim: OptimConfig = sub(OptimConfig)
-    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
-    logging: LoggingConfig = sub(LoggingConfig)
-    checkpoint: CheckpointConfig = sub(CheckpointConfig)
     reward: RewardOptions = sub(RewardOptions)
 
     def check(self) -> None:
-        check_common(self.model, self.deepspeed, self.optim)
+        super().check()
         if self.reward.center_coef < 0:
             raise ChatrlError("reward.center_coef must be >= 0")
 
