@@ -42,8 +42,8 @@ def reward_run(tmp_path_factory, tiny_model_dir) -> Path:
 def test_reward_learns_marker_on_held_out_pairs(reward_run: Path) -> None:
     evals = read_metrics(reward_run, "eval")
     assert evals[-1]["accuracy"] >= 0.9
-    assert evals[-1]["margin_mean"] > 0
-    assert evals[-1]["chosen_mean"] > evals[-1]["rejected_mean"]
+    assert evals[-1]["margin"] > 0
+    assert evals[-1]["chosen"] > evals[-1]["rejected"]
     train = read_metrics(reward_run)
     assert {"loss", "accuracy"} <= set(train[-1])
 
