@@ -174,3 +174,13 @@ def test_pick_tokens_top_k_never_leaves_the_top_k():
     assert set(toks.tolist()) == {1, 4}
     lp = token_logprobs(logits[:1], torch.tensor([1]))
     assert abs(float(lp) - float(torch.log_softmax(logits[0], -1)[1])) < 1e-6
+
+
+def test_sampler_follows_the_distribution_and_skips_excluded_tokens():
+    # probs 0.5 / 0.3 / 0.2 on columns 0, 2, 3; column 1 excluded (-inf): 20k draws land within 0.015 of each.
+    logits = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).log().repeat(20000, 1)
+    s = GenerationSettings(do_sample=True, seed=0)
+    toks = pick_tokens(logits, s, s.make_generator(torch.device("cpu")))
+    freq = torch.bincount(toks, minlength=4).float() / toks.numel()
+    assert freq[1] == 0
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.015, rtol=0)

@@ -55,9 +55,15 @@ def block_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
 
 
 def _sample_from(values: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """Draw one column index per row from unnormalised logits `values` [B, K] (-inf = excluded)."""
-    probs = torch.softmax(values, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    """Draw one column index per row from unnormalised logits `values` [B, K] (-inf = excluded).
+
+    Inverse-CDF sampling with ONE uniform per row: the first column whose cumulative probability exceeds
+    u * total. `torch.multinomial` draws an exponential variate for every column instead (on CPU, 51 ms per
+    call for 64 rows x 49k vocab: a third of a decode step); the cumsum + search costs ~1 ms. Columns of
+    probability 0 are never chosen (the cumulative sum does not rise there)."""
+    cdf = torch.softmax(values.float(), dim=-1).cumsum_(dim=-1)  # [B, K], last column ~1
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
 def _top_p_filter(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
