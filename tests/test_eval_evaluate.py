@@ -54,6 +54,16 @@ def _single_logp(model, prompt_ids: list[int], response_ids: list[int]) -> torch
     return torch.stack([logp[len(prompt_ids) + i - 1, t] for i, t in enumerate(response_ids)])
 
 
+def _single_kl(model, ref, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """Exact KL summed over the response positions, one unpadded sequence at a time."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    sl = slice(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(response_ids))
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=ids).logits[0, sl].float(), -1)
+        q = torch.log_softmax(ref(input_ids=ids).logits[0, sl].float(), -1)
+    return (p.exp() * (p - q)).sum().item()
+
+
 def test_evaluate_models_end_to_end(tiny_model_dir, tiny_rm_dir, other_policy_dir, tmp_path):
     models = {"sft": tiny_model_dir, "copy": tiny_model_dir, "other": other_policy_dir}
     result = evaluate_models(models, PROMPTS, reward_model=tiny_rm_dir, reference_model=tiny_model_dir,
@@ -82,16 +92,15 @@ def test_evaluate_models_end_to_end(tiny_model_dir, tiny_rm_dir, other_policy_di
             single = rm(input_ids=ids).logits[0, 0].item()
         assert s["rewards"]["other"] == pytest.approx(single, abs=1e-4)
 
-    # KL of "other" equals sum(logp_other - logp_ref) recomputed sequence by sequence
+    # KL of "other" equals the exact KL of the next-token distributions, recomputed sequence by sequence
     pol, tok = R.load_policy(other_policy_dir)
     ref, _ = R.load_policy(tiny_model_dir)
     gen = R.generate(pol, tok, [p.messages for p in PROMPTS], max_new_tokens=6, batch_size=2)
     assert gen.texts == [s["responses"]["other"] for s in result.samples]
-    expected = [(_single_logp(pol, p, r) - _single_logp(ref, p, r)).sum().item()
-                for p, r in zip(gen.prompt_ids, gen.response_ids, strict=True)]
+    expected = [_single_kl(pol, ref, p, r) for p, r in zip(gen.prompt_ids, gen.response_ids, strict=True)]
     assert [s["kl"]["other"] for s in result.samples] == pytest.approx(expected, abs=1e-4)
     assert m["other"]["kl"] == pytest.approx(sum(expected) / 3, abs=1e-4)
-    assert abs(m["other"]["kl"]) > 1e-3
+    assert m["other"]["kl"] > 1e-3 and all(k >= 0 for k in expected)
 
     json_path, md_path = save_result(result, tmp_path / "eval")
     again = load_result(json_path)

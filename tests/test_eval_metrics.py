@@ -73,3 +73,11 @@ def test_rouge_matches_hand_values_and_library():
     direct = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, hyp)["rougeL"].fmeasure
     assert M.rouge([hyp], [ref])["rougeL"] == pytest.approx(direct)
     assert M.rouge([ref], [ref]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+
+
+def test_position_kl_matches_hand_computed_value():
+    # p = (0.5, 0.5), q = (0.25, 0.75): KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln 2 + 0.5 ln(2/3) = 0.14384
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.3, 0.7]]))
+    ref = torch.log(torch.tensor([[0.25, 0.75], [0.3, 0.7]]))
+    kl = M.position_kl(logits, ref)
+    assert kl.tolist() == pytest.approx([0.5 * math.log(2) + 0.5 * math.log(2 / 3), 0.0], abs=1e-6)

@@ -88,14 +88,13 @@ def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Seq
 
 
 def _kl(model, tok, ref: tuple, gen: R.Generation, batch_size: int, name: str) -> list[float]:
-    """Per-response KL(model || ref) summed over response tokens (the reference scores the same token ids)."""
+    """Per-response exact KL(model || ref): the full next-token distributions compared at every response position
+    (non-negative, unlike a log-ratio of the greedy tokens)."""
     ref_model, ref_tok = ref
     if ref_tok.get_vocab() != tok.get_vocab():
         raise ChatrlError(f"model {name!r} and the reference model use different tokenizers, so token-level KL "
                           "is undefined; pass the SFT model this policy was trained from as --reference")
-    logp, mask = R.response_logprobs(model, gen.prompt_ids, gen.response_ids, tok.pad_token_id, batch_size)
-    ref_logp, _ = R.response_logprobs(ref_model, gen.prompt_ids, gen.response_ids, tok.pad_token_id, batch_size)
-    return M.sequence_kl(logp, ref_logp, mask).tolist()
+    return R.response_kl(model, ref_model, gen.prompt_ids, gen.response_ids, tok.pad_token_id, batch_size)
 
 
 def model_metrics(gen: R.Generation, references: Sequence[str | None], rewards: Sequence[float] | None,

@@ -45,6 +45,15 @@ def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) 
     return ((logp - ref_logp) * mask).sum(dim=-1)
 
 
+def position_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p || q) of the next-token distributions at each position: sum_v p_v (log p_v - log q_v).
+
+    logits, ref_logits: [..., V] -> [...] (>= 0; 0 where the distributions agree)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ref_logp = torch.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
 def length_stats(lengths: Sequence[int], ended_with_eos: Sequence[bool]) -> dict[str, float]:
     """Mean response length (tokens) and the fraction of responses that stopped on EOS (not on the length cap)."""
     if len(lengths) != len(ended_with_eos):

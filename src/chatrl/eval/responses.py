@@ -100,35 +100,52 @@ def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens
     return Generation(prompt_ids, responses, texts, ended)
 
 
-@torch.inference_mode()
-def response_logprobs(model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
-                      pad_id: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of each response token given its prompt.
-
-    Returns (logp, mask), both B x R (R = longest response), mask 1 on real response tokens.
-    Rows are right-padded, so positions need no correction.
-    """
-    width_r = max((len(r) for r in response_ids), default=0)
-    logp = torch.zeros(len(response_ids), max(width_r, 1))
-    mask = torch.zeros_like(logp)
+def response_step_logits(model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
+                         pad_id: int, batch_size: int = 8):
+    """Yield (row, logits [r_len, V] fp32) predicting each response token of each row (rows right-padded)."""
     for start in range(0, len(prompt_ids), batch_size):
         rows = [list(p) + list(r) for p, r in zip(prompt_ids[start:start + batch_size],
                                                   response_ids[start:start + batch_size], strict=True)]
         width = max(len(x) for x in rows)
         ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in rows])
         attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
-        logits = model(input_ids=ids, attention_mask=attn).logits.float()  # B x T x V
+        logits = model(input_ids=ids, attention_mask=attn).logits  # B x T x V
         for j in range(len(rows)):
             b = start + j
             p_len, r_len = len(prompt_ids[b]), len(response_ids[b])
-            if r_len == 0:
-                continue
-            # logits at position t predict token t + 1
-            step_logits = logits[j, p_len - 1:p_len - 1 + r_len]
-            targets = ids[j, p_len:p_len + r_len]
-            logp[b, :r_len] = torch.log_softmax(step_logits, -1).gather(-1, targets[:, None])[:, 0]
-            mask[b, :r_len] = 1
+            if r_len:  # logits at position t predict token t + 1
+                yield b, logits[j, p_len - 1:p_len - 1 + r_len].float()
+
+
+@torch.inference_mode()
+def response_logprobs(model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
+                      pad_id: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of each response token given its prompt.
+
+    Returns (logp, mask), both B x R (R = longest response), mask 1 on real response tokens.
+    """
+    width_r = max((len(r) for r in response_ids), default=0)
+    logp = torch.zeros(len(response_ids), max(width_r, 1))
+    mask = torch.zeros_like(logp)
+    for b, step_logits in response_step_logits(model, prompt_ids, response_ids, pad_id, batch_size):
+        targets = torch.tensor(response_ids[b])
+        logp[b, :len(targets)] = torch.log_softmax(step_logits, -1).gather(-1, targets[:, None])[:, 0]
+        mask[b, :len(targets)] = 1
     return logp, mask
+
+
+@torch.inference_mode()
+def response_kl(model, ref_model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
+                pad_id: int, batch_size: int = 8) -> list[float]:
+    """Exact KL(model || ref) summed over each response's positions (full next-token distributions)."""
+    from chatrl.eval.metrics import position_kl
+
+    out = [0.0] * len(response_ids)
+    ref_rows = response_step_logits(ref_model, prompt_ids, response_ids, pad_id, batch_size)
+    for (b, logits), (_, ref_logits) in zip(response_step_logits(model, prompt_ids, response_ids, pad_id,
+                                                                 batch_size), ref_rows, strict=True):
+        out[b] = position_kl(logits, ref_logits).sum().item()
+    return out
 
 
 @torch.inference_mode()
