@@ -13,6 +13,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["CHATRL_HOME"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on shared cores
 
 
 @pytest.fixture(scope="session")
