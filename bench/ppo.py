@@ -1,0 +1,251 @@
+"""PPO benchmark: the rollout of one PPO iteration with the Hybrid Engine vs `generate()` on the training model,
+and a full PPO iteration broken down by phase, measured in one run.
+
+    .venv/bin/python bench/ppo.py                  # ~5 min on 2 cores; writes bench/results/ppo.json
+    .venv/bin/python bench/ppo.py --quick --tiny   # smoke run (tiny random model, few tokens), ~30 s
+
+The models are built exactly as `chatrl ppo` builds them (`chatrl.steps.ppo_models.build_models`): the actor is
+a DeepSpeed engine in bf16 ZeRO-1 (the TRAINING model), plus critic (DeepSpeed), frozen reference and reward
+model, all from the built-in SmolLM2-135M-Instruct (`--model`); prompts are the built-in RLHF data's first rows.
+Cases (every case generates exactly `--new` tokens per prompt: min_new_tokens = max_new_tokens):
+  hybrid-all        Hybrid Engine rollout of all prompts decoded together (inference-copy refresh included)
+  hf-ppo-batch      HF `generate()` on the actor's module, `--batch` prompts per call (the PPO micro-batch)
+  hybrid-ppo-batch  Hybrid Engine, `--batch` prompts per call (one refresh for all calls)
+  hf-all            HF `generate()`, all prompts in one call
+then one full PPO iteration (generate / score / rewards+GAE / train). Sampling follows the PPO rollout config
+(temperature 1, no top-k / top-p) on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Shared 2-core machine: libgomp's spinning barriers wait for descheduled threads (40x slower steps measured);
+# passive waiting avoids that, for both sides alike. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from chatrl.algorithms.advantages import compute_advantages  # noqa: E402
+from chatrl.algorithms.controllers import FixedKLController  # noqa: E402
+from chatrl.algorithms.kl import kl_penalty  # noqa: E402
+from chatrl.algorithms.masked import masked_whiten  # noqa: E402
+from chatrl.algorithms.rewards import shape_rewards  # noqa: E402
+from chatrl.config import PPOConfig  # noqa: E402
+from chatrl.configbase import load_config  # noqa: E402
+from chatrl.engine.sampling import GenerationSettings  # noqa: E402
+from chatrl.steps.common import start_step  # noqa: E402
+from chatrl.steps.ppo import ppo_update  # noqa: E402
+from chatrl.steps.ppo_experience import score_rollout  # noqa: E402
+from chatrl.steps.ppo_models import PPOModels, build_models  # noqa: E402
+
+PHASES = ("generate", "score", "rewards", "train")
+TARGETS = {"hybrid-all / hf-ppo-batch": 3.0, "hybrid-all / hf-all": 1.5, "hybrid-ppo-batch / hf-ppo-batch": 1.5}
+
+
+def make_config(args: argparse.Namespace, out_dir: str) -> PPOConfig:
+    """The PPO config of the benchmark: `args.prompts` prompts per rollout, micro-batch `args.batch`, bf16 ZeRO-1."""
+    return load_config(PPOConfig, overrides=[
+        f"output_dir={out_dir}", f"actor.name_or_path={args.model}", f"critic.name_or_path={args.model}",
+        f"reward.model={args.model}", "deepspeed.zero_stage=1", f"rollout.prompts_per_rollout={args.prompts}",
+        f"rollout.max_new_tokens={args.new}", f"rollout.min_new_tokens={args.new}",
+        f"ppo.micro_batch_size={args.batch}", f"data.max_prompt_length={args.prompt_len}",
+        f"data.max_rows={max(4 * args.prompts, 200)}", "logging.tensorboard=false", "logging.progress=false"])
+
+
+def settings_for(cfg: PPOConfig, new: int, seed: int = 0) -> GenerationSettings:
+    r = cfg.rollout
+    return GenerationSettings(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, seed=seed)
+
+
+def run_hybrid(m: PPOModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
+               eos: int, pad: int) -> int:
+    """Hybrid Engine rollout in calls of `batch` rows (one inference layout for all). -> new tokens."""
+    m.hybrid.mark_weights_updated()  # as after a PPO step: the rollout pays for refreshing the inference copy
+    n = 0
+    with m.hybrid.inference_mode():
+        for s in range(0, ids.shape[0], batch):
+            _, rmask = m.hybrid.generate(ids[s:s + batch], mask[s:s + batch], settings, eos_token_id=eos,
+                                         pad_token_id=pad)
+            n += int(rmask.sum())
+    return n
+
+
+@torch.no_grad()
+def run_hf(m: PPOModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
+           eos: int, pad: int) -> int:
+    """HF `generate()` on the training model (the DeepSpeed engine's module). -> new tokens."""
+    module = m.actor.module
+    was_training = module.training
+    module.eval()
+    n = 0
+    try:
+        for s in range(0, ids.shape[0], batch):
+            out = module.generate(input_ids=ids[s:s + batch], attention_mask=mask[s:s + batch], do_sample=True,
+                                  temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                                  max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                                  eos_token_id=eos, pad_token_id=pad)
+            n += out[:, ids.shape[1]:].numel()
+    finally:
+        module.train(was_training)
+    return n
+
+
+def timed(fn) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    tokens = fn()
+    return time.perf_counter() - t0, tokens
+
+
+def refresh_seconds(m: PPOModels) -> float:
+    """Time of one inference-copy refresh alone (gather + cast + LoRA fold + weight packing)."""
+    m.hybrid.mark_weights_updated()
+    t0 = time.perf_counter()
+    with m.hybrid.inference_mode():
+        pass
+    return time.perf_counter() - t0
+
+
+def ppo_iteration(m: PPOModels, cfg: PPOConfig, plan: dict[str, int], rows: list[dict], tok,
+                  settings: GenerationSettings) -> dict[str, float]:
+    """One PPO iteration as `run_ppo` does it (steps 1-5), timed per phase. -> seconds per phase + counts."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prompts = m.collate_prompts(rows)
+    response_ids, response_mask = m.hybrid.generate(prompts.input_ids, prompts.attention_mask, settings,
+                                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    times["generate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    ids_lists = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(-1), strict=True)]
+    fn_scores = m.function_scores([row["messages"] for row in rows], texts, rows, ids_lists)
+    rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, reward_model=m.reward_model,
+                            prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
+                            response_ids=response_ids, response_mask=response_mask,
+                            function_scores=fn_scores, model_weight=cfg.reward.model_weight)
+    times["score"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mask = rollout.response_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.ppo.kl_estimator) * mask
+    rewards = shape_rewards(rollout.scores, kl, mask, FixedKLController(cfg.ppo.kl_coef).value, cfg.reward.clip)
+    adv, returns = compute_advantages(cfg.ppo.advantage, rewards, rollout.values, mask, gamma=cfg.ppo.gamma,
+                                      lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt)
+    if cfg.ppo.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    times["rewards"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ppo_update(m, rollout, adv, returns, cfg, plan, m.ptx_batches)
+    m.after_optimizer_steps()
+    times["train"] = time.perf_counter() - t0
+    times["new_tokens"] = float(mask.sum())
+    times["sequence_tokens"] = float(prompts.attention_mask.sum() + mask.sum())
+    return times
+
+
+def prompt_rows(m: PPOModels, n: int) -> list[dict]:
+    rows = m.prompts[:n]
+    return (rows * -(-n // len(rows)))[:n]  # fewer rows than prompts: wrap around
+
+
+def print_tables(results: dict, iteration: dict, ratios: dict, refresh: float) -> None:
+    print(f"\n{'rollout case':<18} {'batch':>5} {'calls':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
+    for name, r in results.items():
+        print(f"{name:<18} {r['batch']:>5} {r['calls']:>5} {r['tokens']:>7} {r['seconds']:>8.2f} "
+              f"{r['tokens_per_s']:>8.1f}")
+    print(f"(inference-copy refresh alone: {refresh:.2f} s, included once in each hybrid case)")
+    print(f"\n{'PPO iteration':<18} {'seconds':>8} {'share':>6} {'tok/s':>8}")
+    total = iteration["total_seconds"]
+    for phase in PHASES:
+        p = iteration["phases"][phase]
+        print(f"{phase:<18} {p['seconds']:>8.2f} {p['seconds'] / total:>6.1%} {p['tokens_per_s']:>8.1f}")
+    print(f"{'total':<18} {total:>8.2f}")
+    print("(generate tok/s = new tokens; score/train tok/s = prompt + response tokens)\n")
+    for k, v in ratios.items():
+        print(f"{k:<34} {v:5.2f}x   target {TARGETS[k]:.1f}x  {'met' if v >= TARGETS[k] else 'NOT met'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="built-in alias or HF folder")
+    ap.add_argument("--tiny", action="store_true", help="use the tiny-random built-in model (smoke runs)")
+    ap.add_argument("--quick", action="store_true", help="16 prompts x 8 new tokens, prompt length 32")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64, help="max prompt tokens (longer prompts left-truncated)")
+    ap.add_argument("--batch", type=int, default=8, help="PPO micro-batch = HF generate batch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo.json"))
+    args = ap.parse_args()
+    if args.tiny:
+        args.model = "tiny-random"
+    if args.quick:
+        args.prompts, args.new, args.prompt_len = 16, 8, 32
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as out_dir:
+        cfg = make_config(args, out_dir)
+        ctx = start_step(cfg, "ppo", model_cfg=cfg.actor)
+        plan = cfg.batch_plan(ctx.world)
+        m = build_models(cfg, ctx, plan)
+        tok = ctx.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        rows = prompt_rows(m, args.prompts)
+        prompts = m.collate_prompts(rows)
+        ids, mask = prompts.input_ids, prompts.attention_mask
+        settings = settings_for(cfg, args.new)
+
+        # Warm-up of every path (allocator, oneDNN primitives, DeepSpeed optimizer states) on a small slice.
+        warm = settings_for(cfg, 2)
+        run_hf(m, ids[: args.batch], mask[: args.batch], args.batch, warm, eos, pad)
+        run_hybrid(m, ids, mask, args.prompts, warm, eos, pad)
+        run_hybrid(m, ids[: args.batch], mask[: args.batch], args.batch, warm, eos, pad)
+        ppo_iteration(m, cfg, plan, rows[: args.batch], tok, warm)
+
+        n = args.prompts
+        cases = {"hybrid-all": (run_hybrid, n), "hf-ppo-batch": (run_hf, args.batch),
+                 "hybrid-ppo-batch": (run_hybrid, args.batch), "hf-all": (run_hf, n)}
+        results = {}
+        for name, (fn, batch) in cases.items():
+            secs, tokens = timed(lambda fn=fn, batch=batch: fn(m, ids, mask, batch, settings, eos, pad))
+            results[name] = dict(seconds=round(secs, 3), tokens=tokens, tokens_per_s=round(tokens / secs, 1),
+                                 batch=batch, calls=-(-n // batch))
+            print(f"{name}: {tokens / secs:.1f} tok/s ({secs:.2f} s)", flush=True)
+        refresh = refresh_seconds(m)
+        t = ppo_iteration(m, cfg, plan, rows, tok, settings_for(cfg, args.new, seed=1))
+    counts = {"generate": t["new_tokens"], "score": t["sequence_tokens"], "rewards": t["new_tokens"],
+              "train": t["sequence_tokens"]}
+    iteration = {"phases": {p: dict(seconds=round(t[p], 3), tokens_per_s=round(counts[p] / max(t[p], 1e-9), 1))
+                            for p in PHASES},
+                 "total_seconds": round(sum(t[p] for p in PHASES), 3), "new_tokens": int(t["new_tokens"]),
+                 "sequence_tokens": int(t["sequence_tokens"])}
+    tps = {k: r["tokens_per_s"] for k, r in results.items()}
+    ratios = {k: round(tps[k.split(" / ")[0]] / tps[k.split(" / ")[1]], 2) for k in TARGETS}
+    print_tables(results, iteration, ratios, refresh)
+    config = dict(vars(args) | {"out": os.path.relpath(args.out, ROOT)}, dtype="bfloat16 (DeepSpeed bf16, ZeRO-1)",
+                  prompt_tokens_mean=round(float(mask.sum(1).float().mean()), 1), prompt_len_padded=ids.shape[1],
+                  sampling=dict(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p),
+                  ppo=dict(micro_batch_size=cfg.ppo.micro_batch_size, mini_batches=cfg.ppo.mini_batches,
+                           ppo_epochs=cfg.ppo.ppo_epochs, grad_accum=plan["grad_accum"]),
+                  torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                  machine=platform.processor() or platform.machine(), load_avg=os.getloadavg()[0])
+    payload = dict(config=config, rollout=results, refresh_seconds=round(refresh, 3), iteration=iteration,
+                   ratios=ratios, targets={k: dict(target=v, met=ratios[k] >= v) for k, v in TARGETS.items()})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
