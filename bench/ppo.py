@@ -37,17 +37,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chatrl.algorithms.advantages import compute_advantages  # noqa: E402
-from chatrl.algorithms.controllers import FixedKLController  # noqa: E402
-from chatrl.algorithms.kl import kl_penalty  # noqa: E402
-from chatrl.algorithms.masked import masked_whiten  # noqa: E402
-from chatrl.algorithms.rewards import shape_rewards  # noqa: E402
 from chatrl.config import PPOConfig  # noqa: E402
 from chatrl.configbase import load_config  # noqa: E402
 from chatrl.engine.sampling import GenerationSettings  # noqa: E402
 from chatrl.steps.common import start_step  # noqa: E402
-from chatrl.steps.ppo import ppo_update  # noqa: E402
-from chatrl.steps.ppo_experience import score_rollout  # noqa: E402
+from chatrl.steps.ppo import make_experience, train_on  # noqa: E402
 from chatrl.steps.ppo_models import PPOModels, build_models  # noqa: E402
 
 PHASES = ("generate", "score", "rewards", "train")
@@ -120,37 +114,13 @@ def refresh_seconds(m: PPOModels) -> float:
 
 def ppo_iteration(m: PPOModels, cfg: PPOConfig, plan: dict[str, int], rows: list[dict], tok,
                   settings: GenerationSettings) -> dict[str, float]:
-    """One PPO iteration as `run_ppo` does it (steps 1-5), timed per phase. -> seconds per phase + counts."""
+    """One PPO iteration exactly as `run_ppo` runs it (steps 1-5), timed per phase. -> seconds per phase + counts."""
     times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    prompts = m.collate_prompts(rows)
-    response_ids, response_mask = m.hybrid.generate(prompts.input_ids, prompts.attention_mask, settings,
-                                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    times["generate"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    texts = tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id), skip_special_tokens=True)
-    ids_lists = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(-1), strict=True)]
-    fn_scores = m.function_scores([row["messages"] for row in rows], texts, rows, ids_lists)
-    rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, reward_model=m.reward_model,
-                            prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
-                            response_ids=response_ids, response_mask=response_mask,
-                            function_scores=fn_scores, model_weight=cfg.reward.model_weight)
-    times["score"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mask = rollout.response_mask
-    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.ppo.kl_estimator) * mask
-    rewards = shape_rewards(rollout.scores, kl, mask, FixedKLController(cfg.ppo.kl_coef).value, cfg.reward.clip)
-    adv, returns = compute_advantages(cfg.ppo.advantage, rewards, rollout.values, mask, gamma=cfg.ppo.gamma,
-                                      lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt)
-    if cfg.ppo.whiten_advantages:
-        adv = masked_whiten(adv, mask)
-    times["rewards"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ppo_update(m, rollout, adv, returns, cfg, plan, m.ptx_batches)
-    m.after_optimizer_steps()
-    times["train"] = time.perf_counter() - t0
+    exp = make_experience(m, cfg, rows, settings, cfg.ppo.kl_coef, times)
+    train_on(m, exp, cfg, plan, times)
+    mask = exp.rollout.response_mask
     times["new_tokens"] = float(mask.sum())
-    times["sequence_tokens"] = float(prompts.attention_mask.sum() + mask.sum())
+    times["sequence_tokens"] = float(exp.rollout.prompt_mask.sum() + mask.sum())
     return times
 
 

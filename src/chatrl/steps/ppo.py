@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,71 @@ def ppo_update(m: PPOModels, rollout: Rollout, adv: torch.Tensor, returns: torch
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
+@dataclass
+class Experience:
+    """Steps 1-4 of an iteration: the scored rollout, its KL, advantages and returns (all [B, R] but scores)."""
+
+    rollout: Rollout
+    raw_scores: torch.Tensor  # [B] before the no-EOS penalty
+    has_eos: torch.Tensor     # [B] bool
+    kl: torch.Tensor          # [B, R] per-token KL estimate (0 on padding)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def make_experience(m: PPOModels, cfg: PPOConfig, rows: list[dict], settings: GenerationSettings, beta: float,
+                    times: dict[str, float]) -> Experience:
+    """Steps 1-4 for prompt `rows` (already repeated per sample); fills `times` per phase."""
+    tok = m.tokenizer
+    # 1. generate responses with the Hybrid Engine
+    t0 = time.perf_counter()
+    prompts = m.collate_prompts(rows)
+    response_ids, response_mask = m.hybrid.generate(prompts.input_ids, prompts.attention_mask, settings,
+                                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    times["generate"] = time.perf_counter() - t0
+    # 2. score: reward functions + reward model at the end token; actor/reference log-probs; critic values
+    t0 = time.perf_counter()
+    texts = tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    ids_lists = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(-1), strict=True)]
+    fn_scores = m.function_scores([row["messages"] for row in rows], texts, rows, ids_lists)
+    rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, reward_model=m.reward_model,
+                            prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
+                            response_ids=response_ids, response_mask=response_mask,
+                            function_scores=fn_scores, model_weight=cfg.reward.model_weight)
+    raw_scores = rollout.scores.clone()
+    has_eos = contains_eos(rollout.response_ids, rollout.response_mask, tok.eos_token_id)
+    rollout.scores = eos_penalty(rollout.scores, has_eos, cfg.reward.eos_penalty)
+    times["score"] = time.perf_counter() - t0
+    # 3. rewards: -beta * kl_t per token, clipped score added at the last response token
+    t0 = time.perf_counter()
+    mask = rollout.response_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.ppo.kl_estimator) * mask
+    rewards = shape_rewards(rollout.scores, kl, mask, beta, cfg.reward.clip)
+    # 4. advantages (GAE over response tokens only, or group-relative) and returns; optional whitening
+    adv, returns = compute_advantages(cfg.ppo.advantage, rewards, rollout.values, mask, gamma=cfg.ppo.gamma,
+                                      lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt)
+    if cfg.ppo.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    times["rewards"] = time.perf_counter() - t0
+    return Experience(rollout, raw_scores, has_eos, kl, adv, returns)
+
+
+def train_on(m: PPOModels, exp: Experience, cfg: PPOConfig, plan: dict[str, int],
+             times: dict[str, float]) -> dict[str, float]:
+    """Step 5: the PPO update on one experience, then the Hybrid Engine's copy is marked stale."""
+    t0 = time.perf_counter()
+    stats = ppo_update(m, exp.rollout, exp.advantages, exp.returns, cfg, plan, m.ptx_batches)
+    m.after_optimizer_steps()
+    times["train"] = time.perf_counter() - t0
+    return stats
+
+
 def run_ppo(cfg: PPOConfig) -> Path:
     """Train the actor with PPO; saves `<output_dir>/actor` (chat-ready HF folder) and `critic`."""
     ctx = start_step(cfg, "ppo", model_cfg=cfg.actor)
     plan = cfg.batch_plan(ctx.world)
     m = build_models(cfg, ctx, plan)
-    tok, r = ctx.tokenizer, cfg.rollout
+    r = cfg.rollout
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
               if cfg.ppo.kl_target else FixedKLController(cfg.ppo.kl_coef))
     start = 0
@@ -98,52 +158,23 @@ def run_ppo(cfg: PPOConfig) -> Path:
                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
     for it in range(start, cfg.ppo.iterations):
         times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        # 1. generate responses for this iteration's prompts with the Hybrid Engine
         rows = [m.prompts[i] for i in prompt_rows_for(it, len(m.prompts), cfg, ctx.rank, ctx.world)]
-        rows = [row for row in rows for _ in range(r.samples_per_prompt)]
-        prompts = m.collate_prompts(rows)
         settings.seed = cfg.seed * 100003 + it * 101 + ctx.rank
-        response_ids, response_mask = m.hybrid.generate(prompts.input_ids, prompts.attention_mask, settings,
-                                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        times["generate"] = time.perf_counter() - t0
-        # 2. score: reward functions + reward model at the end token; actor/reference log-probs; critic values
-        t0 = time.perf_counter()
-        texts = tok.batch_decode(response_ids.masked_fill(response_mask == 0, tok.pad_token_id),
-                                 skip_special_tokens=True)
-        ids_lists = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(-1), strict=True)]
-        fn_scores = m.function_scores([row["messages"] for row in rows], texts, rows, ids_lists)
-        rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, reward_model=m.reward_model,
-                                prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
-                                response_ids=response_ids, response_mask=response_mask,
-                                function_scores=fn_scores, model_weight=cfg.reward.model_weight)
-        raw_scores = rollout.scores.clone()
-        has_eos = contains_eos(rollout.response_ids, rollout.response_mask, tok.eos_token_id)
-        rollout.scores = eos_penalty(rollout.scores, has_eos, cfg.reward.eos_penalty)
-        times["score"] = time.perf_counter() - t0
-        # 3. rewards: -beta * kl_t per token, clipped score added at the last response token
-        mask = rollout.response_mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.ppo.kl_estimator) * mask
-        rewards = shape_rewards(rollout.scores, kl, mask, kl_ctl.value, cfg.reward.clip)
-        # 4. advantages (GAE over response tokens only) and returns; optional whitening
-        adv, returns = compute_advantages(cfg.ppo.advantage, rewards, rollout.values, mask, gamma=cfg.ppo.gamma,
-                                          lam=cfg.ppo.lam, group_size=r.samples_per_prompt)
-        if cfg.ppo.whiten_advantages:
-            adv = masked_whiten(adv, mask)
+        # 1-4. generate with the Hybrid Engine, score, shape rewards with the KL penalty, advantages
+        exp = make_experience(m, cfg, [row for row in rows for _ in range(r.samples_per_prompt)], settings,
+                              kl_ctl.value, times)
+        rollout, kl, adv, mask = exp.rollout, exp.kl, exp.advantages, exp.rollout.response_mask
         # 5. PPO epochs over shuffled mini-batches (policy + value losses), then refresh the inference copy
-        t0 = time.perf_counter()
-        stats = ppo_update(m, rollout, adv, returns, cfg, plan, m.ptx_batches)
-        m.after_optimizer_steps()
-        times["train"] = time.perf_counter() - t0
+        stats = train_on(m, exp, cfg, plan, times)
         seq_kl = (kl.sum(-1)).mean().item()
         kl_ctl.update(seq_kl, plan["rollout"])
         # 6. log rewards, KL, lengths, losses, EOS rate and per-phase time / throughput
         lengths = mask.sum(-1)
         new_tokens = float(lengths.sum()) * ctx.world
         metrics = {"reward_mean": rollout.scores.mean().item(), "reward_std": rollout.scores.std().item()
-                   if len(rollout.scores) > 1 else 0.0, "rm_score_raw": raw_scores.mean().item(),
+                   if len(rollout.scores) > 1 else 0.0, "rm_score_raw": exp.raw_scores.mean().item(),
                    "kl": seq_kl, "kl_coef": kl_ctl.value, "response_length": lengths.float().mean().item(),
-                   "eos_rate": has_eos.float().mean().item(),
+                   "eos_rate": exp.has_eos.float().mean().item(),
                    "empty_responses": int((lengths == 0).sum()), "advantage_mean": masked_mean(adv, mask).item(),
                    **stats, **{f"time_{k}": v for k, v in times.items()},
                    "generate_tokens_per_s": new_tokens / max(times["generate"], 1e-9)}

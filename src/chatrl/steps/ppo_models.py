@@ -45,6 +45,7 @@ class PPOModels:
     reference: torch.nn.Module
     reward_model: torch.nn.Module | None
     hybrid: Any                    # chatrl.engine.hybrid.HybridEngine around the actor
+    tokenizer: Any
     prompts: list[dict]
     collate_prompts: Callable[[list[dict]], PromptBatch]
     function_scores: Callable[[list[Any], list[str], list[dict], list[list[int]]], torch.Tensor]
@@ -137,6 +138,7 @@ def build_models(cfg: PPOConfig, ctx: StepContext, plan: dict[str, int]) -> PPOM
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=cfg.deepspeed.zero_stage == 3):
             ema = {k: p.detach().float().cpu().clone() for k, p in params.items()}
     return PPOModels(actor=actor, critic=critic, reference=reference, reward_model=reward_model, hybrid=hybrid,
+                     tokenizer=tok,
                      prompts=prompts, collate_prompts=lambda rows: collate_prompts(rows, tok.pad_token_id).to(dev),
                      function_scores=_function_scorer(cfg), ptx_batches=ptx, ema=ema, ema_decay=cfg.ppo.ema_decay)
 
