@@ -74,3 +74,20 @@ def test_ppo_two_process_zero3_smoke(word_sft: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["response_length"] > 0 for r in rows)
     assert load_with_plain_transformers(out / "actor").startswith("OK")
+
+
+def test_ppo_ema_is_checkpointed_and_resumed(word_sft: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ema"
+    args = ppo_args(word_sft, out, "ppo.ema_decay=0.5", "checkpoint.every=2", "checkpoint.keep_last=5")
+    proc = run_cli(*args, "ppo.iterations=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ema_file = out / "checkpoints" / "step-000002" / "ema.safetensors"
+    saved = load_file(str(ema_file))
+    assert saved and all(v.dtype.is_floating_point for v in saved.values())
+    proc = run_cli(*args, "ppo.iterations=3")  # resumes from step 2, EMA included
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert (out / "checkpoints" / "step-000003" / "ema.safetensors").exists()
+    assert load_with_plain_transformers(out / "actor_ema").startswith("OK")

@@ -75,8 +75,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, engines: dict[str, Any], state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Save every engine under its tag plus `state`; atomic rename into `checkpoints/step-N`; prune old ones.
+                    keep_last: int, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Save every engine under its tag plus `state` (and named tensor dicts, e.g. EMA weights, as
+    `<name>.safetensors`); atomic rename into `checkpoints/step-N`; prune old ones.
 
     Must be called on every rank (DeepSpeed's save is collective)."""
     root = checkpoint_root(output_dir)
@@ -92,6 +93,10 @@ def save_checkpoint(output_dir: str | Path, step: int, engines: dict[str, Any], 
     torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
+        from safetensors.torch import save_file
+
+        for name, tensor_dict in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         (tmp / "COMPLETE").write_text("ok\n")
         if final.exists():
@@ -114,3 +119,13 @@ def load_checkpoint(path: Path, engines: dict[str, Any]) -> dict[str, Any]:
         # our own file of plain tensors and tuples; not model weights
         _set_rng_state(torch.load(rng, weights_only=False))
     return json.loads((path / "state.json").read_text())
+
+
+def load_checkpoint_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The tensor dict saved as `name` by `save_checkpoint` (None when the checkpoint has none)."""
+    file = path / f"{name}.safetensors"
+    if not file.exists():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(file))

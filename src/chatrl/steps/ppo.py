@@ -151,6 +151,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
         state = ckpt.load_checkpoint(resume_from, m.engines())
         start = state["step"]
         kl_ctl.load_state_dict(state["kl_ctl"])
+        if m.ema is not None:  # the EMA continues where it was, not from the restored actor
+            m.ema = ckpt.load_checkpoint_tensors(resume_from, "ema") or m.ema
         m.hybrid.mark_weights_updated()
     log = MetricsLogger(cfg.output_dir, rank=ctx.rank, total_steps=cfg.ppo.iterations, start_step=start,
                         tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="ppo")
@@ -184,7 +186,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         done = it + 1
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.ppo.iterations:
             ckpt.save_checkpoint(cfg.output_dir, done, m.engines(), {"kl_ctl": kl_ctl.state_dict()},
-                                 keep_last=cfg.checkpoint.keep_last)
+                                 keep_last=cfg.checkpoint.keep_last, tensors={"ema": m.ema} if m.ema else None)
         if cfg.ppo.save_every and done % cfg.ppo.save_every == 0 and done != cfg.ppo.iterations:
             save_models(m, ctx, cfg, suffix=f"-iter{done:05d}")
     log.close()
