@@ -178,7 +178,8 @@ def test_queued_clients_that_leave_are_dropped(tiny_model_dir: str):
     """With one slot busy, requests wait in the queue; those whose clients leave never run."""
     app = create_app(tiny_model_dir, chat=ChatModel(tiny_model_dir, dtype="fp32"), max_active=1)
     srv, thread, url = start_in_thread(app)
-    body = {"messages": HELLO, "max_tokens": 1500, "stream": True, "temperature": 0}  # greedy: runs to 1500
+    # greedy: runs to the window (~2000 tokens, a few seconds even with idle-spinning threads off)
+    body = {"messages": HELLO, "max_tokens": 2000, "stream": True, "temperature": 0}
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
             it = r.iter_lines()
@@ -186,7 +187,7 @@ def test_queued_clients_that_leave_are_dropped(tiny_model_dir: str):
             for stream in (False, True):
                 with pytest.raises(httpx.ReadTimeout):
                     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": stream},
-                                      timeout=1.0) as queued:
+                                      timeout=0.3) as queued:
                         queued.read()
             health = httpx.get(url + "/health").json()
             assert health["active"] == 1 and health["queued"] <= 2
