@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chatrl.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
-from chatrl.configbase import load_config
+from chatrl.configbase import deep_merge, load_config
 from chatrl.errors import ChatrlError
 
 
@@ -31,15 +31,9 @@ class Plan:
 
 def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str, Any]) -> Any:
     try:
-        return load_config(cls, extra=_merge(raw, forced))
+        return load_config(cls, extra=deep_merge(raw, forced))
     except ChatrlError as e:
         raise ChatrlError(f"pipeline section '{section}': {e}") from None
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    from chatrl.configbase import deep_merge
-
-    return deep_merge(base, over)
 
 
 def build_plan(cfg: PipelineConfig) -> Plan:
@@ -55,7 +49,7 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     ppo_raw = cfg.ppo
     ppo = _step_config(PPOConfig, "ppo", ppo_raw,
                        {**shared, "output_dir": str(run / "ppo"),
-                        "actor": _merge(base_model, {**ppo_raw.get("actor", {}), "name_or_path": sft_model}),
+                        "actor": deep_merge(base_model, {**ppo_raw.get("actor", {}), "name_or_path": sft_model}),
                         "reward": {**ppo_raw.get("reward", {}), "model": rm_model}})
     return Plan(run=run, sft=sft, reward=reward, ppo=ppo)
 
