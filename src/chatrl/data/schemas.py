@@ -134,7 +134,7 @@ def parse_transcript(text: str) -> list[Message]:
             for i in range(1, len(parts), 2)]
 
 
-def _prompt_messages(value: Any, key: str) -> list[Message]:
+def prompt_messages(value: Any, key: str) -> list[Message]:
     """A prompt given as a plain string, an hh-style transcript string, or a message list."""
     if isinstance(value, str):
         if value.lstrip().startswith("Human:") or "\n\nHuman:" in value:
@@ -189,7 +189,7 @@ def _margin(row: dict[str, Any]) -> float | None:
 def _parse_preference(row: dict[str, Any]) -> Example:
     chosen, chosen_before = _reply(row, "chosen")
     rejected, _ = _reply(row, "rejected")
-    messages = chosen_before or _prompt_messages(row.get("prompt"), "prompt")
+    messages = chosen_before or prompt_messages(row.get("prompt"), "prompt")
     return _pair(messages, chosen, rejected, row)
 
 
@@ -231,7 +231,7 @@ def _parse_chat(row: dict[str, Any]) -> Example:
 
 def _parse_prompt_response(row: dict[str, Any]) -> Example:
     key = "response" if "response" in row else "completion"
-    return Example(_prompt_messages(row.get("prompt"), "prompt"), _text(row, key))
+    return Example(prompt_messages(row.get("prompt"), "prompt"), _text(row, key))
 
 
 def _parse_alpaca(row: dict[str, Any]) -> Example:
@@ -241,7 +241,7 @@ def _parse_alpaca(row: dict[str, Any]) -> Example:
 
 
 def _parse_prompt(row: dict[str, Any]) -> Example:
-    return Example(_prompt_messages(row.get("prompt"), "prompt"))
+    return Example(prompt_messages(row.get("prompt"), "prompt"))
 
 
 PARSERS = {"preference": _parse_preference, "hh": _parse_hh, "chat": _parse_chat,

@@ -10,15 +10,13 @@ Accepted line forms:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from chatrl.data.schemas import RowError, parse_row, prompt_messages
 from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
 
 Record = Prompt | Conversation | PreferencePair
-_ASSISTANT = "\n\nAssistant:"
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 _ROLES = {"system", "user", "assistant"}
 
 
@@ -61,30 +59,23 @@ def as_prompts(records: list[Record]) -> list[Prompt]:
 
 
 def parse_hh_dialogue(text: str) -> list[Message]:
-    """Split hh-rlhf text "\\n\\nHuman: a\\n\\nAssistant: b..." into user/assistant messages."""
-    parts = _TURN.split(text)
-    messages = []
-    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()  # a prompt ending in "Assistant:" waits for the reply
-    return messages
+    """Split hh-rlhf text "\\n\\nHuman: a\\n\\nAssistant: b..." into messages (the data pipeline's parser;
+    a trailing open "Assistant:" is dropped)."""
+    try:
+        return prompt_messages(text, "prompt")
+    except (RowError, ValueError) as e:
+        raise ChatrlError(f"not an hh-rlhf dialogue: {e}") from None
 
 
 def split_hh_pair(chosen: str, rejected: str, where: str) -> tuple[list[Message], str, str]:
-    """Prompt = the common prefix up to its last "\\n\\nAssistant:"; the rest of each text is the reply."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(_ASSISTANT, 0, n)
-    if cut < 0:
-        raise ChatrlError(f"{where}: 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn; expected hh-rlhf "
-                          "dialogues that differ only in the final assistant reply")
-    end = cut + len(_ASSISTANT)
-    messages = parse_hh_dialogue(chosen[:cut])
-    if not messages or messages[-1]["role"] != "user":
-        raise ChatrlError(f"{where}: the shared prompt must end with a 'Human:' turn before the final 'Assistant:'")
-    return messages, chosen[end:].strip(), rejected[end:].strip()
+    """Prompt = the common prefix up to its last "\\n\\nAssistant:"; the rest of each text is the reply
+    (the data pipeline's hh schema, so eval files and training data split pairs the same way)."""
+    try:
+        ex = parse_row("hh", {"chosen": chosen, "rejected": rejected}, where)
+    except RowError as e:
+        raise ChatrlError(f"{where}: {e}; expected hh-rlhf dialogues that differ only in the final assistant "
+                          "reply") from None
+    return ex.messages, ex.response or "", ex.rejected or ""
 
 
 def _parse_row(row: dict, where: str) -> Record:
