@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from chatrl.algorithms.losses import token_logprobs
 from chatrl.engine.generate import GenerationSettings, generate, response_mask_from_ids
-from chatrl.engine.sampling import _top_p_filter, pick_tokens, token_logprobs
+from chatrl.engine.sampling import _top_p_filter, pick_tokens
 
 PAD = 2
 LENS = [5, 9, 3, 12, 7, 12]
@@ -172,7 +173,7 @@ def test_pick_tokens_top_k_never_leaves_the_top_k():
     s = GenerationSettings(do_sample=True, top_k=2, seed=0)
     toks = pick_tokens(logits, s, s.make_generator(torch.device("cpu")))
     assert set(toks.tolist()) == {1, 4}
-    lp = token_logprobs(logits[:1], torch.tensor([1]))
+    lp = token_logprobs(logits[:1, None], torch.tensor([[1]]))
     assert abs(float(lp) - float(torch.log_softmax(logits[0], -1)[1])) < 1e-6
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from chatrl.engine.sampling import GenerationSettings, block_token, pick_tokens, token_logprobs
+from chatrl.algorithms.losses import token_logprobs
+from chatrl.engine.sampling import GenerationSettings, block_token, pick_tokens
 
 __all__ = ["GenerationSettings", "decode_attention_enabled", "generate", "response_mask_from_ids"]
 
@@ -228,7 +229,7 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
         if not dummy:
             out[rows, t] = tok
             if logps is not None:
-                logps[rows, t] = token_logprobs(logits, tok).masked_fill(done, 0.0)
+                logps[rows, t] = token_logprobs(logits[:, None], tok[:, None])[:, 0].masked_fill(done, 0.0)
         steps = t + 1
         done = done | (tok == eos_token_id)
         if t + 1 == max_new:

@@ -92,10 +92,3 @@ def pick_tokens(logits: torch.Tensor, settings: GenerationSettings, gen: torch.G
         values = _top_p_filter(values, settings.top_p)
     choice = _sample_from(values, gen)
     return index.gather(1, choice[:, None]).squeeze(1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row, on the RAW policy logits (no temperature / filtering), which is
-    what a training forward recomputes for PPO. logits: [B, V], tokens: [B] -> [B] float32."""
-    logits = logits.float()
-    return logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chatrl.algorithms.losses import token_logprobs
 from chatrl.data.types import Message
 
 
@@ -129,7 +130,7 @@ def response_logprobs(model, prompt_ids: Sequence[list[int]], response_ids: Sequ
     mask = torch.zeros_like(logp)
     for b, step_logits in response_step_logits(model, prompt_ids, response_ids, pad_id, batch_size):
         targets = torch.tensor(response_ids[b])
-        logp[b, :len(targets)] = torch.log_softmax(step_logits, -1).gather(-1, targets[:, None])[:, 0]
+        logp[b, :len(targets)] = token_logprobs(step_logits[None], targets[None])[0]
         mask[b, :len(targets)] = 1
     return logp, mask
 
