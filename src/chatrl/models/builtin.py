@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -40,19 +39,11 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Build a folder in a temp sibling and rename it into place, so a killed build leaves nothing half-made."""
-    if (final / "config.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    """The folder `final`, built once (atomically, so a killed build leaves nothing half-made)."""
+    if not (final / "config.json").exists():
+        from chatrl.models.saving import replace_dir_atomically
+
+        replace_dir_atomically(final, build)
     return final
 
 
