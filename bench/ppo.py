@@ -12,8 +12,10 @@ Cases (every case generates exactly `--new` tokens per prompt: min_new_tokens = 
   hf-ppo-batch      HF `generate()` on the actor's module, `--batch` prompts per call (the PPO micro-batch)
   hybrid-ppo-batch  Hybrid Engine, `--batch` prompts per call (one refresh for all calls)
   hf-all            HF `generate()`, all prompts in one call
-then one full PPO iteration (generate / score / rewards+GAE / train). Sampling follows the PPO rollout config
-(temperature 1, no top-k / top-p) on both sides.
+  *-compiled        the Hybrid Engine cases again with `rollout.compile=true` (torch.compile'd decode step;
+                    its one-time compilation happens in the warm-up and is reported separately)
+then one full PPO iteration (generate / score / rewards+GAE / train; compiled decode step unless --no-compile).
+Sampling follows the PPO rollout config (temperature 1, no top-k / top-p) on both sides.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from chatrl.steps.ppo import make_experience, train_on  # noqa: E402
 from chatrl.steps.ppo_models import PPOModels, build_models  # noqa: E402
 
 PHASES = ("generate", "score", "rewards", "train")
-TARGETS = {"hybrid-all / hf-ppo-batch": 3.0, "hybrid-all / hf-all": 1.5, "hybrid-ppo-batch / hf-ppo-batch": 1.5}
+TARGETS = {"hybrid-all / hf-ppo-batch": 3.0, "hybrid-all / hf-all": 1.5, "hybrid-ppo-batch / hf-ppo-batch": 1.5,
+           "hybrid-all-compiled / hf-ppo-batch": 3.0, "hybrid-all-compiled / hf-all": 1.5,
+           "hybrid-ppo-batch-compiled / hf-ppo-batch": 1.5}
 
 
 def make_config(args: argparse.Namespace, out_dir: str) -> PPOConfig:
@@ -65,8 +69,9 @@ def settings_for(cfg: PPOConfig, new: int, seed: int = 0) -> GenerationSettings:
 
 
 def run_hybrid(m: PPOModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
-               eos: int, pad: int) -> int:
+               eos: int, pad: int, compiled: bool = False) -> int:
     """Hybrid Engine rollout in calls of `batch` rows (one inference layout for all). -> new tokens."""
+    m.hybrid.compile_decode = compiled
     m.hybrid.mark_weights_updated()  # as after a PPO step: the rollout pays for refreshing the inference copy
     n = 0
     with m.hybrid.inference_mode():
@@ -130,9 +135,9 @@ def prompt_rows(m: PPOModels, n: int) -> list[dict]:
 
 
 def print_tables(results: dict, iteration: dict, ratios: dict, refresh: float) -> None:
-    print(f"\n{'rollout case':<18} {'batch':>5} {'calls':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
+    print(f"\n{'rollout case':<26} {'batch':>5} {'calls':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for name, r in results.items():
-        print(f"{name:<18} {r['batch']:>5} {r['calls']:>5} {r['tokens']:>7} {r['seconds']:>8.2f} "
+        print(f"{name:<26} {r['batch']:>5} {r['calls']:>5} {r['tokens']:>7} {r['seconds']:>8.2f} "
               f"{r['tokens_per_s']:>8.1f}")
     print(f"(inference-copy refresh alone: {refresh:.2f} s, included once in each hybrid case)")
     print(f"\n{'PPO iteration':<18} {'seconds':>8} {'share':>6} {'tok/s':>8}")
@@ -143,7 +148,7 @@ def print_tables(results: dict, iteration: dict, ratios: dict, refresh: float) -
     print(f"{'total':<18} {total:>8.2f}")
     print("(generate tok/s = new tokens; score/train tok/s = prompt + response tokens)\n")
     for k, v in ratios.items():
-        print(f"{k:<34} {v:5.2f}x   target {TARGETS[k]:.1f}x  {'met' if v >= TARGETS[k] else 'NOT met'}")
+        print(f"{k:<43} {v:5.2f}x   target {TARGETS[k]:.1f}x  {'met' if v >= TARGETS[k] else 'NOT met'}")
 
 
 def main() -> None:
@@ -156,6 +161,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64, help="max prompt tokens (longer prompts left-truncated)")
     ap.add_argument("--batch", type=int, default=8, help="PPO micro-batch = HF generate batch")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd Hybrid Engine cases")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo.json"))
     args = ap.parse_args()
     if args.tiny:
@@ -181,18 +187,29 @@ def main() -> None:
         run_hf(m, ids[: args.batch], mask[: args.batch], args.batch, warm, eos, pad)
         run_hybrid(m, ids, mask, args.prompts, warm, eos, pad)
         run_hybrid(m, ids[: args.batch], mask[: args.batch], args.batch, warm, eos, pad)
+        compile_seconds = None
+        if not args.no_compile:  # the one-time compilation, then a warm-up of the compiled step
+            compile_seconds, _ = timed(lambda: run_hybrid(m, ids, mask, args.prompts, warm, eos, pad, True))
+            run_hybrid(m, ids[: args.batch], mask[: args.batch], args.batch, warm, eos, pad, True)
+            print(f"compiling the decode step (first call, incl. a 2-token rollout): {compile_seconds:.1f} s")
         ppo_iteration(m, cfg, plan, rows[: args.batch], tok, warm)
 
         n = args.prompts
-        cases = {"hybrid-all": (run_hybrid, n), "hf-ppo-batch": (run_hf, args.batch),
-                 "hybrid-ppo-batch": (run_hybrid, args.batch), "hf-all": (run_hf, n)}
+        cases = {"hybrid-all": (run_hybrid, n, False), "hf-ppo-batch": (run_hf, args.batch, None),
+                 "hybrid-ppo-batch": (run_hybrid, args.batch, False), "hf-all": (run_hf, n, None)}
+        if not args.no_compile:
+            cases |= {"hybrid-all-compiled": (run_hybrid, n, True),
+                      "hybrid-ppo-batch-compiled": (run_hybrid, args.batch, True)}
         results = {}
-        for name, (fn, batch) in cases.items():
-            secs, tokens = timed(lambda fn=fn, batch=batch: fn(m, ids, mask, batch, settings, eos, pad))
+        for name, (fn, batch, compiled) in cases.items():
+            extra = {} if compiled is None else {"compiled": compiled}
+            secs, tokens = timed(lambda fn=fn, batch=batch, extra=extra: fn(m, ids, mask, batch, settings, eos, pad,
+                                                                             **extra))
             results[name] = dict(seconds=round(secs, 3), tokens=tokens, tokens_per_s=round(tokens / secs, 1),
                                  batch=batch, calls=-(-n // batch))
             print(f"{name}: {tokens / secs:.1f} tok/s ({secs:.2f} s)", flush=True)
         refresh = refresh_seconds(m)
+        m.hybrid.compile_decode = not args.no_compile
         t = ppo_iteration(m, cfg, plan, rows, tok, settings_for(cfg, args.new, seed=1))
     counts = {"generate": t["new_tokens"], "score": t["sequence_tokens"], "rewards": t["new_tokens"],
               "train": t["sequence_tokens"]}
@@ -201,8 +218,11 @@ def main() -> None:
                  "total_seconds": round(sum(t[p] for p in PHASES), 3), "new_tokens": int(t["new_tokens"]),
                  "sequence_tokens": int(t["sequence_tokens"])}
     tps = {k: r["tokens_per_s"] for k, r in results.items()}
-    ratios = {k: round(tps[k.split(" / ")[0]] / tps[k.split(" / ")[1]], 2) for k in TARGETS}
+    ratios = {k: round(tps[a] / tps[b], 2) for k in TARGETS if (a := k.split(" / ")[0]) in tps
+              and (b := k.split(" / ")[1]) in tps}
     print_tables(results, iteration, ratios, refresh)
+    if compile_seconds is not None:
+        print(f"(one-time compilation of the decode step: {compile_seconds:.1f} s, not in the cases above)")
     config = dict(vars(args) | {"out": os.path.relpath(args.out, ROOT)}, dtype="bfloat16 (DeepSpeed bf16, ZeRO-1)",
                   prompt_tokens_mean=round(float(mask.sum(1).float().mean()), 1), prompt_len_padded=ids.shape[1],
                   sampling=dict(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p),
@@ -210,8 +230,10 @@ def main() -> None:
                            ppo_epochs=cfg.ppo.ppo_epochs, grad_accum=plan["grad_accum"]),
                   torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                   machine=platform.processor() or platform.machine(), load_avg=os.getloadavg()[0])
-    payload = dict(config=config, rollout=results, refresh_seconds=round(refresh, 3), iteration=iteration,
-                   ratios=ratios, targets={k: dict(target=v, met=ratios[k] >= v) for k, v in TARGETS.items()})
+    payload = dict(config=config, rollout=results, refresh_seconds=round(refresh, 3),
+                   compile_seconds=None if compile_seconds is None else round(compile_seconds, 1),
+                   iteration=iteration, ratios=ratios,
+                   targets={k: dict(target=TARGETS[k], met=v >= TARGETS[k]) for k, v in ratios.items()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -17,7 +17,9 @@ def test_bench_ppo_quick_tiny_writes_every_phase_and_ratio(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     cases = data["rollout"]
-    assert set(cases) == {"hybrid-all", "hf-ppo-batch", "hybrid-ppo-batch", "hf-all"}
+    assert set(cases) == {"hybrid-all", "hf-ppo-batch", "hybrid-ppo-batch", "hf-all", "hybrid-all-compiled",
+                          "hybrid-ppo-batch-compiled"}
+    assert data["compile_seconds"] > 0
     for name, case in cases.items():
         # --quick: 16 prompts x 8 new tokens, every case generates all of them (min = max new tokens)
         assert case["tokens"] == 16 * 8, name
@@ -29,7 +31,9 @@ def test_bench_ppo_quick_tiny_writes_every_phase_and_ratio(tmp_path: Path) -> No
     assert data["iteration"]["new_tokens"] == 16 * 8
     assert abs(data["iteration"]["total_seconds"] - sum(p["seconds"] for p in phases.values())) < 0.01
     ratios = data["ratios"]
-    assert set(ratios) == {"hybrid-all / hf-ppo-batch", "hybrid-all / hf-all", "hybrid-ppo-batch / hf-ppo-batch"}
+    assert set(ratios) == {"hybrid-all / hf-ppo-batch", "hybrid-all / hf-all", "hybrid-ppo-batch / hf-ppo-batch",
+                           "hybrid-all-compiled / hf-ppo-batch", "hybrid-all-compiled / hf-all",
+                           "hybrid-ppo-batch-compiled / hf-ppo-batch"}
     tps = {k: c["tokens_per_s"] for k, c in cases.items()}
     assert abs(ratios["hybrid-all / hf-ppo-batch"] - tps["hybrid-all"] / tps["hf-ppo-batch"]) < 0.01
     assert set(data["targets"]) == set(ratios)

@@ -21,8 +21,10 @@ def cache_dir(*parts: str) -> Path:
 
 
 def setup_extension_cache() -> None:
-    """Point torch/DeepSpeed JIT extension builds (CPU Adam) into our cache dir."""
+    """Point torch/DeepSpeed JIT extension builds (CPU Adam) and inductor's compiled kernels (rollout.compile)
+    into our cache dir."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir("torch_extensions")))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("torchinductor")))
 
 
 def builtin_data_dir() -> Path:

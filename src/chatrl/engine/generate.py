@@ -24,6 +24,7 @@ import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from chatrl.algorithms.losses import token_logprobs
+from chatrl.engine.compiled_decode import CompiledDecoder
 from chatrl.engine.sampling import GenerationSettings, block_token, pick_tokens
 
 __all__ = ["GenerationSettings", "decode_attention_enabled", "generate", "response_mask_from_ids"]
@@ -178,7 +179,7 @@ def _global_any(flag: bool, device: torch.device) -> bool:
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              settings: GenerationSettings, eos_token_id: int, pad_token_id: int, *,
              return_logprobs: bool = False, synced: bool = False, check_every: int | None = None,
-             fast_attention: bool = True):
+             fast_attention: bool = True, decoder: CompiledDecoder | None = None):
     """Decode responses for a LEFT padded prompt batch.
 
     prompt_ids, prompt_mask: [B, P].
@@ -191,16 +192,19 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     check_every: steps between "finished rows?" checks (each is one host sync); default 1 on CPU, 8 on GPU.
     fast_attention: decode steps of SDPA models use `decode_attention` (fp32: same tokens as HF in the tests;
       bf16: a different kernel, so rare greedy near-ties can resolve differently — see bench/README.md).
+    decoder: a `CompiledDecoder` for `model` runs the decode steps (the prefill stays the model's forward).
     """
-    with decode_attention_enabled(model, fast_attention):
+    with decode_attention_enabled(model, fast_attention or decoder is not None):
         fast = model.config._attn_implementation == DECODE_ATTENTION
+        if decoder is not None and not fast:
+            raise ValueError("a CompiledDecoder needs an SDPA model (its slab cache stores keys transposed)")
         return _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
                          return_logprobs=return_logprobs, synced=synced, check_every=check_every,
-                         transposed_keys=fast)
+                         transposed_keys=fast, decoder=decoder)
 
 
 def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id, *, return_logprobs, synced,
-              check_every, transposed_keys):
+              check_every, transposed_keys, decoder):
     settings.validate()
     device = prompt_ids.device
     b0, plen = prompt_ids.shape
@@ -214,6 +218,7 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
     # Mask for prompt + every future step, sliced per step; generated slots are real tokens (1).
     full_mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(b0, max_new).long()], dim=1)
     cache = make_cache(model, plen + max_new, transposed_keys)
+    weights = decoder.weights(model) if decoder is not None else None
     pos = _prefill_positions(prompt_mask)
     logits = _logits(model, prompt_ids, prompt_mask, pos, cache)
     next_pos = pos[:, -1] + 1  # [b]
@@ -244,12 +249,18 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
             if n_live == 0:  # keep one row alive as a placeholder so this rank can keep calling forward
                 dummy = True
                 live = live.new_zeros(1)
+            if decoder is not None and int(live.numel()) == 1 < int(rows.numel()):
+                # the compiled step is specialised for batch 1 (a second compilation): keep a finished row too
+                live = torch.cat([live, live.new_ones(1) if dummy else done.nonzero()[:1, 0]])
             if int(live.numel()) < int(rows.numel()):
                 rows, done, tok, next_pos = rows[live], done[live], tok[live], next_pos[live]
                 full_mask = full_mask.index_select(0, live)
                 cache.batch_select_indices(live)
         kv_len = plen + t + 1
-        logits = _logits(model, tok[:, None], full_mask[:, :kv_len], next_pos[:, None], cache)
+        if decoder is not None:
+            logits = decoder.step(weights, tok, next_pos, kv_len - 1, full_mask, cache)
+        else:
+            logits = _logits(model, tok[:, None], full_mask[:, :kv_len], next_pos[:, None], cache)
         next_pos = next_pos + 1
     response = out[:, :steps]
     mask = response_mask_from_ids(response, eos_token_id)

@@ -13,6 +13,8 @@ INFERENCE COPY of its weights:
   optimizer step bumps a version counter); otherwise the copy is reused;
 - with `release_after_rollout` its storage is freed after each rollout (module structure kept, so the next
   refresh costs only the copy).
+With `compile_decode`, decode steps of Llama-architecture actors run a torch.compile'd step
+(`engine.compiled_decode`; compiled once per process, the weights are its inputs).
 With `inference_dtype=None`, a plain (non-LoRA, non-ZeRO-3) actor is used as is: no copy at all.
 """
 
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from chatrl.batches import PromptBatch
+from chatrl.engine.compiled_decode import CompiledDecoder, why_unsupported
 from chatrl.engine.generate import GenerationSettings, generate
+from chatrl.paths import setup_extension_cache
 
 
 def unwrap_actor(actor: nn.Module) -> nn.Module:
@@ -170,7 +175,8 @@ class HybridEngine:
     """
 
     def __init__(self, actor: nn.Module, *, inference_dtype: torch.dtype | None,
-                 release_after_rollout: bool = True, zero3: bool = False, pack_weights: bool = True):
+                 release_after_rollout: bool = True, zero3: bool = False, pack_weights: bool = True,
+                 compile_decode: bool = False):
         self.actor = actor
         self.module = unwrap_actor(actor)
         self.base = _base_model(self.module)
@@ -179,6 +185,8 @@ class HybridEngine:
         self.inference_dtype = inference_dtype
         self.release_after_rollout = release_after_rollout
         self.pack_weights = pack_weights
+        self.compile_decode = compile_decode
+        self._decoder: CompiledDecoder | None = None
         self.version = 0
         self._copy: InferenceCopy | None = None
         self._copy_version = -1
@@ -233,6 +241,20 @@ class HybridEngine:
             if self.release_after_rollout:
                 self.release()
 
+    def _decoder_for(self, model: nn.Module) -> CompiledDecoder | None:
+        """The compiled decode step (built once; weights are its inputs, so refreshes need no recompile)."""
+        if not self.compile_decode:
+            return None
+        if self._decoder is None:
+            reason = why_unsupported(model)
+            if reason:
+                warnings.warn(f"rollout.compile: {reason}; decoding without compilation", stacklevel=3)
+                self.compile_decode = False
+                return None
+            setup_extension_cache()  # inductor's kernels are cached in chatrl's cache dir
+            self._decoder = CompiledDecoder(model)
+        return self._decoder
+
     def release(self) -> None:
         """Free the inference copy's memory (it is rebuilt from the actor at the next rollout)."""
         if self._copy is not None:
@@ -253,5 +275,7 @@ class HybridEngine:
         synced = self.zero3 if synced is None else synced
         if self._active is None:
             with self.inference_mode() as model:
-                return generate(model, ids, mask, settings, return_logprobs=return_logprobs, synced=synced, **rest)
-        return generate(self._active, ids, mask, settings, return_logprobs=return_logprobs, synced=synced, **rest)
+                return generate(model, ids, mask, settings, return_logprobs=return_logprobs, synced=synced,
+                                decoder=self._decoder_for(model), **rest)
+        return generate(self._active, ids, mask, settings, return_logprobs=return_logprobs, synced=synced,
+                        decoder=self._decoder_for(self._active), **rest)

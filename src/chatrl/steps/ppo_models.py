@@ -122,7 +122,7 @@ def build_models(cfg: PPOConfig, ctx: StepContext, plan: dict[str, int]) -> PPOM
         reward_model = Offloaded(reward_model, dev) if cfg.reward.offload else reward_model.to(dev)
     hybrid = HybridEngine(actor, inference_dtype=resolve_dtype(cfg.rollout.inference_dtype),
                           release_after_rollout=cfg.rollout.release_memory,
-                          zero3=cfg.deepspeed.zero_stage == 3)
+                          zero3=cfg.deepspeed.zero_stage == 3, compile_decode=cfg.rollout.compile)
     prompts = tokenized_rows(cfg.data, tok, "rlhf", "train")
     ptx = None
     if cfg.ppo.ptx_coef > 0:
