@@ -20,9 +20,6 @@ import os
 import platform
 import sys
 
-# The machine is shared: with 2 OpenMP threads and other busy processes, spinning barriers make every op wait
-# for a descheduled thread (measured here: 40x slower steps). Passive waiting removes that, for both sides.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
 from pathlib import Path
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
-# Before torch loads: OpenMP threads that spin while waiting make every step many times slower when
-# another process shares the cores (seen here: 40x on 2 cores). Passive waiting costs nothing measurable.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to the user: libgomp's default (spin briefly, then sleep) makes decoding ~2x
+# faster than OMP_WAIT_POLICY=PASSIVE on an idle machine (bench/README.md); on cores shared with other busy
+# processes, spinning threads can stall every op (40x measured here), and PASSIVE is the fix (README).
 
 from chatrl.errors import ChatrlError
 

@@ -52,7 +52,7 @@ def ppo_update(m: PPOModels, rollout: Rollout, adv: torch.Tensor, returns: torch
             mask = mb.response_mask
             ids, full_mask = joined(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask.long())
             # actor: clipped surrogate - entropy bonus (+ ptx LM loss)
-            logits = response_logits(m.actor, ids, full_mask, plen)
+            logits = response_logits(m.actor, ids, full_mask, plen, cfg.rollout.temperature)
             logprobs = token_logprobs(logits, mb.response_ids)
             pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, extra["adv"], mask, p.clip_eps)
             entropy = mean_entropy(logits, mask)
@@ -108,7 +108,8 @@ def make_experience(m: PPOModels, cfg: PPOConfig, rows: list[dict], settings: Ge
     rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, reward_model=m.reward_model,
                             prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
                             response_ids=response_ids, response_mask=response_mask,
-                            function_scores=fn_scores, model_weight=cfg.reward.model_weight)
+                            function_scores=fn_scores, model_weight=cfg.reward.model_weight,
+                            temperature=cfg.rollout.temperature)
     raw_scores = rollout.scores.clone()
     has_eos = contains_eos(rollout.response_ids, rollout.response_mask, tok.eos_token_id)
     rollout.scores = eos_penalty(rollout.scores, has_eos, cfg.reward.eos_penalty)

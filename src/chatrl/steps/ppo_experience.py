@@ -27,18 +27,23 @@ def joined(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: to
     return torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1).long()
 
 
-def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits [B, R, V] that predict each response token: positions P-1 .. P+R-2 of the joined sequence.
-    Only the last R+1 positions go through the LM head (`logits_to_keep`): prompt logits are never needed."""
+def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Logits [B, R, V] that predict each response token: positions P-1 .. P+R-2 of the joined sequence, divided
+    by the rollout's sampling temperature, so log-probs, ratios, KL and entropy are those of the distribution the
+    responses were sampled from (as TRL and veRL do). Only the last R+1 positions go through the LM head
+    (`logits_to_keep`): prompt logits are never needed."""
     keep = ids.shape[1] - prompt_len + 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
                 logits_to_keep=keep)
-    return out.logits[:, :-1]
+    logits = out.logits[:, :-1]
+    return logits if temperature == 1.0 else logits / temperature
 
 
-def response_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """log pi(a_t | s_t) [B, R] of the response tokens (fp32)."""
-    return token_logprobs(response_logits(model, ids, mask, prompt_len), ids[:, prompt_len:])
+def response_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log pi(a_t | s_t) [B, R] of the response tokens (fp32) at the sampling temperature."""
+    return token_logprobs(response_logits(model, ids, mask, prompt_len, temperature), ids[:, prompt_len:])
 
 
 def response_values(critic: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -94,12 +99,13 @@ def call_reward_function(fn: RewardFn, spec: str, prompts: list[Any], responses:
 @torch.no_grad()
 def score_rollout(*, actor: Any, reference: Any, critic: Any | None, reward_model: Any | None,
                   prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                  response_mask: torch.Tensor, function_scores: torch.Tensor, model_weight: float) -> Rollout:
+                  response_mask: torch.Tensor, function_scores: torch.Tensor, model_weight: float,
+                  temperature: float = 1.0) -> Rollout:
     """Step 2 of a PPO iteration: everything the update needs, computed once with the rollout's weights."""
     ids, mask = joined(prompt_ids, prompt_mask, response_ids, response_mask)
     plen = prompt_ids.shape[1]
-    logprobs = response_logprobs(actor, ids, mask, plen)
-    ref_logprobs = response_logprobs(reference, ids, mask, plen)
+    logprobs = response_logprobs(actor, ids, mask, plen, temperature)
+    ref_logprobs = response_logprobs(reference, ids, mask, plen, temperature)
     values = response_values(critic, ids, mask, plen) if critic is not None else torch.zeros_like(logprobs)
     scores = function_scores.to(logprobs.device)
     if reward_model is not None:
