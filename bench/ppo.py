@@ -20,18 +20,16 @@ Sampling follows the PPO rollout config (temperature 1, no top-k / top-p) on bot
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))

@@ -13,7 +13,6 @@ import sys
 # OpenMP's wait policy is left to the user: libgomp's default (spin briefly, then sleep) makes decoding ~2x
 # faster than OMP_WAIT_POLICY=PASSIVE on an idle machine (bench/README.md); on cores shared with other busy
 # processes, spinning threads can stall every op (40x measured here), and PASSIVE is the fix (README).
-
 from chatrl.errors import ChatrlError
 
 # Modules that add sub-commands; each has `register(subparsers)`.

@@ -125,7 +125,7 @@ class CompiledDecoder:
         cap = valid.shape[1]
         visible = valid & (torch.arange(cap, device=valid.device)[None] <= slot)  # [b, S]: written, non-pad
         bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
-        for i, (kt, vb) in enumerate(zip(keys, values)):
+        for i, (kt, vb) in enumerate(zip(keys, values, strict=False)):
             ln1, wq, wk, wv, wo, ln2, wg, wu, wd = weights[4 + 9 * i: 13 + 9 * i]
             hs = self._rms_norm(x, ln1)
             q = self._rotate(self._linear(hs, wq).view(b, h, d), cos, sin)  # [b, H, D]
