@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.engine.compiled_decode import CompiledDecoder
 from chatrl.engine.sampling import GenerationSettings, block_token, pick_tokens
+from chatrl.models.loading import last_positions
 
 __all__ = ["GenerationSettings", "decode_attention_enabled", "generate", "response_mask_from_ids"]
 
@@ -164,7 +165,7 @@ def _logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
             cache: Cache) -> torch.Tensor:
     """Last-position logits [b, V] in float32."""
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=last_positions(input_ids.shape[1], 1, input_ids.device))
     return out.logits[:, -1].float()
 
 

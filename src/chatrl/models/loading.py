@@ -219,6 +219,15 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype | None = None, tokeni
                          lora=cfg.lora, trainable=trainable)
 
 
+def last_positions(seq_len: int, keep: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`logits_to_keep` for transformers models as an index tensor of the last `keep` positions.
+    Why not the int: transformers then slices the hidden states into a NON-contiguous view, and torch's CPU linear
+    runs that through a bmm that copies the whole LM-head weight once per row (measured: 1.4 s instead of 0.1 s
+    for 32 x 33 rows of SmolLM2's 49k-vocabulary head; 3.9 s for the last token of 64 prompts). An index tensor
+    gathers a contiguous copy; the logits are bit-identical."""
+    return torch.arange(max(seq_len - keep, 0), seq_len, device=device)
+
+
 def load_frozen_causal_lm(name_or_path: str, dtype: torch.dtype | str = "auto", tokenizer=None) -> PreTrainedModel:
     """A frozen (eval, requires_grad False) causal LM, e.g. the PPO reference model."""
     cfg = ModelConfig(name_or_path=name_or_path)

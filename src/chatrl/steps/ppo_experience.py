@@ -16,6 +16,7 @@ import torch
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.batches import Rollout
 from chatrl.errors import ChatrlError
+from chatrl.models.loading import last_positions
 from chatrl.models.reward import position_ids_from_mask, sequence_scores, token_values
 
 RewardFn = Callable[..., list[float]]
@@ -35,7 +36,7 @@ def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_le
     (`logits_to_keep`): prompt logits are never needed."""
     keep = ids.shape[1] - prompt_len + 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
-                logits_to_keep=keep)
+                logits_to_keep=last_positions(ids.shape[1], keep, ids.device))
     logits = out.logits[:, :-1]
     return logits if temperature == 1.0 else logits / temperature
 
