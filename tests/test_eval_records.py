@@ -70,3 +70,23 @@ def test_errors_name_file_and_line(tmp_path):
         read_records(f)
     with pytest.raises(ChatrlError, match="not found"):
         read_records(tmp_path / "missing.jsonl")
+
+
+def test_skip_bad_rows_counts_and_names_the_first(tmp_path):
+    f = _write(tmp_path / "mixed.jsonl", [{"prompt": "a"}, "{not json", {"question": "x"}, {"prompt": "b"}])
+    messages: list[str] = []
+    recs = read_records(f, skip_bad=True, log=messages.append)
+    assert [r.messages[-1]["content"] for r in recs] == ["a", "b"]
+    assert len(messages) == 1 and "skipped 2 bad line(s)" in messages[0] and "mixed.jsonl:2" in messages[0]
+    with pytest.raises(ChatrlError, match=r"mixed.jsonl:2"):  # the default still stops at the first bad line
+        read_records(f)
+
+
+def test_shipped_sample_with_its_bad_rows_reads_with_skip(repo_root):
+    path = repo_root / "data" / "hh-rlhf-harmless" / "harmless-base-sample.jsonl"
+    with pytest.raises(ChatrlError, match=r"harmless-base-sample.jsonl:\d+"):
+        read_records(path)
+    messages: list[str] = []
+    recs = read_records(path, skip_bad=True, log=messages.append)
+    total = sum(1 for line in path.open(encoding="utf-8") if line.strip())
+    assert len(recs) + int(messages[0].split("skipped ")[1].split(" ")[0]) == total

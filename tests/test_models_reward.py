@@ -124,3 +124,28 @@ def test_gradient_checkpointed_critic_backprops(tiny_model_dir, tok):
     ids, mask = pad_batch(SEQS, tok.pad_token_id, "left")
     token_values(critic, ids, mask).sum().backward()
     assert critic.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_trainable_layers_freezes_embeddings_and_lower_blocks(tiny_model_dir, tok):
+    model = load_reward_model(tiny_model_dir, dtype="fp32", tokenizer=tok, trainable_layers=1)
+    blocks = model.model.layers
+    assert len(blocks) == 2
+    assert not any(p.requires_grad for p in model.get_input_embeddings().parameters())
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters())
+    assert model.score.weight.requires_grad and model.model.norm.weight.requires_grad
+    ids = torch.randint(3, 100, (2, 6))
+    model(input_ids=ids).logits.sum().backward()
+    assert blocks[0].self_attn.q_proj.weight.grad is None  # backward stopped above block 0
+    assert blocks[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_trainable_layers_bad_values_are_clear_errors(tiny_model_dir, tok):
+    from chatrl.config import RewardConfig
+    from chatrl.configbase import load_config
+    from chatrl.errors import ChatrlError
+
+    with pytest.raises(ChatrlError, match="only 2 blocks"):
+        load_reward_model(tiny_model_dir, dtype="fp32", tokenizer=tok, trainable_layers=3)
+    with pytest.raises(ChatrlError, match="cannot be combined with LoRA"):
+        load_config(RewardConfig, overrides=["model.trainable_layers=2", "model.lora.r=4"])

@@ -34,6 +34,9 @@ class ModelConfig:
                             "local HF folder, hub id, or built-in alias (smollm2-135m-instruct, tiny-random)")
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "weights/compute dtype; auto = bf16 when the CPU/GPU supports it")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    trainable_layers: Optional[int] = opt(None, "train only the top N transformer blocks (+ final norm and head); "
+                                                "embeddings and lower blocks stay frozen, so backward stops early "
+                                                "(trlx's num_layers_unfrozen). None = train all")
     lora: LoraConfig = sub(LoraConfig)
 
 
@@ -111,6 +114,9 @@ def check_common(model: ModelConfig, ds: DeepSpeedConfig, optim: OptimConfig) ->
         raise ChatrlError("optim.micro_batch_size and optim.grad_accum must be >= 1")
     if model.lora.r < 0:
         raise ChatrlError("model.lora.r must be >= 0 (0 disables LoRA)")
+    if model.trainable_layers is not None and (model.trainable_layers < 0 or model.lora.r > 0):
+        raise ChatrlError(f"model.trainable_layers={model.trainable_layers}: must be >= 0 and cannot be combined "
+                          "with LoRA (model.lora.r > 0); use one way of limiting what trains")
 
 
 # ============================================================================ step configs
@@ -285,8 +291,8 @@ class PPOConfig:
                 "grad_accum": mini // (p.micro_batch_size * world), "world": world}
 
     def check(self) -> None:
-        for optim in (self.actor_optim, self.critic_optim):
-            check_common(self.actor, self.deepspeed, optim)
+        for model, optim in ((self.actor, self.actor_optim), (self.critic, self.critic_optim)):
+            check_common(model, self.deepspeed, optim)
         if self.reward.model is None and not self.reward.functions:
             raise ChatrlError("PPO needs a reward: set reward.model=PATH and/or reward.functions=[pkg.mod:fn]")
         if self.reward.function_weights and len(self.reward.function_weights) != len(self.reward.functions):

@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL: pairs, prompt+response, or messages")
     p.add_argument("--output", metavar="OUT.jsonl", help="write the per-row scores here")
     p.add_argument("--limit", type=int, help="score only the first N rows")
+    _skip_arg(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_score)
 
@@ -46,12 +47,18 @@ def _prompt_args(p: argparse.ArgumentParser, default_limit: int | None = None) -
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help="JSONL with 'prompt' (+ optional 'reference') or hh-rlhf 'chosen'/'rejected' rows")
     p.add_argument("--limit", type=int, default=default_limit, help="use only the first N prompts")
+    _skip_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+
+
+def _skip_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed lines (counted, first reason printed) instead of stopping at the first one")
 
 
 def _parse_models(specs: list[str]) -> dict[str, str]:
@@ -71,7 +78,7 @@ def _load_prompts(args):
 
     if args.limit is not None and args.limit < 1:
         raise ChatrlError("--limit must be at least 1")
-    return as_prompts(read_records(args.prompts, args.limit))
+    return as_prompts(read_records(args.prompts, args.limit, skip_bad=args.skip_bad_rows, log=_log))
 
 
 def _log(msg: str) -> None:
@@ -114,7 +121,7 @@ def cmd_score(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ChatrlError("--limit must be at least 1")
-    records = read_records(args.data, args.limit)
+    records = read_records(args.data, args.limit, skip_bad=args.skip_bad_rows, log=_log)
     rm, tok = load_reward(args.model)
     rows = score_records(rm, tok, records, batch_size=args.batch_size)
     print_scores(rows)

@@ -20,9 +20,12 @@ Record = Prompt | Conversation | PreferencePair
 _ROLES = {"system", "user", "assistant"}
 
 
-def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
-    """Read up to `limit` records from a JSONL file; errors name the file and line."""
+def read_records(path: str | Path, limit: int | None = None, skip_bad: bool = False,
+                 log=None) -> list[Record]:
+    """Read up to `limit` records from a JSONL file; errors name the file and line. With `skip_bad`, a malformed
+    line is skipped instead, and `log` (if given) gets one message with the count and the first reason."""
     path = Path(path)
+    skipped: list[str] = []
     if not path.is_file():
         raise ChatrlError(f"data file not found: {path}")
     records: list[Record] = []
@@ -32,17 +35,27 @@ def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
                 break
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatrlError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
-            if not isinstance(row, dict):
-                raise ChatrlError(f"{where}: expected a JSON object per line")
-            records.append(_parse_row(row, where))
+                records.append(_parse_line(line, f"{path}:{lineno}"))
+            except ChatrlError as e:
+                if not skip_bad:
+                    raise
+                skipped.append(str(e))
+    if skipped and log is not None:
+        log(f"{path}: skipped {len(skipped)} bad line(s); first: {skipped[0]}")
     if not records:
         raise ChatrlError(f"{path}: no records found (expected JSONL lines with a 'prompt' or 'chosen'/'rejected')")
     return records
+
+
+def _parse_line(line: str, where: str) -> Record:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ChatrlError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+    if not isinstance(row, dict):
+        raise ChatrlError(f"{where}: expected a JSON object per line")
+    return _parse_row(row, where)
 
 
 def as_prompts(records: list[Record]) -> list[Prompt]:

@@ -180,9 +180,25 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def freeze_lower_layers(model: PreTrainedModel, top: int) -> None:
+    """Train only the top `top` decoder blocks, the final norm and the head(s): the input embeddings and the
+    lower blocks get requires_grad=False, so backward stops at the lowest trainable block. With tied embeddings
+    (e.g. SmolLM2) a causal LM's output head is the embedding matrix and stays frozen too."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ChatrlError(f"model.trainable_layers: {type(model).__name__} has no `model.layers` block list")
+    if top > len(layers):
+        raise ChatrlError(f"model.trainable_layers={top}: the model has only {len(layers)} blocks")
+    model.get_input_embeddings().requires_grad_(False)
+    for block in layers[: len(layers) - top]:
+        block.requires_grad_(False)
+
+
 def prepare_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, gradient_checkpointing: bool,
-                  lora: Optional[LoraConfig], trainable: bool, keep_trainable: tuple[str, ...] = ()):
-    """Shared tail of causal-LM / reward-model loading: embeddings, checkpointing, LoRA, train/eval mode."""
+                  lora: Optional[LoraConfig], trainable: bool, keep_trainable: tuple[str, ...] = (),
+                  trainable_layers: Optional[int] = None):
+    """Shared tail of causal-LM / reward-model loading: embeddings, checkpointing, LoRA or frozen lower blocks,
+    train/eval mode."""
     fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -191,6 +207,8 @@ def prepare_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
         return freeze(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if trainable_layers is not None:
+        freeze_lower_layers(model, trainable_layers)
     if lora is not None and lora.r > 0:
         from chatrl.models.lora import apply_lora
 
@@ -216,7 +234,7 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype | None = None, tokeni
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from err
     return prepare_model(model, tokenizer, gradient_checkpointing=cfg.gradient_checkpointing,
-                         lora=cfg.lora, trainable=trainable)
+                         lora=cfg.lora, trainable=trainable, trainable_layers=cfg.trainable_layers)
 
 
 def last_positions(seq_len: int, keep: int, device: torch.device | str = "cpu") -> torch.Tensor:

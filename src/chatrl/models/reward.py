@@ -26,12 +26,14 @@ HEAD_INIT_SEED = 0
 
 def load_reward_model(name_or_path: str, *, dtype: torch.dtype | str = "auto",
                       lora_cfg: Optional[LoraConfig] = None, tokenizer=None, trainable: bool = True,
-                      gradient_checkpointing: bool = False) -> PreTrainedModel:
+                      gradient_checkpointing: bool = False,
+                      trainable_layers: Optional[int] = None) -> PreTrainedModel:
     """Load a reward model (or critic) from a causal-LM folder (new head) or a reward-model folder (keeps its head).
 
     A new head is initialised deterministically (normal, std = config.initializer_range, fixed seed,
     without touching the global RNG). LoRA (lora_cfg.r > 0) keeps the head fully trainable.
-    trainable=False gives a frozen eval-mode model (PPO's reward model).
+    trainable=False gives a frozen eval-mode model (PPO's reward model); trainable_layers=N trains only the top N
+    blocks and the head (`loading.freeze_lower_layers`).
     """
     source = resolve_source(name_or_path)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
@@ -49,7 +51,7 @@ def load_reward_model(name_or_path: str, *, dtype: torch.dtype | str = "auto",
     if any(k.startswith(HEAD + ".") for k in info.get("missing_keys", [])):
         init_head(model)
     return prepare_model(model, tokenizer, gradient_checkpointing=gradient_checkpointing, lora=lora_cfg,
-                         trainable=trainable, keep_trainable=(HEAD,))
+                         trainable=trainable, keep_trainable=(HEAD,), trainable_layers=trainable_layers)
 
 
 def init_head(model: PreTrainedModel, seed: int = HEAD_INIT_SEED) -> None:

@@ -113,7 +113,8 @@ def build_models(cfg: PPOConfig, ctx: StepContext, plan: dict[str, int]) -> PPOM
         lora = cfg.critic.lora if cfg.critic.lora.r > 0 else None
         critic_model = TokenValueModel(load_reward_model(critic_path, dtype=ctx.weights_dtype, lora_cfg=lora,
                                                          tokenizer=tok,
-                                                         gradient_checkpointing=cfg.critic.gradient_checkpointing))
+                                                         gradient_checkpointing=cfg.critic.gradient_checkpointing,
+                                                         trainable_layers=cfg.critic.trainable_layers))
         critic = initialize(critic_model, optim_for(cfg.critic_optim), cfg.deepspeed, bf16=ctx.bf16,
                             total_steps=total_steps, world_size=ctx.world)
     reward_model = None

@@ -76,7 +76,8 @@ def run_reward(cfg: RewardConfig) -> Path:
     # DeepSpeed must see the forward whose output the loss uses: wrap so forward returns per-token values
     model = TokenValueModel(load_reward_model(
         cfg.model.name_or_path, dtype=ctx.weights_dtype, lora_cfg=cfg.model.lora if cfg.model.lora.r > 0 else None,
-        tokenizer=tok, gradient_checkpointing=cfg.model.gradient_checkpointing))
+        tokenizer=tok, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        trainable_layers=cfg.model.trainable_layers))
     metrics = train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,
                     on_done=lambda engine: finish_model(ctx, engine, merge_lora=True))
     if ctx.rank == 0 and metrics:
