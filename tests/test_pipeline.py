@@ -63,3 +63,19 @@ def test_pipeline_rejects_bad_step_keys(tmp_path: Path) -> None:
     proc = run_cli("pipeline", "--config", TINY, f"run_dir={tmp_path / 'run'}", "ppo.ppo.mini_batches=3")
     assert proc.returncode == 2 and "mini_batches=3" in proc.stderr
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_step_sections_refine_the_shared_model_but_inputs_are_chained(tmp_path: Path) -> None:
+    from chatrl.config import PipelineConfig
+    from chatrl.configbase import load_config
+    from chatrl.steps.pipeline import build_plan
+
+    cfg = load_config(PipelineConfig, path=TINY, overrides=[
+        f"run_dir={tmp_path}", "model.gradient_checkpointing=true", "reward.model.trainable_layers=1",
+        "reward.model.name_or_path=ignored", "sft.model.lora.r=4"])
+    plan = build_plan(cfg)
+    assert plan.reward.model.trainable_layers == 1 and plan.sft.model.trainable_layers is None
+    assert plan.reward.model.gradient_checkpointing and plan.sft.model.gradient_checkpointing  # shared
+    assert plan.reward.model.name_or_path == str(tmp_path / "sft" / "model")  # always the SFT output
+    assert plan.sft.model.lora.r == 4 and plan.reward.model.lora.r == 0
+    assert plan.ppo.actor.name_or_path == str(tmp_path / "sft" / "model")

@@ -42,10 +42,16 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     shared = {"seed": cfg.seed, "data": dataclasses.asdict(cfg.data), "deepspeed": dataclasses.asdict(cfg.deepspeed)}
     base_model = dataclasses.asdict(cfg.model)
     sft_model, rm_model = str(run / "sft" / "model"), str(run / "reward" / "model")
-    sft = _step_config(SFTConfig, "sft", cfg.sft, {**shared, "output_dir": str(run / "sft"), "model": base_model})
+    # a section's own `model` settings (e.g. reward.model.trainable_layers) refine the shared model; the input
+    # path is always the previous step's output
+    sft = _step_config(SFTConfig, "sft", cfg.sft,
+                       {**shared, "output_dir": str(run / "sft"),
+                        "model": deep_merge(base_model, {**cfg.sft.get("model", {}),
+                                                         "name_or_path": base_model["name_or_path"]})})
     reward = _step_config(RewardConfig, "reward", cfg.reward,
                           {**shared, "output_dir": str(run / "reward"),
-                           "model": {**base_model, "name_or_path": sft_model}})
+                           "model": deep_merge(base_model, {**cfg.reward.get("model", {}),
+                                                            "name_or_path": sft_model})})
     ppo_raw = cfg.ppo
     ppo = _step_config(PPOConfig, "ppo", ppo_raw,
                        {**shared, "output_dir": str(run / "ppo"),
