@@ -45,6 +45,19 @@ def test_ppo_reward_rises_with_bounded_kl(ppo_run: Path) -> None:
         assert key in rows[-1]
 
 
+def test_grpo_raises_the_reward_without_a_critic(word_sft: Path, tmp_path: Path) -> None:
+    """The demo's estimator (group-relative advantages, 4 samples per prompt, no critic) learns the same target."""
+    out = tmp_path / "grpo"
+    proc = run_cli(*ppo_args(word_sft, out, "ppo.advantage=grpo", "rollout.samples_per_prompt=4",
+                             "rollout.prompts_per_rollout=4", "ppo.iterations=20", "checkpoint.every=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 20 and "value_loss" not in rows[-1]  # no critic
+    first = sum(r["reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+
+
 def test_ppo_outputs_are_plain_hf_folders(ppo_run: Path) -> None:
     assert "OK True" in load_with_plain_transformers(ppo_run / "actor")
     from transformers import AutoModelForSequenceClassification
