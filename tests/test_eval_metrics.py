@@ -18,6 +18,15 @@ def test_score_stats_mean_and_population_std():
     assert math.isnan(M.score_stats([])["mean"])
 
 
+def test_paired_difference_mean_and_standard_error_by_hand():
+    # differences 1, 0, 2: mean 1; sample sd sqrt(((0)^2 + (-1)^2 + 1^2) / 2) = 1; se = 1 / sqrt(3)
+    got = M.paired_difference([1.0, 2.0, 3.0], [0.0, 2.0, 1.0])
+    assert got["mean"] == pytest.approx(1.0) and got["se"] == pytest.approx(1 / 3 ** 0.5)
+    assert math.isnan(M.paired_difference([2.0], [1.0])["se"])
+    with pytest.raises(ValueError):
+        M.paired_difference([1.0], [1.0, 2.0])
+
+
 def test_win_rate_counts_ties_as_half():
     # prompt 1: A wins, prompt 2: tie, prompt 3: B wins -> (1 + 0.5 + 0) / 3
     assert M.win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 5.0]) == pytest.approx(0.5)

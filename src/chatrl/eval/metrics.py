@@ -33,6 +33,19 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
     return wins / len(scores_a)
 
 
+def paired_difference(scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, float]:
+    """Mean of a_i - b_i over the same prompts and its standard error (sample std with n - 1, / sqrt(n)):
+    how clearly A beats B, since both answered the same prompts. se is nan for fewer than 2 prompts."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"paired_difference needs one score per prompt for both models "
+                         f"({len(scores_a)} vs {len(scores_b)})")
+    diffs = [a - b for a, b in zip(scores_a, scores_b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return {"mean": mean, "se": se}
+
+
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence KL estimate: sum over response tokens of (logp_model - logp_ref).
 

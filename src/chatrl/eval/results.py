@@ -23,6 +23,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "reward_mean": ("reward", "{:.3f}"),
     "reward_std": ("reward std", "{:.3f}"),
     "win_rate": ("win rate vs baseline", "{:.1%}"),
+    "reward_gain": ("reward - baseline", "{:+.3f}"),
+    "reward_gain_se": ("(s.e.)", "{:.3f}"),
     "kl": ("KL to ref", "{:.3f}"),
     "length_mean": ("length (tok)", "{:.1f}"),
     "eos_rate": ("EOS rate", "{:.0%}"),
