@@ -4,6 +4,7 @@ pipeline continues where it stopped; every config is built and checked before an
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
@@ -102,13 +103,23 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int], force: bool = False) -> 
             shutil.rmtree(out.parent, ignore_errors=True)
         print(f"[pipeline] step {step}: {runners[step][0].__name__} -> {out.parent}")
         runners[step][0](runners[step][1])
-        gc.collect()
+        release_freed_memory()
     run_final_eval(cfg, plan)
     from chatrl.eval.report import write_report
 
     report = write_report(plan.run)
     print(f"[pipeline] report: {report}")
     return report
+
+
+def release_freed_memory() -> None:
+    """After a step: collect its models and engines, then hand glibc's freed heap back to the OS (malloc_trim), so
+    the next step's peak does not sit on top of the previous step's retained arenas."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
