@@ -62,7 +62,8 @@ class CompiledDecoder:
     """`step(...)` = one decode step of `model` for the last tokens of every live row, compiled once.
 
         dec = CompiledDecoder(model)              # model: LlamaForCausalLM (e.g. the Hybrid Engine's copy)
-        logits = dec.step(tok, pos, slot, valid, cache)
+        weights = dec.weights(model)              # after each refresh of the model's weights
+        logits = dec.step(weights, tok, pos, slot, valid, cache)
     """
 
     def __init__(self, model: nn.Module):
@@ -73,6 +74,7 @@ class CompiledDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = float(config.rms_norm_eps)
+        self.attention_scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
         self.packed = hasattr(model.lm_head, "packed")
         self._compiled = torch.compile(self._step, dynamic=True)
 
@@ -85,7 +87,6 @@ class CompiledDecoder:
             mods = {**dict(layer.named_children()), **dict(layer.self_attn.named_children()),
                     **dict(layer.mlp.named_children())}
             out += [mods[n].weight if n.endswith("layernorm") else _weight(mods[n]) for n in PER_LAYER]
-        self.attention_scaling = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
         return out
 
     def step(self, weights: list[torch.Tensor], tok: torch.Tensor, pos: torch.Tensor, slot: int,

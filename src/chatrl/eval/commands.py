@@ -73,12 +73,19 @@ def _parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def _load_prompts(args):
-    from chatrl.eval.records import as_prompts, read_records
+def _read_records(args, path: str):
+    """The records of `path` under the command's --limit and --skip-bad-rows."""
+    from chatrl.eval.records import read_records
 
     if args.limit is not None and args.limit < 1:
         raise ChatrlError("--limit must be at least 1")
-    return as_prompts(read_records(args.prompts, args.limit, skip_bad=args.skip_bad_rows, log=_log))
+    return read_records(path, args.limit, skip_bad=args.skip_bad_rows, log=_log)
+
+
+def _load_prompts(args):
+    from chatrl.eval.records import as_prompts
+
+    return as_prompts(_read_records(args, args.prompts))
 
 
 def _log(msg: str) -> None:
@@ -115,13 +122,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from chatrl.eval.records import read_records
     from chatrl.eval.responses import load_reward
     from chatrl.eval.score import print_scores, score_records, write_jsonl
 
-    if args.limit is not None and args.limit < 1:
-        raise ChatrlError("--limit must be at least 1")
-    records = read_records(args.data, args.limit, skip_bad=args.skip_bad_rows, log=_log)
+    records = _read_records(args, args.data)
     rm, tok = load_reward(args.model)
     rows = score_records(rm, tok, records, batch_size=args.batch_size)
     print_scores(rows)

@@ -43,21 +43,19 @@ def build_plan(cfg: PipelineConfig) -> Plan:
     shared = {"seed": cfg.seed, "data": dataclasses.asdict(cfg.data), "deepspeed": dataclasses.asdict(cfg.deepspeed)}
     base_model = dataclasses.asdict(cfg.model)
     sft_model, rm_model = str(run / "sft" / "model"), str(run / "reward" / "model")
-    # a section's own `model` settings (e.g. reward.model.trainable_layers) refine the shared model; the input
-    # path is always the previous step's output
-    sft = _step_config(SFTConfig, "sft", cfg.sft,
-                       {**shared, "output_dir": str(run / "sft"),
-                        "model": deep_merge(base_model, {**cfg.sft.get("model", {}),
-                                                         "name_or_path": base_model["name_or_path"]})})
-    reward = _step_config(RewardConfig, "reward", cfg.reward,
-                          {**shared, "output_dir": str(run / "reward"),
-                           "model": deep_merge(base_model, {**cfg.reward.get("model", {}),
-                                                            "name_or_path": sft_model})})
-    ppo_raw = cfg.ppo
-    ppo = _step_config(PPOConfig, "ppo", ppo_raw,
-                       {**shared, "output_dir": str(run / "ppo"),
-                        "actor": deep_merge(base_model, {**ppo_raw.get("actor", {}), "name_or_path": sft_model}),
-                        "reward": {**ppo_raw.get("reward", {}), "model": rm_model}})
+
+    def model_of(section: dict[str, Any], key: str, input_path: str) -> dict[str, Any]:
+        # a section's own model settings (e.g. reward.model.trainable_layers) refine the shared model; the
+        # input path is always the previous step's output
+        return deep_merge(base_model, {**section.get(key, {}), "name_or_path": input_path})
+
+    sft = _step_config(SFTConfig, "sft", cfg.sft, {**shared, "output_dir": str(run / "sft"),
+                                                   "model": model_of(cfg.sft, "model", base_model["name_or_path"])})
+    reward = _step_config(RewardConfig, "reward", cfg.reward, {**shared, "output_dir": str(run / "reward"),
+                                                               "model": model_of(cfg.reward, "model", sft_model)})
+    ppo = _step_config(PPOConfig, "ppo", cfg.ppo,
+                       {**shared, "output_dir": str(run / "ppo"), "actor": model_of(cfg.ppo, "actor", sft_model),
+                        "reward": {**cfg.ppo.get("reward", {}), "model": rm_model}})
     return Plan(run=run, sft=sft, reward=reward, ppo=ppo)
 
 
