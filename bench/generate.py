@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from chatrl.batches import PromptBatch  # noqa: E402
-from chatrl.engine.generate import GenerationSettings  # noqa: E402
-from chatrl.engine.hybrid import HybridEngine  # noqa: E402
+from chatrl.rollout.decode import GenerationSettings  # noqa: E402
+from chatrl.rollout.hybrid import HybridEngine  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from chatrl.config import PPOConfig  # noqa: E402
 from chatrl.configbase import load_config  # noqa: E402
-from chatrl.engine.sampling import GenerationSettings  # noqa: E402
+from chatrl.rollout.sampling import GenerationSettings  # noqa: E402
 from chatrl.steps.common import start_step  # noqa: E402
 from chatrl.steps.ppo import make_experience, train_on  # noqa: E402
 from chatrl.steps.ppo_models import PPOModels, build_models  # noqa: E402

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chatrl.engine.compiled_decode import CompiledDecoder, why_unsupported
-from chatrl.engine.generate import _logits, _prefill_positions, decode_attention_enabled, make_cache
-from chatrl.engine.hybrid import HybridEngine
+from chatrl.rollout.compiled_decode import CompiledDecoder, why_unsupported
+from chatrl.rollout.decode import _logits, _prefill_positions, decode_attention_enabled, make_cache
+from chatrl.rollout.hybrid import HybridEngine
 from test_hybrid_engine import NEW, greedy, rollout, train_steps
 from test_hybrid_generate import PAD, hf_greedy, left_padded, pick_eos, tiny_model
 

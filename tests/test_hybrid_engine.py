@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from chatrl.batches import PromptBatch
-from chatrl.engine.generate import GenerationSettings
-from chatrl.engine.hybrid import HybridEngine, _PackedLinear
+from chatrl.rollout.decode import GenerationSettings
+from chatrl.rollout.hybrid import HybridEngine, _PackedLinear
 from test_hybrid_generate import PAD, hf_greedy, left_padded, pick_eos, tiny_model
 
 NEW = 10

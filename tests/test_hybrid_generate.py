@@ -1,4 +1,4 @@
-"""Fast decoder (`chatrl.engine.generate`) against transformers' own `model.generate`, plus sampling rules."""
+"""Fast decoder (`chatrl.rollout.decode`) against transformers' own `model.generate`, plus sampling rules."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatrl.algorithms.losses import token_logprobs
-from chatrl.engine.generate import GenerationSettings, generate, response_mask_from_ids
-from chatrl.engine.sampling import _top_p_filter, pick_tokens
+from chatrl.rollout.decode import GenerationSettings, generate, response_mask_from_ids
+from chatrl.rollout.sampling import _top_p_filter, pick_tokens
 
 PAD = 2
 LENS = [5, 9, 3, 12, 7, 12]
@@ -89,7 +89,7 @@ def test_greedy_bf16_matches_hf_generate(tiny_model_dir):
 def test_decode_attention_matches_sdpa_fp32():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from chatrl.engine.generate import decode_attention
+    from chatrl.rollout.decode import decode_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 6, n, 8, generator=g) for n in (1, 11, 11))

@@ -55,8 +55,8 @@ def _main(model_dir: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from chatrl.batches import PromptBatch
-    from chatrl.engine.generate import GenerationSettings
-    from chatrl.engine.hybrid import HybridEngine
+    from chatrl.rollout.decode import GenerationSettings
+    from chatrl.rollout.hybrid import HybridEngine
     from test_hybrid_generate import PAD, hf_greedy, left_padded, tiny_model
 
     torch.set_num_threads(1)

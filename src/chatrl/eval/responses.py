@@ -76,8 +76,8 @@ def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
              max_prompt_tokens: int | None = None) -> Generation:
     """One response per prompt with the engine's batched decoder (left-padded B x P prompts)."""
-    from chatrl.engine.generate import generate as engine_generate
-    from chatrl.engine.sampling import GenerationSettings
+    from chatrl.rollout.decode import generate as engine_generate
+    from chatrl.rollout.sampling import GenerationSettings
 
     limit = max(1, _max_positions(model) - max_new_tokens)
     prompt_ids = encode_prompts(tok, prompts, min(limit, max_prompt_tokens or limit))  # keeps the last tokens

@@ -19,8 +19,8 @@ from chatrl.algorithms.rewards import contains_eos, eos_penalty, shape_rewards
 from chatrl.batches import Rollout
 from chatrl.config import PPOConfig
 from chatrl.engine import checkpoint as ckpt
-from chatrl.engine.sampling import GenerationSettings
 from chatrl.log import MetricsLogger
+from chatrl.rollout.sampling import GenerationSettings
 from chatrl.steps.common import start_step
 from chatrl.steps.ppo_experience import joined, response_logits, response_values, score_rollout, select
 from chatrl.steps.ppo_models import PPOModels, build_models, save_models

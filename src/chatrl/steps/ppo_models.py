@@ -44,7 +44,7 @@ class PPOModels:
     critic: Any | None             # DeepSpeed engine around a TokenValueModel (None for critic-free estimators)
     reference: torch.nn.Module
     reward_model: torch.nn.Module | None
-    hybrid: Any                    # chatrl.engine.hybrid.HybridEngine around the actor
+    hybrid: Any                    # chatrl.rollout.hybrid.HybridEngine around the actor
     tokenizer: Any
     prompts: list[dict]
     collate_prompts: Callable[[list[dict]], PromptBatch]
@@ -90,9 +90,9 @@ def build_models(cfg: PPOConfig, ctx: StepContext, plan: dict[str, int]) -> PPOM
     from chatrl.algorithms.advantages import NEEDS_CRITIC
     from chatrl.data.pipeline import tokenized_rows
     from chatrl.data.tokenize import collate_prompts, collate_sft
-    from chatrl.engine.hybrid import HybridEngine
     from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype
     from chatrl.models.reward import TokenValueModel, load_reward_model
+    from chatrl.rollout.hybrid import HybridEngine
 
     tok, dev = ctx.tokenizer, ctx.device
     total_steps = cfg.ppo.iterations * cfg.ppo.ppo_epochs * cfg.ppo.mini_batches

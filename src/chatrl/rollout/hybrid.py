@@ -14,7 +14,7 @@ INFERENCE COPY of its weights:
 - with `release_after_rollout` its storage is freed after each rollout (module structure kept, so the next
   refresh costs only the copy).
 With `compile_decode`, decode steps of Llama-architecture actors run a torch.compile'd step
-(`engine.compiled_decode`; compiled once per process, the weights are its inputs).
+(`rollout.compiled_decode`; compiled once per process, the weights are its inputs).
 With `inference_dtype=None`, a plain (non-LoRA, non-ZeRO-3) actor is used as is: no copy at all.
 """
 
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from chatrl.batches import PromptBatch
-from chatrl.engine.compiled_decode import CompiledDecoder, why_unsupported
-from chatrl.engine.generate import GenerationSettings, generate
 from chatrl.paths import setup_extension_cache
+from chatrl.rollout.compiled_decode import CompiledDecoder, why_unsupported
+from chatrl.rollout.decode import GenerationSettings, generate
 
 
 def unwrap_actor(actor: nn.Module) -> nn.Module:
@@ -263,7 +263,7 @@ class HybridEngine:
     def generate(self, prompts: PromptBatch | torch.Tensor, *args, return_logprobs: bool = False,
                  synced: bool | None = None, **kwargs):
         """Decode a rollout. Either `generate(prompt_batch, settings, eos_token_id, pad_token_id)` or
-        `generate(prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id)`; see `engine.generate.generate`
+        `generate(prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id)`; see `rollout.decode.generate`
         for the outputs. Inside `inference_mode()` it reuses that layout; otherwise it opens one for this call.
         synced defaults to True under ZeRO-3 (every rank keeps stepping until all are done)."""
         if isinstance(prompts, PromptBatch):

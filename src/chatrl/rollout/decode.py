@@ -24,9 +24,9 @@ import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from chatrl.algorithms.losses import token_logprobs
-from chatrl.engine.compiled_decode import CompiledDecoder
-from chatrl.engine.sampling import GenerationSettings, block_token, pick_tokens
 from chatrl.models.loading import last_positions
+from chatrl.rollout.compiled_decode import CompiledDecoder
+from chatrl.rollout.sampling import GenerationSettings, block_token, pick_tokens
 
 __all__ = ["GenerationSettings", "decode_attention_enabled", "generate", "response_mask_from_ids"]
 
