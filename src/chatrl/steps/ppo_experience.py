@@ -4,11 +4,8 @@ sequence scores), plus Python reward functions. B = rollout rows on this process
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +15,7 @@ from chatrl.batches import Rollout
 from chatrl.errors import ChatrlError
 from chatrl.models.loading import last_positions
 from chatrl.models.reward import position_ids_from_mask, sequence_scores, token_values
+from chatrl.plugins import load_object
 
 RewardFn = Callable[..., list[float]]
 
@@ -57,25 +55,7 @@ def response_values(critic: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_l
 
 def load_reward_function(spec: str) -> RewardFn:
     """`pkg.module:fn` (importable) or `path/to/file.py:fn`; fn(prompts, responses, **columns) -> list[float]."""
-    if ":" not in spec:
-        raise ChatrlError(f"reward function '{spec}': expected 'pkg.module:function' or 'file.py:function'")
-    target, name = spec.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            if module_spec is None or not path.is_file():
-                raise FileNotFoundError(target)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            module = importlib.import_module(target)
-        fn = getattr(module, name)
-    except (ImportError, FileNotFoundError, AttributeError) as e:
-        raise ChatrlError(f"reward function '{spec}' cannot be loaded: {e}. Check reward.functions") from None
-    if not callable(fn):
-        raise ChatrlError(f"reward function '{spec}' is not callable")
-    return fn
+    return load_object(spec, "reward function", "reward.functions")  # type: ignore[return-value]
 
 
 def call_reward_function(fn: RewardFn, spec: str, prompts: list[Any], responses: list[str],
