@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "chatrl.data.commands",      # data inspect, data prepare
     "chatrl.eval.commands",      # eval, compare, report, score
     "chatrl.serve.commands",     # chat, serve
+    "chatrl.envs.commands",      # env check (text environments for RL)
 ]
 
 
