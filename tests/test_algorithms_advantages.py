@@ -130,7 +130,7 @@ def test_reinforce_returns_by_hand():
 
 
 def test_registry_dispatch():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "reinforce_pp"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
     adv, ret = compute_advantages("gae", REWARDS, VALUES, MASK, gamma=0.9, lam=0.8)
     assert torch.equal(adv, gae_advantages(REWARDS, VALUES, MASK, 0.9, 0.8)[0])
     adv, ret = compute_advantages("reinforce_pp", REWARDS, None, MASK, gamma=0.9)
@@ -142,5 +142,5 @@ def test_registry_dispatch():
     assert_close(adv, torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]) * 0.75 / math.sqrt(1.125))
     with pytest.raises(ValueError, match="needs critic"):
         compute_advantages("gae", REWARDS, None, MASK)
-    with pytest.raises(ValueError, match="choose one of: gae, grpo, reinforce_pp"):
+    with pytest.raises(ValueError, match="choose one of: dr_grpo, gae, grpo, reinforce_pp, rloo"):
         compute_advantages("vtrace", REWARDS, VALUES, MASK)

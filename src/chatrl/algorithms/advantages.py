@@ -8,22 +8,29 @@ masks this is exactly the textbook GAE on each row's real tokens.
 
   gae:          delta_t = r_t + gamma * V_{t+1} - V_t;   A_t = delta_t + gamma * lam * A_{t+1};
                 returns R_t = A_t + V_t  (the critic's regression target)
-  grpo:         one outcome score s_i per response, rows [g*G, (g+1)*G) are the G samples of prompt g:
-                A_i = (s_i - mean_g) / (std_g + eps) on every token of response i;   no critic
+  grpo:         one outcome s_i per response (its total reward: the episode return), rows [g*G, (g+1)*G) are
+                the G samples of prompt g: A_i = (s_i - mean_g) / (std_g + eps) on every token of row i
+  dr_grpo:      Dr. GRPO (Liu et al. 2025): A_i = s_i - mean_g (no division by the group's std)
+  rloo:         REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = s_i - mean_{j != i} s_j
+                = G / (G - 1) * (s_i - mean_g)
   reinforce_pp: REINFORCE++ (Hu 2025): G_t = r_t + gamma * G_{t+1} (discounted return-to-go), and
-                A = masked_whiten(G) over the whole batch;   no critic
+                A = masked_whiten(G) over the whole batch (all ranks: pass `moments`)
+All but gae need no critic. The group-relative ones and reinforce_pp are already normalised: `whitenable`
+is False for them, so a trainer never whitens them a second time (which would give the tokens of a tied
+group, whose advantages are exactly 0, non-zero advantages).
 
-`ADVANTAGE_ESTIMATORS[name](rewards, values, mask, gamma=, lam=, group_size=) -> (advantages, returns)`
+`ADVANTAGE_ESTIMATORS[name].fn(rewards, values, mask, gamma=, lam=, group_size=, moments=) -> (adv, returns)`
 gives one call shape for all (unused arguments are ignored); `compute_advantages` looks a name up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from chatrl.algorithms.masked import masked_sum, masked_whiten, zero_masked
+from chatrl.algorithms.masked import Moments, local_moments, masked_sum, masked_whiten, zero_masked
 from chatrl.algorithms.registry import lookup
 
 
@@ -51,9 +58,10 @@ def gae_advantages(
     return advantages, returns
 
 
-def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                      moments: Moments = local_moments) -> torch.Tensor:
     """Batch-normalise advantages over the real tokens: masked_whiten (zero mean, unit variance), [B, R]."""
-    return masked_whiten(advantages, mask, shift_mean=shift_mean)
+    return masked_whiten(advantages, mask, shift_mean=shift_mean, moments=moments)
 
 
 def grpo_advantages(
@@ -80,6 +88,20 @@ def grpo_advantages(
     return zero_masked(per_seq.unsqueeze(1).expand(mask.shape), mask)
 
 
+def rloo_advantages(scores: torch.Tensor, group_size: int, mask: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out baseline (RLOO): A_i = s_i - (sum_g - s_i) / (G - 1), broadcast to every token of row i.
+
+    scores [B] (B = n_groups * group_size, consecutive rows per group), mask [B, R] -> [B, R]. Needs G >= 2.
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"RLOO needs whole groups of >= 2 samples; got {scores.shape[0]} scores, groups of "
+                         f"{group_size}")
+    groups = scores.float().reshape(-1, group_size)
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    per_seq = (groups - others_mean).reshape(-1)
+    return zero_masked(per_seq.unsqueeze(1).expand(mask.shape), mask)
+
+
 def reinforce_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Discounted return-to-go over real tokens: G_t = r_t + gamma * G_{t'} (t' = next real token), [B, R].
 
@@ -94,30 +116,53 @@ def reinforce_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 
     return zero_masked(returns, mask)
 
 
-def _gae_entry(rewards, values, mask, *, gamma=1.0, lam=1.0, group_size=1):
+# Registry entries: one call shape (rewards, values, mask, *, gamma, lam, group_size, moments) -> (adv, returns).
+# The group-relative ones read the outcome s_i = the row's total reward (score at the last token, per-turn
+# environment rewards, and -beta * kl_t when the KL sits in the reward).
+
+
+def _gae_entry(rewards, values, mask, *, gamma, lam, group_size, moments):
     return gae_advantages(rewards, values, mask, gamma, lam)
 
 
-def _grpo_entry(rewards, values, mask, *, gamma=1.0, lam=1.0, group_size=1):
-    # Outcome score = the row's total token reward (the score sits at the last token; pass beta=0
-    # shaped rewards for pure GRPO, where the KL goes into the loss instead).
+def _grpo_entry(rewards, values, mask, *, gamma, lam, group_size, moments):
     advantages = grpo_advantages(masked_sum(rewards, mask, dim=-1), group_size, mask)
     return advantages, advantages
 
 
-def _reinforce_pp_entry(rewards, values, mask, *, gamma=1.0, lam=1.0, group_size=1):
+def _dr_grpo_entry(rewards, values, mask, *, gamma, lam, group_size, moments):
+    advantages = grpo_advantages(masked_sum(rewards, mask, dim=-1), group_size, mask, scale_by_std=False)
+    return advantages, advantages
+
+
+def _rloo_entry(rewards, values, mask, *, gamma, lam, group_size, moments):
+    advantages = rloo_advantages(masked_sum(rewards, mask, dim=-1), group_size, mask)
+    return advantages, advantages
+
+
+def _reinforce_pp_entry(rewards, values, mask, *, gamma, lam, group_size, moments):
     returns = reinforce_returns(rewards, mask, gamma)
-    return masked_whiten(returns, mask), returns
+    return masked_whiten(returns, mask, moments=moments), returns
 
 
-AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
-    "gae": _gae_entry,
-    "grpo": _grpo_entry,
-    "reinforce_pp": _reinforce_pp_entry,
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: its function, whether it reads critic values, whether whitening may follow it,
+    and the smallest group size it works with."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    needs_critic: bool
+    whitenable: bool
+    min_group_size: int = 1
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(_gae_entry, needs_critic=True, whitenable=True),
+    "grpo": Estimator(_grpo_entry, needs_critic=False, whitenable=False, min_group_size=2),
+    "dr_grpo": Estimator(_dr_grpo_entry, needs_critic=False, whitenable=False, min_group_size=2),
+    "rloo": Estimator(_rloo_entry, needs_critic=False, whitenable=False, min_group_size=2),
+    "reinforce_pp": Estimator(_reinforce_pp_entry, needs_critic=False, whitenable=False),
 }
-# Which estimators need a critic (values); the trainer can skip the critic for the others.
-NEEDS_CRITIC = {"gae": True, "grpo": False, "reinforce_pp": False}
 
 
 def compute_advantages(
@@ -129,11 +174,19 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 1.0,
     group_size: int = 1,
+    whiten: bool = False,
+    moments: Moments = local_moments,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns), both [B, R], with the estimator named `kind` (ValueError if unknown)."""
-    fn = lookup(ADVANTAGE_ESTIMATORS, kind, "advantage estimator")
+    """(advantages, returns), both [B, R], with the estimator named `kind` (ValueError if unknown).
+
+    whiten=True normalises the advantages of a `whitenable` estimator (gae) over the batch (`moments` gives the
+    statistics, e.g. of all ranks); for the already-normalised estimators it is ignored."""
+    est = lookup(ADVANTAGE_ESTIMATORS, kind, "advantage estimator")
     if values is None:
-        if NEEDS_CRITIC[kind]:
+        if est.needs_critic:
             raise ValueError(f"advantage estimator {kind!r} needs critic values")
         values = torch.zeros_like(rewards)
-    return fn(rewards, values, mask, gamma=gamma, lam=lam, group_size=group_size)
+    advantages, returns = est.fn(rewards, values, mask, gamma=gamma, lam=lam, group_size=group_size, moments=moments)
+    if whiten and est.whitenable:
+        advantages = masked_whiten(advantages, mask, moments=moments)
+    return advantages, returns

@@ -62,10 +62,12 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     return lookup(KL_ESTIMATORS, kind, "KL estimator")(logp, ref_logp)
 
 
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """KL-in-the-loss term (GRPO style, instead of reward shaping): masked mean of kl_penalty, 0-d.
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k3",
+            agg: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_mean) -> torch.Tensor:
+    """KL-in-the-loss term (GRPO style, instead of reward shaping): kl_penalty reduced by `agg`, 0-d.
 
-    logp, ref_logp, mask: [B, R]. k3 is the usual choice: unbiased, >= 0, and its gradient
+    Default `agg`: the masked token mean; a trainer passes the policy loss's aggregation so both terms weigh
+    tokens alike. logp, ref_logp, mask: [B, R]. k3 is the usual choice: unbiased, >= 0, and its gradient
     (1 - pi_ref/pi) pushes pi toward pi_ref.
     """
-    return masked_mean(kl_penalty(logp, ref_logp, kind), mask)
+    return agg(kl_penalty(logp, ref_logp, kind), mask)

@@ -1,12 +1,17 @@
 """Training losses as pure functions: PPO actor/critic, entropy, reward model, SFT, and token log-probs.
 
 Shapes: B = batch, T = sequence length, R = response length, V = vocabulary. mask [B, R]: 1 = the token
-counts, 0 = padding / after EOS. Per-token losses are averaged over counted tokens of the whole batch
-("token-mean"). Inputs at masked positions are zeroed before use, so they change neither the loss nor
-its gradient. Each `(loss, stats)` function returns stats as a dict of DETACHED 0-d tensors (call
-`.item()` when logging; tensors can be averaged / all-reduced across micro-batches first).
+counts, 0 = padding / after EOS / a token the environment wrote. Per-token losses are reduced by `aggregate`
+(default "token_mean": over the counted tokens of the whole batch). Inputs at masked positions are zeroed
+before use, so they change neither the loss nor its gradient. Each `(loss, stats)` function returns stats as
+a dict of DETACHED 0-d tensors (call `.item()` when logging; tensors can be averaged / all-reduced first).
 
-  policy_loss   L = mean_t max(-A_t r_t, -A_t clip(r_t, 1-e, 1+e)),  r_t = exp(logp_t - old_logp_t)
+  aggregate     token_mean:              sum_{i,t} l_it m_it / sum_{i,t} m_it         (DAPO; the default)
+                seq_mean_token_mean:     mean_i [ sum_t l_it m_it / sum_t m_it ]      (original GRPO)
+                seq_mean_token_sum_norm: sum_{i,t} l_it m_it / (B * L_max)            (Dr. GRPO: L_max constant)
+  policy_loss   L = agg_t max(-A_t r_t, -A_t clip(r_t, 1-e_low, 1+e_high)),  r_t = exp(logp_t - old_logp_t)
+                (e_high > e_low is DAPO's clip-higher); GSPO (Zheng et al. 2025, level="sequence"):
+                r_t = exp(mean_t' (logp_t' - old_logp_t')) for every token of the row (one ratio per sequence)
   value_loss    L = 0.5 * mean_t max((v_t - R_t)^2, (clip(v_t, old_t - e, old_t + e) - R_t)^2)
   entropy       H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv
   pairwise      L = mean_i -log sigmoid(r_c,i - r_r,i - m_i) + c * mean_i (r_c,i + r_r,i)^2
@@ -20,10 +25,39 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from chatrl.algorithms.masked import masked_mean, zero_masked
+from chatrl.algorithms.masked import masked_count, masked_mean, masked_sum, zero_masked
 
 Stats = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", *, max_len: int | None = None,
+              token_denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [B, R] over mask [B, R] to a 0-d loss (formulas: module docstring).
+
+    max_len: Dr. GRPO's constant L_max (default: R). token_denom: for token_mean, divide by this instead of the
+    local token count, so that micro-batches of one optimizer step (and ranks) give exactly the token mean of the
+    whole mini-batch: pass (mini-batch tokens over all ranks) / (micro-batches per step * ranks), since DeepSpeed
+    averages micro-batch losses and ranks' gradients. Rows without a counted token count in no mean."""
+    if mode == "token_mean":
+        denom = masked_count(per_token, mask).clamp(min=1) if token_denom is None else token_denom
+        return masked_sum(per_token, mask) / denom
+    if mode == "seq_mean_token_mean":
+        counts = masked_count(per_token, mask, dim=-1)
+        row_means = masked_sum(per_token, mask, dim=-1) / counts.clamp(min=1)
+        return row_means.sum() / (counts > 0).sum().clamp(min=1)
+    if mode == "seq_mean_token_sum_norm":
+        return masked_sum(per_token, mask) / (per_token.shape[0] * (max_len or per_token.shape[1]))
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of: {', '.join(LOSS_AGGREGATIONS)}")
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalised sequence log-ratio, broadcast to every token: [B, R] -> [B, R].
+    (1/|y_i|) sum_t (logp_it - old_logp_it); the gradient flows to every token of the row through the mean."""
+    return masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1).expand_as(log_ratio)
 
 
 def policy_loss(
@@ -32,23 +66,41 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    *,
+    clip_eps_high: float | None = None,
+    level: str = "token",
+    agg: str = "token_mean",
+    max_len: int | None = None,
+    token_denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """Clipped PPO surrogate (Schulman et al. 2017), [B, R] inputs -> 0-d loss.
 
-    ratio r = exp(logprobs - old_logprobs); per token max(-A r, -A clip(r, 1 - e, 1 + e)); masked mean.
-    stats: clipfrac = share of counted tokens where the clipped term is the larger one (strictly),
+    ratio r = exp(logprobs - old_logprobs) per token (level="token"), or GSPO's one ratio per sequence
+    exp(mean_t log-ratio) (level="sequence"); per token max(-A r, -A clip(r, 1 - e_low, 1 + e_high)) with
+    e_low = clip_eps and e_high = clip_eps_high (default: clip_eps); reduced with `aggregate(agg)`.
+    stats: clipfrac = share of counted tokens where the clipped term is the larger one (strictly); of which
+           clipfrac_low (r < 1 - e_low, A < 0) and clipfrac_high (r > 1 + e_high, A > 0);
            approx_kl = masked mean of 0.5 (logprobs - old_logprobs)^2, ratio_mean = masked mean of r.
     """
     log_ratio = zero_masked(logprobs - old_logprobs, mask)  # zeroed first: exp(garbage) could overflow
+    token_log_ratio = log_ratio
+    if level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
+    elif level != "token":
+        raise ValueError(f"unknown importance sampling level {level!r}; choose token or sequence")
     advantages = zero_masked(advantages, mask)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len=max_len, token_denom=token_denom)
     with torch.no_grad():
+        was_clipped = clipped > unclipped
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio.pow(2), mask),
+            "clipfrac": masked_mean(was_clipped.float(), mask),
+            "clipfrac_low": masked_mean((was_clipped & (ratio < 1.0 - clip_eps)).float(), mask),
+            "clipfrac_high": masked_mean((was_clipped & (ratio > 1.0 + high)).float(), mask),
+            "approx_kl": masked_mean(0.5 * token_log_ratio.pow(2), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats

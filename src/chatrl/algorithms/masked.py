@@ -8,7 +8,13 @@ variance of nothing are 0 (not NaN), so an all-padding micro-batch cannot poison
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# (x, mask) -> (mean, var) of the counted entries. The default is this process's batch; a trainer passes one
+# that all-reduces sums across ranks, so every rank whitens with the statistics of the global batch.
+Moments = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,16 +59,22 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sq / denom.clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def local_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked_mean, unbiased masked_var) of the counted entries of x: the default `Moments`."""
+    return masked_mean(x, mask), masked_var(x, mask)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: Moments = local_moments) -> torch.Tensor:
     """Normalise the counted entries of x to unit variance (and zero mean if shift_mean).
 
     out_i = (x_i - mu) / sqrt(var + eps)        (shift_mean=True)
     out_i = (x_i - mu) / sqrt(var + eps) + mu   (shift_mean=False: only rescale around the mean)
-    with mu, var = masked_mean / masked_var (unbiased) over ALL counted entries of the batch.
+    with mu, var = masked_mean / masked_var (unbiased) over ALL counted entries of the batch, or whatever
+    `moments(x, mask)` returns (e.g. the statistics of the batches of all ranks together).
     Shapes: x, mask [B, R] -> [B, R]; masked-out positions are 0 in the output.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean, var = moments(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

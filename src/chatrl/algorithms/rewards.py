@@ -5,6 +5,9 @@
     r_t = 0                                       on padding (mask == 0)
 
 Shapes: B = batch, R = response length; masks are 1 on generated tokens up to and including EOS, 0 after.
+
+Also: DAPO's soft overlong penalty on the response length, and the placement of a multi-turn episode's
+per-turn rewards on the token that ended each turn (discounted per turn).
 """
 
 from __future__ import annotations
@@ -51,3 +54,30 @@ def eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> 
     """scores [B] minus `penalty` where has_eos [B] is False (truncated, unfinished replies), TRL's
     `missing_eos_penalty`: score_b - penalty * (1 - has_eos_b). penalty >= 0 lowers unfinished replies."""
     return scores - penalty * (~has_eos.bool()).to(scores.dtype)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per response, lengths [B] -> [B]:
+
+        0                                       if L <= max_len - buffer
+        -factor * (L - (max_len - buffer)) / buffer   if max_len - buffer < L <= max_len (linear ramp to -factor)
+        -factor                                 if L > max_len
+    buffer = 0 gives no ramp (0, then -factor above max_len)."""
+    lengths = lengths.float()
+    if buffer <= 0:
+        return torch.where(lengths > max_len, -factor, 0.0)
+    ramp = -factor * (lengths - (max_len - buffer)) / buffer
+    return torch.where(lengths <= max_len - buffer, 0.0, torch.where(lengths <= max_len, ramp, -factor))
+
+
+def turn_rewards(values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, length: int,
+                 gamma: float = 1.0) -> torch.Tensor:
+    """Per-turn rewards of multi-turn episodes as token rewards [B, length].
+
+    values [B, K]: reward of turn k; positions [B, K] (long): the response column of the token that ended turn
+    k (its last generated token); valid [B, K]: the turn happened. Turn k's reward is discounted by gamma^k and
+    added at its position, so a row's reward sum is the discounted episode return sum_k gamma^k r_k."""
+    discount = gamma ** torch.arange(values.shape[1], dtype=torch.float32, device=values.device)
+    placed = torch.where(valid.bool(), values.float() * discount, 0.0)
+    out = torch.zeros(values.shape[0], length, dtype=torch.float32, device=values.device)
+    return out.scatter_add(1, positions.clamp(0, max(length - 1, 0)).long(), placed)
