@@ -4,7 +4,7 @@ and a full PPO iteration broken down by phase, measured in one run.
     .venv/bin/python bench/ppo.py                  # ~5 min on 2 cores; writes bench/results/ppo.json
     .venv/bin/python bench/ppo.py --quick --tiny   # smoke run (tiny random model, few tokens), ~30 s
 
-The models are built exactly as `chatrl ppo` builds them (`chatrl.steps.ppo_models.build_models`): the actor is
+The models are built exactly as `chatrl ppo` builds them (`chatrl.steps.rl_models.build_models`): the actor is
 a DeepSpeed engine in bf16 ZeRO-1 (the TRAINING model), plus critic (DeepSpeed), frozen reference and reward
 model, all from the built-in SmolLM2-135M-Instruct (`--model`); prompts are the built-in RLHF data's first rows.
 Cases (every case generates exactly `--new` tokens per prompt: min_new_tokens = max_new_tokens):
@@ -34,12 +34,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chatrl.config import PPOConfig  # noqa: E402
+from chatrl.config_rl import BatchPlan, PPOConfig  # noqa: E402
 from chatrl.configbase import load_config  # noqa: E402
+from chatrl.data.pipeline import tokenized_rows  # noqa: E402
+from chatrl.data.tokenize import collate_prompts  # noqa: E402
 from chatrl.rollout.sampling import GenerationSettings  # noqa: E402
 from chatrl.steps.common import start_step  # noqa: E402
-from chatrl.steps.ppo import make_experience, train_on  # noqa: E402
-from chatrl.steps.ppo_models import PPOModels, build_models  # noqa: E402
+from chatrl.steps.rl import collect, make_experience  # noqa: E402
+from chatrl.steps.rl_models import RLModels, build_models  # noqa: E402
+from chatrl.steps.rl_update import policy_update  # noqa: E402
 
 PHASES = ("generate", "score", "rewards", "train")
 TARGETS = {"hybrid-all / hf-ppo-batch": 3.0, "hybrid-all / hf-all": 1.5, "hybrid-ppo-batch / hf-ppo-batch": 1.5,
@@ -63,7 +66,7 @@ def settings_for(cfg: PPOConfig, new: int, seed: int = 0) -> GenerationSettings:
                               top_p=r.top_p, top_k=r.top_k, seed=seed)
 
 
-def run_hybrid(m: PPOModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
+def run_hybrid(m: RLModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
                eos: int, pad: int, compiled: bool = False) -> int:
     """Hybrid Engine rollout in calls of `batch` rows (one inference layout for all). -> new tokens."""
     m.hybrid.compile_decode = compiled
@@ -78,7 +81,7 @@ def run_hybrid(m: PPOModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, 
 
 
 @torch.no_grad()
-def run_hf(m: PPOModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
+def run_hf(m: RLModels, ids: torch.Tensor, mask: torch.Tensor, batch: int, settings: GenerationSettings,
            eos: int, pad: int) -> int:
     """HF `generate()` on the training model (the DeepSpeed engine's module). -> new tokens."""
     module = m.actor.module
@@ -103,7 +106,7 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
-def refresh_seconds(m: PPOModels) -> float:
+def refresh_seconds(m: RLModels) -> float:
     """Time of one inference-copy refresh alone (gather + cast + LoRA fold + weight packing)."""
     m.hybrid.mark_weights_updated()
     t0 = time.perf_counter()
@@ -112,20 +115,25 @@ def refresh_seconds(m: PPOModels) -> float:
     return time.perf_counter() - t0
 
 
-def ppo_iteration(m: PPOModels, cfg: PPOConfig, plan: dict[str, int], rows: list[dict], tok,
-                  settings: GenerationSettings) -> dict[str, float]:
-    """One PPO iteration exactly as `run_ppo` runs it (steps 1-5), timed per phase. -> seconds per phase + counts."""
+def ppo_iteration(m: RLModels, cfg: PPOConfig, plan: BatchPlan, settings: GenerationSettings) -> dict[str, float]:
+    """One PPO iteration exactly as `run_rl` runs it (steps 1-5), timed per phase. -> seconds per phase + counts."""
     times: dict[str, float] = {}
-    exp = make_experience(m, cfg, rows, settings, cfg.ppo.kl_coef, times)
-    train_on(m, exp, cfg, plan, times)
-    mask = exp.rollout.response_mask
+    t0 = time.perf_counter()
+    scored, _, _ = collect(m, cfg, 0, settings, 0, 1)
+    times["generate"] = time.perf_counter() - t0
+    exp = make_experience(m, cfg, scored, cfg.ppo.kl_coef, times)
+    t0 = time.perf_counter()
+    policy_update(m, exp, cfg, plan)
+    m.after_optimizer_steps()
+    times["train"] = time.perf_counter() - t0
+    mask = exp.rollout.action_mask
     times["new_tokens"] = float(mask.sum())
     times["sequence_tokens"] = float(exp.rollout.prompt_mask.sum() + mask.sum())
     return times
 
 
-def prompt_rows(m: PPOModels, n: int) -> list[dict]:
-    rows = m.prompts[:n]
+def prompt_rows(cfg: PPOConfig, tok, n: int) -> list[dict]:
+    rows = tokenized_rows(cfg.data, tok, "rlhf", "train")[:n]
     return (rows * -(-n // len(rows)))[:n]  # fewer rows than prompts: wrap around
 
 
@@ -172,8 +180,8 @@ def main() -> None:
         m = build_models(cfg, ctx, plan)
         tok = ctx.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
-        rows = prompt_rows(m, args.prompts)
-        prompts = m.collate_prompts(rows)
+        rows = prompt_rows(cfg, tok, args.prompts)
+        prompts = collate_prompts(rows, tok.pad_token_id).to(ctx.device)
         ids, mask = prompts.input_ids, prompts.attention_mask
         settings = settings_for(cfg, args.new)
 
@@ -187,7 +195,7 @@ def main() -> None:
             compile_seconds, _ = timed(lambda: run_hybrid(m, ids, mask, args.prompts, warm, eos, pad, True))
             run_hybrid(m, ids[: args.batch], mask[: args.batch], args.batch, warm, eos, pad, True)
             print(f"compiling the decode step (first call, incl. a 2-token rollout): {compile_seconds:.1f} s")
-        ppo_iteration(m, cfg, plan, rows[: args.batch], tok, warm)
+        ppo_iteration(m, cfg, plan, warm)
 
         n = args.prompts
         cases = {"hybrid-all": (run_hybrid, n, False), "hf-ppo-batch": (run_hf, args.batch, None),
@@ -205,7 +213,7 @@ def main() -> None:
             print(f"{name}: {tokens / secs:.1f} tok/s ({secs:.2f} s)", flush=True)
         refresh = refresh_seconds(m)
         m.hybrid.compile_decode = not args.no_compile
-        t = ppo_iteration(m, cfg, plan, rows, tok, settings_for(cfg, args.new, seed=1))
+        t = ppo_iteration(m, cfg, plan, settings_for(cfg, args.new, seed=1))
     counts = {"generate": t["new_tokens"], "score": t["sequence_tokens"], "rewards": t["new_tokens"],
               "train": t["sequence_tokens"]}
     iteration = {"phases": {p: dict(seconds=round(t[p], 3), tokens_per_s=round(counts[p] / max(t[p], 1e-9), 1))
@@ -222,7 +230,7 @@ def main() -> None:
                   prompt_tokens_mean=round(float(mask.sum(1).float().mean()), 1), prompt_len_padded=ids.shape[1],
                   sampling=dict(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p),
                   ppo=dict(micro_batch_size=cfg.ppo.micro_batch_size, mini_batches=cfg.ppo.mini_batches,
-                           ppo_epochs=cfg.ppo.ppo_epochs, grad_accum=plan["grad_accum"]),
+                           ppo_epochs=cfg.ppo.ppo_epochs, grad_accum=plan.grad_accum),
                   torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default)"),
                   machine=platform.processor() or platform.machine(), load_avg=os.getloadavg()[0])
     payload = dict(config=config, rollout=results, refresh_seconds=round(refresh, 3),

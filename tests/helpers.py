@@ -80,3 +80,28 @@ def sft_word_model(tmp: Path) -> Path:
                    "data.split=1,0,1", "optim.lr=1e-2", "optim.max_steps=30", "checkpoint.every=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "model"
+
+
+def kill_after_checkpoint(out: Path, step: int, args: list[str], timeout: float = 600) -> None:
+    """Start `chatrl ARGS`, SIGKILL its process group as soon as checkpoint `step` is complete."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "chatrl", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "run ended before the checkpoint to kill at"
+
+
+def same_weights(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ (not bit-identical) between two saved HF folders."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].equal(wb[k]))]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from chatrl.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
+from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
+from chatrl.config_rl import PPOConfig
 from chatrl.configbase import help_lines, load_config
 from chatrl.engine.deepspeed import build_ds_config, lr_lambda
 from chatrl.errors import ChatrlError

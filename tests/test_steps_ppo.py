@@ -40,7 +40,7 @@ def test_ppo_reward_rises_with_bounded_kl(ppo_run: Path) -> None:
     assert last > first + 0.3, (first, last)
     assert max(r["kl"] for r in rows) < 25  # nats per sequence of <= 16 tokens
     for key in ("policy_loss", "value_loss", "policy_clipfrac", "policy_approx_kl", "entropy", "eos_rate",
-                "response_length", "rm_score_raw", "time_generate", "time_score", "time_train",
+                "response_length", "reward_fn/reward_fns:banana_share", "time_generate", "time_score", "time_train",
                 "generate_tokens_per_s"):
         assert key in rows[-1]
 

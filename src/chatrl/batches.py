@@ -49,11 +49,14 @@ class PromptBatch(_TensorBatch):
 
 @dataclass
 class Rollout(_TensorBatch):
-    """What generation + scoring hand to the PPO update.
+    """What generation + scoring hand to the policy update.
 
-    prompt_ids, prompt_mask:  [B, P] left-padded prompts
-    response_ids:             [B, R] generated tokens, right-padded with pad id after EOS
-    response_mask:            [B, R] 1 on generated tokens up to and including EOS, 0 after
+    prompt_ids, prompt_mask:  [B, P] left-padded prompts (an episode's first observation)
+    response_ids:             [B, R] everything after the prompt, right-padded: the model's replies and, in
+                              multi-turn episodes, the environment's messages between them
+    response_mask:            [B, R] 1 on real tokens (attended to), 0 on padding
+    action_mask:              [B, R] 1 on tokens the model generated (the only ones losses, KL and advantages
+                              count), 0 on padding and on tokens the environment wrote; = response_mask single-turn
     logprobs, ref_logprobs:   [B, R] log pi(a_t | s_t) of the actor / frozen reference at generation time
     values:                   [B, R] critic value of the state before each response token
     scores:                   [B]    sequence reward (reward model + reward functions), before KL shaping
@@ -63,6 +66,7 @@ class Rollout(_TensorBatch):
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
+    action_mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor

@@ -200,7 +200,9 @@ class HybridEngine:
         """Call after every optimizer step: the next rollout re-copies the weights."""
         self.version += 1
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where the actor's parameters (and so the rollout's tensors) live."""
         for p in self.module.parameters():
             return p.device
         return torch.device("cpu")
@@ -218,7 +220,7 @@ class HybridEngine:
             return self.base
         if self._copy is None:
             dtype = self.inference_dtype or next(self.base.parameters()).dtype
-            self._copy = InferenceCopy(self.base, dtype, self._device(), self.pack_weights)
+            self._copy = InferenceCopy(self.base, dtype, self.device, self.pack_weights)
         if not self._copy.loaded or self._copy_version != self.version:
             with self._gathered():
                 self._copy.refresh(self.base)

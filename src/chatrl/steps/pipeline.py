@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatrl.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
+from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
+from chatrl.config_rl import PPOConfig
 from chatrl.configbase import deep_merge, load_config
 from chatrl.errors import ChatrlError
 
@@ -85,8 +86,8 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, steps: list[int], force: bool = False) -> Path:
-    from chatrl.steps.ppo import run_ppo
     from chatrl.steps.reward import run_reward
+    from chatrl.steps.rl import run_ppo
     from chatrl.steps.sft import run_sft
 
     plan = build_plan(cfg)

@@ -1,0 +1,266 @@
+"""Configs of the online RL steps (`chatrl ppo`, `chatrl grpo`): the sections they share are declared once in
+`RLStepConfig`; each step adds its own options section. The batch arithmetic lives in `RLStepConfig.batch_plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from chatrl.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from chatrl.algorithms.losses import LOSS_AGGREGATIONS
+from chatrl.config import (
+    CheckpointConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    check_common,
+)
+from chatrl.configbase import opt, sub
+from chatrl.errors import ChatrlError
+
+
+@dataclass
+class RewardSourceConfig:
+    """Where the sequence reward comes from: a reward model, Python functions, the environment, or a sum."""
+
+    model: Optional[str] = opt(None, "reward-model folder (from `chatrl reward`); None = no reward model")
+    model_weight: float = opt(1.0, "weight of the reward-model score in the sum")
+    functions: list[str] = opt([], "reward functions: built-in names (answer_match, format_check, length_penalty) or "
+                                 "'pkg.module:fn' / 'file.py:fn': fn(prompts, responses, **columns) -> floats; "
+                                 "columns it names are passed: reference, response_ids, conversation, and the "
+                                 "dataset's / environment's extras")
+    function_weights: list[float] = opt([], "weight per function (empty = all 1.0)")
+    clip: Optional[float] = opt(5.0, "clip the summed score to [-clip, clip] before adding it (None = no clip)")
+    eos_penalty: float = opt(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reward model")
+    offload: bool = opt(False, "keep the reward model in CPU memory, moved to the accelerator only to score")
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy (a copy of the initial actor) for the KL penalty."""
+
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reference model")
+    offload: bool = opt(False, "keep the reference in CPU memory, moved to the accelerator only to score")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation with the Hybrid Engine (the actor switched to its inference layout)."""
+
+    prompts_per_rollout: int = opt(16, "prompts (episodes' tasks) per iteration, over all processes")
+    samples_per_prompt: int = opt(1, "responses (episodes) sampled per prompt: the group size G")
+    max_new_tokens: int = opt(64, "max tokens of one assistant turn")
+    min_new_tokens: int = opt(1, "EOS is blocked before this many tokens")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    inference_dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the actor's inference copy")
+    release_memory: bool = opt(True, "free the inference copy after each rollout (bounded peak memory)")
+    compile: bool = opt(False, "torch.compile the decode step (Llama-architecture actors): ~1.3-1.5x faster "
+                               "rollouts on CPU after a one-time ~45 s compilation per process (bench/README.md)")
+
+
+@dataclass
+class EnvConfig:
+    """The environment the actor plays episodes in (Gymnasium API; README: Environments)."""
+
+    name: str = opt("chat", "built-in (chat = prompts of the data section, arithmetic, math, guess_number) or "
+                            "'pkg.module:Class' / 'path/to/file.py:Class' (a gymnasium.Env)")
+    kwargs: dict = opt({}, "keyword arguments of the environment's constructor")
+    max_turns: int = opt(1, "most assistant turns per episode (the environment may end it sooner)")
+    gamma: float = opt(1.0, "discount per turn: the episode return is sum_k gamma^k r_k")
+    max_context: int = opt(1024, "most tokens of a whole conversation; an episode that would exceed it is "
+                                 "truncated (and counted)")
+
+
+@dataclass
+class PolicyOptions:
+    """Hyper-parameters of the policy update shared by PPO and GRPO (the math lives in chatrl.algorithms)."""
+
+    iterations: int = opt(20, "iterations (rollout + update)")
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+        "gae", "advantage estimator (all but gae skip the critic)")
+    ppo_epochs: int = opt(1, "passes over each rollout")
+    mini_batches: int = opt(1, "mini-batches per rollout (one optimizer step each, per epoch)")
+    micro_batch_size: int = opt(4, "sequences per process per forward; grad accumulation is derived")
+    clip_eps: float = opt(0.2, "policy ratio clip epsilon (the lower one when clip_eps_high is set)")
+    clip_eps_high: Optional[float] = opt(None, "upper ratio clip (DAPO clip-higher, e.g. 0.28); None = clip_eps")
+    importance_sampling_level: Literal["token", "sequence"] = opt(
+        "token", "token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio (use small clip "
+                 "eps, e.g. 3e-4 / 4e-4)")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = opt(
+        "token_mean", "token_mean (DAPO), seq_mean_token_mean (original GRPO), seq_mean_token_sum_norm "
+                      "(Dr. GRPO: token sums / a constant max length)")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    gamma: float = opt(1.0, "discount per token (GAE, REINFORCE++ returns)")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt("k1", "per-token KL estimator")
+    kl_coef: float = opt(0.05, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
+    kl_in: Literal["reward", "loss"] = opt("reward", "where the KL goes: -beta * kl_t in the token rewards, or "
+                                                     "beta * agg(kl_t) added to the policy loss (GRPO)")
+    overlong_buffer: int = opt(0, "DAPO soft overlong penalty: the last N tokens before max_new_tokens ramp the "
+                                  "penalty up to overlong_penalty (0 = off)")
+    overlong_penalty: float = opt(1.0, "the overlong penalty at max_new_tokens")
+    mask_truncated: bool = opt(False, "leave responses cut at max_new_tokens (no EOS) out of the loss (DAPO)")
+    dynamic_sampling: bool = opt(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and sample "
+                                        "more prompts until the rollout is full")
+    max_sampling_rounds: int = opt(4, "cap of rollout rounds per iteration for dynamic sampling; a batch still not "
+                                      "full is filled with dropped groups (advantage 0), counted in the logs")
+    save_every: int = opt(0, "save the actor's HF folder every N iterations (0 = end only)")
+
+
+@dataclass
+class PPOOptions(PolicyOptions):
+    """PPO: the policy options plus the critic's, the adaptive KL controller, EMA and the ptx loss."""
+
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+        "gae", "advantage estimator (all but gae skip the critic)")
+    value_clip_eps: Optional[float] = opt(0.2, "value clip epsilon (None = unclipped)")
+    lam: float = opt(0.95, "GAE lambda")
+    whiten_advantages: bool = opt(True, "normalise GAE advantages over the rollout of all ranks (group-relative and "
+                                        "REINFORCE++ advantages are already normalised: never whitened again)")
+    kl_target: Optional[float] = opt(None, "adaptive KL: target KL per sequence (None = fixed beta)")
+    kl_horizon: float = opt(10000.0, "adaptive KL horizon in samples")
+    ema_decay: float = opt(0.0, "EMA of actor weights (0 = off, e.g. 0.992)")
+    ptx_coef: float = opt(0.0, "weight of an LM loss on SFT data mixed into the actor loss (0 = off)")
+
+
+@dataclass
+class GRPOOptions(PolicyOptions):
+    """GRPO family: critic-free, group-relative advantages over G samples per prompt."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+        "grpo", "grpo (group mean/std), dr_grpo (no std), rloo (leave-one-out), reinforce_pp (whitened returns)")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt("k3", "per-token KL estimator (k3 = low-variance KL)")
+    kl_coef: float = opt(0.0, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
+    kl_in: Literal["reward", "loss"] = opt("loss", "where the KL goes: the policy loss (GRPO) or the rewards")
+
+
+@dataclass
+class BatchPlan:
+    """The batch arithmetic of one iteration (all counts are sequences)."""
+
+    rollout: int      # prompts_per_rollout * samples_per_prompt, all processes together
+    per_process: int  # rollout / world
+    mini_batch: int   # rollout / mini_batches: one optimizer step
+    grad_accum: int   # mini_batch / (micro_batch_size * world): micro-batches per step per process
+    world: int
+
+
+@dataclass
+class RLStepConfig:
+    """Sections shared by the online RL steps."""
+
+    output_dir: str = opt("runs/rl", "where checkpoints, metrics and the final actor folder go")
+    seed: int = opt(42, "seed for sampling, shuffling and dropout")
+    actor: ModelConfig = sub(ModelConfig)
+    reward: RewardSourceConfig = sub(RewardSourceConfig)
+    reference: ReferenceConfig = sub(ReferenceConfig)
+    data: DataConfig = sub(DataConfig)
+    env: EnvConfig = sub(EnvConfig)
+    rollout: RolloutConfig = sub(RolloutConfig)
+    actor_optim: OptimConfig = sub(OptimConfig)
+    deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
+    logging: LoggingConfig = sub(LoggingConfig)
+    checkpoint: CheckpointConfig = sub(CheckpointConfig)
+
+    @property
+    def policy(self) -> PolicyOptions:
+        """The step's options section (ppo or grpo)."""
+        raise NotImplementedError
+
+    def batch_plan(self, world: int) -> BatchPlan:
+        """The batch arithmetic in one place:
+
+        rollout      = prompts_per_rollout * samples_per_prompt          (all processes together)
+        per_process  = rollout / world                                    (generated by each process)
+        mini_batch   = rollout / mini_batches                             (one optimizer step)
+        grad_accum   = mini_batch / (micro_batch_size * world)            (micro-batches per step per process)
+        """
+        r, p = self.rollout, self.policy
+        rollout = r.prompts_per_rollout * r.samples_per_prompt
+        problems = []
+        if r.prompts_per_rollout % world:
+            problems.append(f"rollout.prompts_per_rollout={r.prompts_per_rollout} is not divisible by {world} processes")
+        if rollout % p.mini_batches:
+            problems.append(f"rollout size {rollout} (= {r.prompts_per_rollout} prompts x {r.samples_per_prompt} "
+                            f"samples) is not divisible by mini_batches={p.mini_batches}")
+        mini = rollout // max(p.mini_batches, 1)
+        if mini % (p.micro_batch_size * world) or mini == 0:
+            problems.append(f"mini-batch {mini} (= rollout {rollout} / {p.mini_batches} mini-batches) is not a "
+                            f"multiple of micro_batch_size {p.micro_batch_size} x {world} processes")
+        if problems:
+            raise ChatrlError("impossible batch sizes: " + "; ".join(problems) +
+                              ". Adjust rollout.prompts_per_rollout, mini_batches or micro_batch_size.")
+        return BatchPlan(rollout=rollout, per_process=rollout // world, mini_batch=mini,
+                         grad_accum=mini // (p.micro_batch_size * world), world=world)
+
+    def needs_reference(self) -> bool:
+        return self.policy.kl_coef > 0
+
+    def check(self) -> None:
+        check_common(self.actor, self.deepspeed, self.actor_optim)
+        p, r = self.policy, self.rollout
+        if self.reward.function_weights and len(self.reward.function_weights) != len(self.reward.functions):
+            raise ChatrlError(f"reward.function_weights has {len(self.reward.function_weights)} entries but "
+                              f"reward.functions has {len(self.reward.functions)}; give one weight per function")
+        estimator = ADVANTAGE_ESTIMATORS[p.advantage]
+        if r.samples_per_prompt < estimator.min_group_size:
+            raise ChatrlError(f"advantage={p.advantage} needs rollout.samples_per_prompt >= "
+                              f"{estimator.min_group_size} (groups per prompt)")
+        if p.dynamic_sampling and r.samples_per_prompt < 2:
+            raise ChatrlError("dynamic_sampling needs rollout.samples_per_prompt >= 2 (it drops tied groups)")
+        if r.min_new_tokens > r.max_new_tokens:
+            raise ChatrlError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
+        if p.overlong_buffer < 0 or p.overlong_buffer > r.max_new_tokens:
+            raise ChatrlError(f"overlong_buffer={p.overlong_buffer} must be in 0..rollout.max_new_tokens")
+        if self.env.max_turns < 1 or self.env.max_context <= r.max_new_tokens:
+            raise ChatrlError("env.max_turns must be >= 1 and env.max_context > rollout.max_new_tokens")
+        assert p.loss_agg in LOSS_AGGREGATIONS
+        self.batch_plan(1)
+
+
+@dataclass
+class PPOConfig(RLStepConfig):
+    """Step 3: RLHF with PPO. Actor from the SFT model, critic from the reward model, frozen reference."""
+
+    output_dir: str = opt("runs/ppo", "where checkpoints, metrics and the final actor/critic folders go")
+    critic: ModelConfig = sub(ModelConfig, name_or_path="")  # "" = start from reward.model
+    critic_optim: OptimConfig = sub(OptimConfig)
+    ppo: PPOOptions = sub(PPOOptions)
+
+    @property
+    def policy(self) -> PPOOptions:
+        return self.ppo
+
+    def needs_critic(self) -> bool:
+        return ADVANTAGE_ESTIMATORS[self.ppo.advantage].needs_critic
+
+    def check(self) -> None:
+        super().check()
+        if self.needs_critic():
+            check_common(self.critic, self.deepspeed, self.critic_optim)
+        if self.reward.model is None and not self.reward.functions and self.env.name == "chat":
+            raise ChatrlError("PPO needs a reward: set reward.model=PATH and/or reward.functions=[pkg.mod:fn], "
+                              "or an environment that gives rewards (env.name)")
+
+
+@dataclass
+class GRPOConfig(RLStepConfig):
+    """Critic-free RL from checkable rewards (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO, GSPO) in an environment."""
+
+    output_dir: str = opt("runs/grpo", "where checkpoints, metrics and the final actor folder go")
+    grpo: GRPOOptions = sub(GRPOOptions)
+
+    @property
+    def policy(self) -> GRPOOptions:
+        return self.grpo
+
+    def check(self) -> None:
+        super().check()
+        if self.reward.model is None and not self.reward.functions and self.env.name == "chat":
+            raise ChatrlError("env.name=chat gives no reward itself: set reward.model=PATH and/or "
+                              "reward.functions=[...], or choose an environment (env.name=arithmetic)")

@@ -1,0 +1,207 @@
+"""Episodes in text environments: the actor (served by the Hybrid Engine) plays every episode of a rollout
+turn by turn, all unfinished episodes of a turn decoded together in one batch.
+
+One episode, as tokens: the first observation rendered with the chat template (the PROMPT, not trained on),
+then for each turn the model's reply tokens exactly as sampled (ACTIONS: mask 1) followed by the tokens that
+close the turn and carry the environment's messages up to the next generation prompt (mask 0: the environment
+wrote them). So the sequence the update scores is exactly the one the model generated from. Per-turn rewards are
+kept with the column of the token that ended the turn (the advantage code places them there).
+
+An episode ends when the environment says terminated or truncated, after `max_turns` replies, or when the
+conversation would exceed `max_context` tokens (truncated, counted as `context_truncated`).
+Bad environment output (wrong types, NaN rewards, exceptions) stops the run with a one-line `ChatrlError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import gymnasium
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
+
+from chatrl.data.templates import render
+from chatrl.data.tokenize import encode_prompt
+from chatrl.data.types import Message
+from chatrl.envs.base import call_env, validate_reset, validate_step
+from chatrl.errors import ChatrlError
+from chatrl.rollout.hybrid import HybridEngine
+from chatrl.rollout.sampling import GenerationSettings
+
+
+@dataclass(frozen=True)
+class Task:
+    """Which problem an episode plays: `task` picks it within `split`; `seed` seeds the env's other randomness."""
+
+    split: str
+    task: int
+    seed: int
+
+
+@dataclass
+class EpisodeBatch:
+    """Finished episodes as per-row lists (rows of several rounds can be concatenated before tensors are built).
+    Columns index the response region: everything after the first observation's prompt."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)      # first observation + generation prompt
+    response_ids: list[list[int]] = field(default_factory=list)    # model turns and environment messages
+    action_mask: list[list[int]] = field(default_factory=list)     # 1 on tokens the model generated
+    turn_ends: list[list[int]] = field(default_factory=list)       # column of each turn's last generated token
+    turn_rewards: list[list[float]] = field(default_factory=list)  # the environment's reward per turn
+    last_reply_ids: list[list[int]] = field(default_factory=list)  # the final turn's generated tokens
+    last_reply_eos: list[bool] = field(default_factory=list)       # the final turn ended with EOS
+    prompts: list[list[Message]] = field(default_factory=list)     # the first observation
+    conversations: list[list[Message]] = field(default_factory=list)
+    infos: list[dict] = field(default_factory=list)                # the environment's last info
+    success: list[bool] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)            # ended by truncation (env, turns or context)
+    context_truncated: list[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __add__(self, other: EpisodeBatch) -> EpisodeBatch:
+        return EpisodeBatch(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def select(self, rows: Sequence[int]) -> EpisodeBatch:
+        return EpisodeBatch(**{f.name: [getattr(self, f.name)[i] for i in rows] for f in fields(self)})
+
+    @property
+    def replies(self) -> list[str]:
+        """The final assistant reply of each episode (what single-turn reward functions score)."""
+        return [next((m["content"] for m in reversed(c) if m["role"] == "assistant"), "") for c in self.conversations]
+
+
+@dataclass
+class _Episode:
+    env: gymnasium.Env
+    prompt: list[Message]
+    prompt_ids: list[int]
+    conversation: list[Message]
+    response: list[int] = field(default_factory=list)
+    actions: list[int] = field(default_factory=list)
+    turn_ends: list[int] = field(default_factory=list)
+    turn_rewards: list[float] = field(default_factory=list)
+    last_reply: list[int] = field(default_factory=list)
+    last_eos: bool = False
+    info: dict = field(default_factory=dict)
+    done: bool = False
+    truncated: bool = False
+    context_truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response)
+
+
+def continuation_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[Message], reply: str, ended_with_eos: bool,
+                     new_messages: list[Message]) -> list[int]:
+    """Tokens between a reply (as generated) and the next generation prompt: the end of the assistant turn (unless
+    the reply's own EOS token already closed it), the environment's messages, the next generation prompt.
+
+    Found by rendering the conversation with and without the new messages: the template must render a
+    conversation as an extension of its earlier turns (true of ChatML, Llama and the fallback template)."""
+    before = render(tokenizer, conversation, add_generation_prompt=True) + reply
+    after = render(tokenizer, [*conversation, {"role": "assistant", "content": reply}, *new_messages],
+                   add_generation_prompt=True)
+    if not after.startswith(before):
+        raise ChatrlError("multi-turn episodes need a chat template that renders a conversation as an extension of "
+                          "its earlier turns; this tokenizer's template re-renders them (e.g. drops earlier "
+                          "reasoning): use env.max_turns=1 or another template")
+    glue = after[len(before):]
+    eos = tokenizer.eos_token or ""
+    if ended_with_eos and eos and glue.startswith(eos):
+        glue = glue[len(eos):]
+    return tokenizer(glue, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _others_active(local: bool) -> bool:
+    """Under synced decoding (ZeRO-3) every rank must run the same number of decode calls: is any rank active?"""
+    flag = torch.tensor([1 if local else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def run_episodes(hybrid: HybridEngine, tokenizer: PreTrainedTokenizerBase, envs: Sequence[gymnasium.Env],
+                 env_name: str, tasks: Sequence[Task], settings: GenerationSettings, *, max_turns: int,
+                 max_prompt_tokens: int, max_context: int) -> EpisodeBatch:
+    """Play one episode per (env, task) pair, decoding each turn's replies for all unfinished episodes in one
+    batch inside one inference layout of the Hybrid Engine (the weights are copied once for all turns)."""
+    if len(envs) < len(tasks):
+        raise ValueError(f"{len(tasks)} tasks but only {len(envs)} environment instances")
+    device = hybrid.device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    episodes = []
+    for env, task in zip(envs, tasks, strict=False):
+        first, info = validate_reset(env_name, call_env(env_name, "reset()", env.reset, seed=task.seed,
+                                                        options={"split": task.split, "task": task.task}))
+        ids = encode_prompt(tokenizer, first, max_prompt_tokens) or []
+        episodes.append(_Episode(env=env, prompt=list(first), prompt_ids=ids, conversation=list(first), info=info))
+    synced = hybrid.zero3 and dist.is_initialized() and dist.get_world_size() > 1
+    base_seed = settings.seed
+    with hybrid.inference_mode():
+        for turn in range(max_turns):
+            for ep in episodes:  # a reply that cannot fit any more ends the episode before decoding
+                if not ep.done and ep.length + settings.max_new_tokens > max_context:
+                    ep.done = ep.truncated = ep.context_truncated = True
+            active = [ep for ep in episodes if not ep.done]
+            if synced and not _others_active(bool(active)):
+                break
+            if not synced and not active:
+                break
+            if base_seed is not None:
+                settings.seed = base_seed + turn * 1_000_003
+            rows = [ep.prompt_ids + ep.response for ep in active] or [[pad_id]]  # a dummy row keeps ranks in step
+            ids, mask = _left_pad(rows, pad_id, device)
+            out_ids, out_mask = hybrid.generate(ids, mask, settings, eos_token_id=eos_id, pad_token_id=pad_id,
+                                                synced=synced)
+            for ep, gen, n in zip(active, out_ids.tolist(), out_mask.sum(-1).tolist(), strict=False):
+                _take_turn(ep, gen[:n], tokenizer, env_name, eos_id, last_turn=turn == max_turns - 1)
+    settings.seed = base_seed
+    return _collect(episodes)
+
+
+def _take_turn(ep: _Episode, reply_ids: list[int], tokenizer: PreTrainedTokenizerBase, env_name: str, eos_id: int,
+               last_turn: bool) -> None:
+    """Append one generated reply, step the environment with its text, append the environment's answer."""
+    ended = bool(reply_ids) and reply_ids[-1] == eos_id
+    reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
+    ep.response += reply_ids
+    ep.actions += [1] * len(reply_ids)
+    ep.turn_ends.append(max(len(ep.response) - 1, 0))
+    ep.last_reply, ep.last_eos = reply_ids, ended
+    result = validate_step(env_name, call_env(env_name, "step()", ep.env.step, reply))
+    ep.turn_rewards.append(result.reward)
+    ep.info = result.info
+    before = list(ep.conversation)
+    ep.conversation += [{"role": "assistant", "content": reply}, *result.messages]
+    if result.terminated or result.truncated or last_turn:
+        ep.done = True
+        ep.truncated = not result.terminated
+        return
+    glue = continuation_ids(tokenizer, before, reply, ended, result.messages)
+    ep.response += glue
+    ep.actions += [0] * len(glue)
+
+
+def _collect(episodes: list[_Episode]) -> EpisodeBatch:
+    return EpisodeBatch(
+        prompt_ids=[ep.prompt_ids for ep in episodes], response_ids=[ep.response for ep in episodes],
+        action_mask=[ep.actions for ep in episodes], turn_ends=[ep.turn_ends for ep in episodes],
+        turn_rewards=[ep.turn_rewards for ep in episodes], last_reply_ids=[ep.last_reply for ep in episodes],
+        last_reply_eos=[ep.last_eos for ep in episodes], prompts=[ep.prompt for ep in episodes],
+        conversations=[ep.conversation for ep in episodes], infos=[ep.info for ep in episodes],
+        success=[bool(ep.info.get("success", sum(ep.turn_rewards) > 0)) for ep in episodes],
+        truncated=[ep.truncated for ep in episodes], context_truncated=[ep.context_truncated for ep in episodes])

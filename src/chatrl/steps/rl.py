@@ -1,0 +1,286 @@
+"""Online RL: `chatrl ppo` and `chatrl grpo`. One iteration = the numbered steps in `run_rl`; the math is in
+`chatrl.algorithms`, episodes in `chatrl.rollout.episodes`, rewards and log-probs in `rl_experience`, the update
+in `rl_update`, model set-up in `rl_models`. PPO and GRPO differ only in their options (critic or not, where the
+KL goes, the advantage estimator), not in their loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from chatrl.algorithms.advantages import compute_advantages
+from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
+from chatrl.algorithms.kl import kl_penalty
+from chatrl.algorithms.masked import masked_count, masked_sum
+from chatrl.algorithms.rewards import shape_rewards
+from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, PPOOptions, RLStepConfig
+from chatrl.engine import checkpoint as ckpt
+from chatrl.log import MetricsLogger
+from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
+from chatrl.rollout.sampling import GenerationSettings
+from chatrl.steps.common import start_step
+from chatrl.steps.rl_experience import EpisodeScores, episode_tensors, score_episodes, score_rollout
+from chatrl.steps.rl_models import RLModels, build_models, save_models
+from chatrl.steps.rl_update import Experience, policy_update
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased var) of the counted entries of x over ALL ranks' batches (sums all-reduced), so every rank
+    whitens with the same statistics."""
+    x = x.float()
+    sums = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), masked_count(x, mask)])
+    if _distributed():
+        dist.all_reduce(sums)
+    total, squares, n = sums
+    mean = total / n.clamp(min=1)
+    return mean, (squares - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
+
+
+def global_mean(value: float) -> float:
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- steps 1-2: episodes and rewards
+
+
+@dataclass
+class Scored:
+    """Episodes with their rewards (per-row lists/tensors, so rows of several rounds can be joined)."""
+
+    episodes: EpisodeBatch
+    score: torch.Tensor
+    outcome: torch.Tensor
+    has_eos: torch.Tensor
+    by_function: dict[str, torch.Tensor]
+    rm_score: torch.Tensor | None
+
+    @classmethod
+    def of(cls, episodes: EpisodeBatch, s: EpisodeScores) -> Scored:
+        return cls(episodes, s.score, s.outcome, s.has_eos, s.by_function, s.rm_score)
+
+    def select(self, rows: list[int]) -> Scored:
+        idx = torch.tensor(rows, dtype=torch.long)
+        return Scored(self.episodes.select(rows), self.score[idx], self.outcome[idx], self.has_eos[idx],
+                      {k: v[idx] for k, v in self.by_function.items()},
+                      None if self.rm_score is None else self.rm_score[idx])
+
+    def __add__(self, other: Scored) -> Scored:
+        return Scored(self.episodes + other.episodes, torch.cat([self.score, other.score]),
+                      torch.cat([self.outcome, other.outcome]), torch.cat([self.has_eos, other.has_eos]),
+                      {k: torch.cat([v, other.by_function[k]]) for k, v in self.by_function.items()},
+                      None if self.rm_score is None else torch.cat([self.rm_score, other.rm_score]))
+
+
+def tasks_for(first_prompt: int, cfg: RLStepConfig, rank: int, world: int) -> list[Task]:
+    """This rank's share of prompts first_prompt .. first_prompt + prompts_per_rollout, each repeated G times
+    (the G samples of a group play the same task)."""
+    prompts = range(first_prompt, first_prompt + cfg.rollout.prompts_per_rollout)[rank::world]
+    return [Task("train", p, cfg.seed * 1_000_003 + p) for p in prompts for _ in range(cfg.rollout.samples_per_prompt)]
+
+
+def play_and_score(m: RLModels, cfg: RLStepConfig, first_prompt: int, settings: GenerationSettings,
+                   rank: int, world: int) -> Scored:
+    """One round: episodes of prompts_per_rollout tasks x G samples, then their rewards."""
+    r, p = cfg.rollout, cfg.policy
+    episodes = run_episodes(m.hybrid, m.tokenizer, m.envs, cfg.env.name, tasks_for(first_prompt, cfg, rank, world),
+                            settings, max_turns=cfg.env.max_turns, max_prompt_tokens=cfg.data.max_prompt_length,
+                            max_context=cfg.env.max_context)
+    tensors = episode_tensors(episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
+    return Scored.of(episodes, score_episodes(episodes, tensors, m.functions, m.reward_model,
+                                              model_weight=cfg.reward.model_weight,
+                                              eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
+                                              overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens))
+
+
+def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSettings, rank: int,
+            world: int) -> tuple[Scored, int, dict[str, float]]:
+    """Steps 1-2 with DAPO's dynamic sampling: rounds of episodes until the rollout holds only groups whose
+    rewards differ (at most max_sampling_rounds rounds; a batch still short is filled with tied groups, whose
+    advantage is 0). Returns the scored rollout, the new prompt cursor and the sampling counts."""
+    p, g = cfg.policy, cfg.rollout.samples_per_prompt
+    wanted = len(m.envs) // g  # groups on this process
+    kept: Scored | None = None
+    spare: list[Scored] = []
+    seed, dropped, rounds = settings.seed, 0, 0
+    while True:
+        settings.seed = None if seed is None else seed + rounds * 7919
+        scored = play_and_score(m, cfg, cursor, settings, rank, world)
+        cursor += cfg.rollout.prompts_per_rollout
+        rounds += 1
+        if not p.dynamic_sampling:
+            kept = scored
+            break
+        groups = scored.outcome.reshape(-1, g)
+        varied = (groups.max(dim=1).values > groups.min(dim=1).values).tolist()
+        rows = [i for k, ok in enumerate(varied) if ok for i in range(k * g, (k + 1) * g)]
+        dropped += varied.count(False)
+        if rows:
+            kept = scored.select(rows) if kept is None else kept + scored.select(rows)
+        spare.append(scored.select([i for k, ok in enumerate(varied) if not ok for i in range(k * g, (k + 1) * g)]))
+        full = kept is not None and len(kept.episodes) >= wanted * g
+        if not any_rank(not full) or rounds >= p.max_sampling_rounds:
+            break
+    settings.seed = seed
+    for extra in spare:  # the cap was reached: tied groups (advantage 0) fill the rest of the batch
+        if kept is not None and len(kept.episodes) >= wanted * g:
+            break
+        kept = extra if kept is None else kept + extra
+    assert kept is not None
+    kept = kept.select(list(range(wanted * g)))
+    tied = sum(not _varied(kept.outcome[k * g:(k + 1) * g]) for k in range(wanted)) if p.dynamic_sampling else 0
+    return kept, cursor, {"sampling_rounds": rounds, "groups_dropped": dropped, "groups_tied_in_batch": tied}
+
+
+def _varied(x: torch.Tensor) -> bool:
+    return bool(x.max() > x.min())
+
+
+# ----------------------------------------------------------------------------- steps 3-4: log-probs, rewards, advantages
+
+
+def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
+                    times: dict[str, float]) -> Experience:
+    """Log-probs (models in eval mode), KL, token rewards and advantages of a scored rollout."""
+    p, g = cfg.policy, cfg.rollout.samples_per_prompt
+    t0 = time.perf_counter()
+    tensors = episode_tensors(scored.episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
+    m.eval_mode()
+    try:
+        rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, tensors=tensors,
+                                scores=scored.score, temperature=cfg.rollout.temperature)
+    finally:
+        m.train_mode()
+    times["score"] = times.get("score", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # 3. rewards: the score at the last generated token, per-turn env rewards, -beta * kl_t if the KL is a reward
+    mask = rollout.action_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, p.kl_estimator) * mask
+    reward_beta = beta if p.kl_in == "reward" and m.reference is not None else 0.0
+    rewards = shape_rewards(rollout.scores, kl, mask, reward_beta, cfg.reward.clip) + tensors.env_rewards
+    # 4. advantages (GAE over generated tokens, or group-relative over episode returns); whitening across ranks
+    adv, returns = compute_advantages(p.advantage, rewards, rollout.values if m.critic is not None else None, mask,
+                                      gamma=p.gamma, lam=p.lam if isinstance(p, PPOOptions) else 1.0, group_size=g,
+                                      whiten=isinstance(p, PPOOptions) and p.whiten_advantages,
+                                      moments=global_moments)
+    if p.mask_truncated:  # replies cut at max_new_tokens stay in their group's baseline but out of the loss
+        keep = scored.has_eos.to(mask.dtype).unsqueeze(1)
+        rollout.action_mask = mask * keep
+        adv = adv * keep
+    times["rewards"] = time.perf_counter() - t0
+    return Experience(rollout, kl, adv, returns)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], sampling: dict[str, float],
+                      times: dict[str, float], beta: float, world: int, g: int) -> dict[str, float]:
+    """Step 6: one row of metrics.jsonl (means over this process's rollout)."""
+    ep = scored.episodes
+    lengths = exp.rollout.response_mask.new_tensor([sum(a) for a in ep.action_mask])
+    groups = scored.outcome.reshape(-1, g) if len(scored.outcome) % g == 0 else scored.outcome.reshape(1, -1)
+    seq_kl = exp.kl.sum(-1).mean().item()
+    out = {"reward_mean": scored.outcome.mean().item(),
+           "reward_std": scored.outcome.std().item() if len(scored.outcome) > 1 else 0.0,
+           "success_rate": sum(ep.success) / len(ep), "env_return": sum(map(sum, ep.turn_rewards)) / len(ep),
+           "zero_variance_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+           "kl": seq_kl, "kl_coef": beta, "response_length": lengths.mean().item(),
+           "eos_rate": scored.has_eos.float().mean().item(), "truncation_rate": 1 - scored.has_eos.float().mean().item(),
+           "context_truncated": sum(ep.context_truncated), "turns": sum(map(len, ep.turn_rewards)) / len(ep),
+           "empty_responses": int((lengths == 0).sum()),
+           "advantage_mean": (masked_sum(exp.advantages, exp.rollout.action_mask)
+                              / masked_count(exp.advantages, exp.rollout.action_mask).clamp(min=1)).item(),
+           **{f"reward_fn/{k}": v.mean().item() for k, v in scored.by_function.items()},
+           **stats, **sampling, **{f"time_{k}": v for k, v in times.items()},
+           "generate_tokens_per_s": lengths.sum().item() * world / max(times["generate"], 1e-9)}
+    if scored.rm_score is not None:
+        out["rm_score_raw"] = scored.rm_score.mean().item()
+    return out
+
+
+def run_rl(cfg: RLStepConfig, name: str) -> Path:
+    """Train the actor; saves `<output_dir>/actor` (chat-ready HF folder), and `critic` when there is one."""
+    ctx = start_step(cfg, name, model_cfg=cfg.actor)
+    plan: BatchPlan = cfg.batch_plan(ctx.world)
+    m = build_models(cfg, ctx, plan)
+    p, r = cfg.policy, cfg.rollout
+    adaptive = isinstance(p, PPOOptions) and p.kl_target
+    kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if adaptive else FixedKLController(p.kl_coef)
+    start, cursor = 0, 0
+    resume_from = ckpt.find_resume_point(cfg.output_dir, cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, m.engines())
+        start = state["step"]
+        cursor = state.get("prompt_cursor", start * r.prompts_per_rollout)
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        if m.ema is not None:  # the EMA continues where it was, not from the restored actor
+            m.ema.weights = ckpt.load_checkpoint_tensors(resume_from, "ema") or m.ema.weights
+        m.hybrid.mark_weights_updated()
+    log = MetricsLogger(cfg.output_dir, rank=ctx.rank, total_steps=p.iterations, start_step=start,
+                        tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc=name)
+    settings = GenerationSettings(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, do_sample=True,
+                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    for it in range(start, p.iterations):
+        times: dict[str, float] = {}
+        settings.seed = cfg.seed * 100003 + it * 101 + ctx.rank
+        # 1-2. episodes with the Hybrid Engine (all unfinished episodes of a turn in one batch), then rewards:
+        #      environment, reward functions, reward model; dynamic sampling drops tied groups
+        t0 = time.perf_counter()
+        scored, cursor, sampling = collect(m, cfg, cursor, settings, ctx.rank, ctx.world)
+        times["generate"] = time.perf_counter() - t0
+        # 3-4. log-probs (actor, reference, critic), KL, token rewards, advantages
+        exp = make_experience(m, cfg, scored, kl_ctl.value, times)
+        # 5. policy (and critic) update over mini-batches, then the Hybrid Engine's copy is marked stale
+        t0 = time.perf_counter()
+        stats = policy_update(m, exp, cfg, plan)
+        m.after_optimizer_steps()
+        times["train"] = time.perf_counter() - t0
+        kl_ctl.update(global_mean(exp.kl.sum(-1).mean().item()), plan.rollout)  # the same beta on every rank
+        # 6. log rewards, success, KL, lengths, losses, clip fractions, sampling counts, phase times
+        metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
+                                    r.samples_per_prompt)
+        log.log(it + 1, metrics)
+        log.advance(1, reward=metrics["reward_mean"], kl=metrics["kl"], len=metrics["response_length"],
+                    gen_tok_s=metrics["generate_tokens_per_s"])
+        done = it + 1
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == p.iterations:
+            ckpt.save_checkpoint(cfg.output_dir, done, m.engines(),
+                                 {"kl_ctl": kl_ctl.state_dict(), "prompt_cursor": cursor},
+                                 keep_last=cfg.checkpoint.keep_last,
+                                 tensors={"ema": m.ema.weights} if m.ema else None)
+        if p.save_every and done % p.save_every == 0 and done != p.iterations:
+            save_models(m, ctx, suffix=f"-iter{done:05d}")
+    log.close()
+    save_models(m, ctx)
+    return ctx.output_dir / "actor"
+
+
+def run_ppo(cfg: PPOConfig) -> Path:
+    """`chatrl ppo`: actor + critic (GAE) or a critic-free estimator, KL in the reward (fixed or adaptive)."""
+    return run_rl(cfg, "ppo")
+
+
+def run_grpo(cfg: GRPOConfig) -> Path:
+    """`chatrl grpo`: critic-free group-relative RL in an environment (GRPO, Dr. GRPO, RLOO, REINFORCE++,
+    DAPO's clip-higher / dynamic sampling / overlong shaping, GSPO)."""
+    return run_rl(cfg, "grpo")

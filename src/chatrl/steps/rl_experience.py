@@ -1,0 +1,161 @@
+"""Experience for the policy update: episodes -> rewards -> log-probs, KL, advantages.
+
+B = rollout rows on this process, P = prompt length (left padded), R = response length (right padded).
+Shared by `chatrl ppo` and `chatrl grpo` (and the benches): nothing here knows which step runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from chatrl.algorithms.losses import token_logprobs
+from chatrl.algorithms.rewards import overlong_penalty, turn_rewards
+from chatrl.batches import Rollout
+from chatrl.models.loading import last_positions
+from chatrl.models.reward import position_ids_from_mask, sequence_scores, token_values
+from chatrl.reward_functions import RewardFunctions, columns_of
+from chatrl.rollout.episodes import EpisodeBatch
+
+
+def joined(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+           response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt [B,P] + response [B,R] -> ids, mask [B, P+R] (holes only at the left and the right end)."""
+    return torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1).long()
+
+
+def response_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Logits [B, R, V] that predict each response token: positions P-1 .. P+R-2 of the joined sequence, divided
+    by the rollout's sampling temperature, so log-probs, ratios, KL and entropy are those of the distribution the
+    responses were sampled from (as TRL and veRL do). Only the last R+1 positions go through the LM head
+    (`logits_to_keep`): prompt logits are never needed."""
+    keep = ids.shape[1] - prompt_len + 1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+                logits_to_keep=last_positions(ids.shape[1], keep, ids.device))
+    logits = out.logits[:, :-1]
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log pi(a_t | s_t) [B, R] of the response tokens (fp32) at the sampling temperature."""
+    return token_logprobs(response_logits(model, ids, mask, prompt_len, temperature), ids[:, prompt_len:])
+
+
+def response_values(critic: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """V(s_t) [B, R]: the critic's value at the token before each response token (fp32)."""
+    return token_values(critic, ids, mask)[:, prompt_len - 1:-1]
+
+
+# ----------------------------------------------------------------------------- episodes -> tensors
+
+
+@dataclass
+class EpisodeTensors:
+    """An EpisodeBatch padded into tensors (see `Rollout` for the masks' meaning)."""
+
+    prompt_ids: torch.Tensor     # [B, P] left padded
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor   # [B, R] right padded
+    response_mask: torch.Tensor
+    action_mask: torch.Tensor
+    env_rewards: torch.Tensor    # [B, R] per-turn rewards on each turn's last generated token, discounted per turn
+
+
+def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torch.device) -> EpisodeTensors:
+    n = len(batch)
+    plen = max(len(p) for p in batch.prompt_ids)
+    rlen = max(1, max(len(r) for r in batch.response_ids))
+    prompt_ids = torch.full((n, plen), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, plen), dtype=torch.long)
+    response_ids = torch.full((n, rlen), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, rlen), dtype=torch.float32)
+    action_mask = torch.zeros((n, rlen), dtype=torch.float32)
+    turns = max(1, max(len(t) for t in batch.turn_rewards))
+    values, positions, valid = torch.zeros(n, turns), torch.zeros(n, turns, dtype=torch.long), torch.zeros(n, turns)
+    for i in range(n):
+        p, r, a = batch.prompt_ids[i], batch.response_ids[i], batch.action_mask[i]
+        if p:
+            prompt_ids[i, plen - len(p):] = torch.tensor(p)
+            prompt_mask[i, plen - len(p):] = 1
+        if r:
+            response_ids[i, :len(r)] = torch.tensor(r)
+            response_mask[i, :len(r)] = 1
+            action_mask[i, :len(r)] = torch.tensor(a, dtype=torch.float32)
+        k = len(batch.turn_rewards[i])
+        values[i, :k] = torch.tensor(batch.turn_rewards[i])
+        positions[i, :k] = torch.tensor(batch.turn_ends[i], dtype=torch.long)
+        valid[i, :k] = 1
+    env_rewards = turn_rewards(values, positions, valid, rlen, gamma)
+    return EpisodeTensors(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device),
+                          response_mask.to(device), action_mask.to(device), env_rewards.to(device))
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+@dataclass
+class EpisodeScores:
+    """Rewards of a batch of episodes, before any KL: `score` lands on the last generated token, `env_rewards`
+    on each turn's last token; the outcome (what group-relative estimators compare) is their sum."""
+
+    tensors: EpisodeTensors
+    score: torch.Tensor                    # [B] reward functions + reward model + penalties
+    by_function: dict[str, torch.Tensor]   # [B] each reward function's raw value
+    rm_score: torch.Tensor | None          # [B] the reward model's raw score
+    has_eos: torch.Tensor                  # [B] the final reply ended with EOS
+
+    @property
+    def outcome(self) -> torch.Tensor:
+        return self.score + self.tensors.env_rewards.sum(-1)
+
+
+@torch.no_grad()
+def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: RewardFunctions,
+                   reward_model: nn.Module | None, *, model_weight: float, eos_penalty: float,
+                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int) -> EpisodeScores:
+    """Reward functions on the final replies, the reward model at each conversation's last token, and the
+    length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length)."""
+    device = tensors.response_ids.device
+    columns = columns_of(batch.infos, response_ids=batch.last_reply_ids, conversation=batch.conversations)
+    fn = functions.score(batch.prompts, batch.replies, columns)
+    score = fn.total.to(device)
+    rm = None
+    if reward_model is not None:
+        ids, mask = joined(tensors.prompt_ids, tensors.prompt_mask, tensors.response_ids, tensors.response_mask)
+        rm = sequence_scores(reward_model, ids, mask).float()
+        score = score + model_weight * rm
+    has_eos = torch.tensor(batch.last_reply_eos, dtype=torch.bool, device=device)
+    score = score - eos_penalty * (~has_eos).float()
+    if overlong_buffer > 0:
+        lengths = torch.tensor([len(r) for r in batch.last_reply_ids], device=device)
+        score = score + overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_factor)
+    return EpisodeScores(tensors, score, fn.by_function, rm, has_eos)
+
+
+# ----------------------------------------------------------------------------- log-probs and values
+
+
+@torch.no_grad()
+def score_rollout(*, actor: nn.Module, reference: nn.Module | None, critic: nn.Module | None, tensors: EpisodeTensors,
+                  scores: torch.Tensor, temperature: float = 1.0) -> Rollout:
+    """Everything the update needs, computed once with the rollout's weights. The models must be in eval mode
+    (dropout off), so the first update's ratio is exactly 1. No reference (KL off): ref_logprobs = logprobs."""
+    t = tensors
+    ids, mask = joined(t.prompt_ids, t.prompt_mask, t.response_ids, t.response_mask)
+    plen = t.prompt_ids.shape[1]
+    logprobs = response_logprobs(actor, ids, mask, plen, temperature)
+    ref_logprobs = response_logprobs(reference, ids, mask, plen, temperature) if reference is not None else logprobs
+    values = response_values(critic, ids, mask, plen) if critic is not None else torch.zeros_like(logprobs)
+    return Rollout(prompt_ids=t.prompt_ids, prompt_mask=t.prompt_mask, response_ids=t.response_ids,
+                   response_mask=t.response_mask, action_mask=t.action_mask, logprobs=logprobs,
+                   ref_logprobs=ref_logprobs, values=values * t.action_mask, scores=scores)
+
+
+def select(rollout: Rollout, idx: torch.Tensor, **extra: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:
+    """Rows `idx` of a rollout (and of extra per-row tensors such as advantages)."""
+    fields = {k: getattr(rollout, k)[idx] for k in rollout.__dataclass_fields__}
+    return Rollout(**fields), {k: v[idx] for k, v in extra.items()}

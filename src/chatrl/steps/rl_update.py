@@ -1,0 +1,97 @@
+"""Step 5 of an RL iteration: `ppo_epochs` passes over shuffled mini-batches of the experience; DeepSpeed
+accumulates `grad_accum` micro-batches into one optimizer step per mini-batch. Shared by PPO and GRPO: the
+critic's update runs only when there is a critic, the KL term only when it sits in the loss."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chatrl.algorithms.kl import kl_loss
+from chatrl.algorithms.losses import aggregate, mean_entropy, policy_loss, token_logprobs, value_loss
+from chatrl.batches import Rollout
+from chatrl.config_rl import BatchPlan, PPOOptions, RLStepConfig
+from chatrl.steps.rl_experience import joined, response_logits, response_values
+from chatrl.steps.rl_models import RLModels
+
+
+@dataclass
+class Experience:
+    """Steps 1-4 of an iteration: the scored rollout and what the update regresses on (all [B, R])."""
+
+    rollout: Rollout
+    kl: torch.Tensor           # per-token KL estimate (0 off the actions)
+    advantages: torch.Tensor
+    returns: torch.Tensor      # the critic's targets (GAE); = advantages for critic-free estimators
+
+    def rows(self, idx: torch.Tensor) -> Experience:
+        fields = {k: getattr(self.rollout, k)[idx] for k in self.rollout.__dataclass_fields__}
+        return Experience(Rollout(**fields), self.kl[idx], self.advantages[idx], self.returns[idx])
+
+
+def _global_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPlan) -> dict[str, float]:
+    """The actor's clipped policy loss (+ KL term, entropy bonus, ptx) and the critic's value loss, averaged
+    over the micro-batches for logging."""
+    p = cfg.policy
+    n, micro = exp.rollout.response_ids.shape[0], p.micro_batch_size
+    local_mini = plan.grad_accum * micro
+    max_len = cfg.rollout.max_new_tokens * cfg.env.max_turns  # Dr. GRPO's constant L_max
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(p.ppo_epochs):
+        for mini in torch.randperm(n).split(local_mini):
+            # token_mean over the whole mini-batch (all micro-batches, all ranks), not per micro-batch
+            tokens = _global_sum(exp.rollout.action_mask[mini].sum())
+            token_denom = tokens.clamp(min=1) / (plan.grad_accum * plan.world)
+            agg = functools.partial(aggregate, mode=p.loss_agg, max_len=max_len, token_denom=token_denom)
+            for idx in mini.split(micro):
+                stats = _micro_step(m, exp.rows(idx), cfg, agg)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, agg: functools.partial) -> dict[str, float]:
+    p, r = cfg.policy, mb.rollout
+    mask, plen = r.action_mask, r.prompt_ids.shape[1]
+    ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+    # actor: clipped surrogate (+ beta * KL when it sits in the loss) - entropy bonus (+ ptx LM loss)
+    logits = response_logits(m.actor, ids, attn, plen, cfg.rollout.temperature)
+    logprobs = token_logprobs(logits, r.response_ids)
+    pg_loss, pg_stats = policy_loss(logprobs, r.logprobs, mb.advantages, mask, p.clip_eps,
+                                    clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
+                                    agg=p.loss_agg, max_len=agg.keywords["max_len"],
+                                    token_denom=agg.keywords["token_denom"])
+    entropy = mean_entropy(logits, mask)
+    loss = pg_loss - p.entropy_coef * entropy
+    stats = {"policy_loss": pg_loss.item(), "entropy": entropy.item(),
+             **{f"policy_{k}": float(v) for k, v in pg_stats.items()}}
+    if p.kl_in == "loss" and m.reference is not None:
+        kl_term = kl_loss(logprobs, r.ref_logprobs, mask, p.kl_estimator, agg=agg)
+        loss = loss + p.kl_coef * kl_term
+        stats["kl_loss"] = kl_term.item()
+    if isinstance(p, PPOOptions) and p.ptx_coef > 0 and m.ptx_batches is not None:
+        batch = next(m.ptx_batches)
+        loss = loss + p.ptx_coef * m.actor(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                           labels=batch.labels, use_cache=False).loss
+    m.actor.backward(loss)
+    m.actor.step()
+    # critic: clipped value regression to the GAE returns
+    if m.critic is not None and isinstance(p, PPOOptions):
+        values = response_values(m.critic, ids, attn, plen)
+        v_loss, v_stats = value_loss(values, r.values, mb.returns, mask, p.value_clip_eps)
+        m.critic.backward(v_loss)
+        m.critic.step()
+        stats.update(value_loss=v_loss.item(), **{f"value_{k}": float(v) for k, v in v_stats.items()})
+    return stats

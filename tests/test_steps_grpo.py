@@ -1,0 +1,81 @@
+"""`chatrl grpo` through the real CLI: an environment's reward rises without a critic, dynamic sampling fills the
+batch and counts what it dropped, bad environments stop with one line, and a killed run resumes to the same
+weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import kill_after_checkpoint, read_metrics, run_cli, same_weights, sft_word_model
+
+
+@pytest.fixture(scope="module")
+def word_sft(tmp_path_factory) -> Path:
+    return sft_word_model(tmp_path_factory.mktemp("grpo-sft"))
+
+
+def grpo_args(word_sft: Path, out: Path, *extra: str) -> list[str]:
+    return ["grpo", "--config", "configs/tiny-grpo.yaml", f"output_dir={out}", f"actor.name_or_path={word_sft}",
+            *extra]
+
+
+def test_grpo_raises_the_environment_reward(word_sft: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli(*grpo_args(word_sft, out, "grpo.advantage=rloo", "grpo.clip_eps_high=0.28",
+                              "checkpoint.every=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 20 and "value_loss" not in rows[-1]  # no critic
+    first = sum(r["reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert rows[-1]["success_rate"] > rows[0]["success_rate"]
+    for key in ("success_rate", "zero_variance_groups", "policy_clipfrac_low", "policy_clipfrac_high", "entropy",
+                "truncation_rate", "response_length", "time_generate", "time_score", "time_train"):
+        assert key in rows[-1], key
+    assert not (out / "critic").exists() and (out / "actor" / "model.safetensors").exists()
+
+
+def test_grpo_kl_in_the_loss_loads_a_reference(word_sft: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kl"
+    proc = run_cli(*grpo_args(word_sft, out, "grpo.kl_coef=0.1", "grpo.iterations=3", "checkpoint.every=0",
+                              "grpo.loss_agg=seq_mean_token_sum_norm", "grpo.importance_sampling_level=sequence"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert all("kl_loss" in r for r in rows)
+    assert abs(rows[0]["kl"]) < 1e-6 < rows[-1]["kl"]  # the rollout of step 1 comes from the reference's weights
+
+
+def test_dynamic_sampling_fills_the_batch_and_counts_drops(word_sft: Path, tmp_path: Path) -> None:
+    # TiedEvenEnv: even tasks always reward 1 (tied groups), odd ones reward the reply's length parity
+    out = tmp_path / "dyn"
+    proc = run_cli(*grpo_args(word_sft, out, "env.name=rl_envs:TiedEvenEnv", "grpo.dynamic_sampling=true",
+                              "grpo.iterations=2", "checkpoint.every=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in read_metrics(out):
+        assert row["groups_dropped"] >= 2 and row["sampling_rounds"] >= 2  # half of every round is tied
+        assert row["zero_variance_groups"] == row["groups_tied_in_batch"] / 4
+
+
+@pytest.mark.parametrize(("env", "needle"), [("rl_envs:NaNRewardEnv", "reward nan"),
+                                             ("rl_envs:RaisingEnv", "the scorer is down")])
+def test_bad_environment_stops_with_one_line(word_sft: Path, tmp_path: Path, env: str, needle: str) -> None:
+    proc = run_cli(*grpo_args(word_sft, tmp_path / "bad", f"env.name={env}", "grpo.iterations=1"))
+    assert proc.returncode == 2 and env in proc.stderr and needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_grpo_killed_and_resumed_ends_with_the_same_weights(word_sft: Path, tmp_path: Path) -> None:
+    common = ["grpo.iterations=4", "checkpoint.every=2", "grpo.dynamic_sampling=true"]
+    straight = tmp_path / "straight"
+    proc = run_cli(*grpo_args(word_sft, straight, *common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    kill_after_checkpoint(resumed, 2, grpo_args(word_sft, resumed, *common))
+    assert not (resumed / "actor").exists()
+    proc = run_cli(*grpo_args(word_sft, resumed, *common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert same_weights(straight / "actor", resumed / "actor") == []
