@@ -19,7 +19,7 @@ def teacher_forced_gap(model, decoder: CompiledDecoder, steps: int = 5) -> float
     ids, mask = left_padded()
     b, plen = ids.shape
     with decode_attention_enabled(model):
-        eager_cache, compiled_cache = make_cache(model, plen + steps), make_cache(model, plen + steps)
+        eager_cache, compiled_cache = make_cache(model, plen + steps), make_cache(model, plen + steps, zeroed=True)
         pos = _prefill_positions(mask)
         eager = _logits(model, ids, mask, pos, eager_cache)
         _logits(model, ids, mask, pos, compiled_cache)
@@ -29,7 +29,7 @@ def teacher_forced_gap(model, decoder: CompiledDecoder, steps: int = 5) -> float
             tok = eager.argmax(-1)
             eager = _logits(model, tok[:, None], full_mask[:, : plen + t + 1], nxt[:, None], eager_cache)
             got = decoder.step(weights, tok, nxt, plen + t, full_mask, compiled_cache)
-            gap = max(gap, float((eager - got).abs().max()))
+            gap = max(gap, float((eager - got).abs().max().nan_to_num(nan=float("inf"))))  # max(0.0, nan) is 0.0
             nxt = nxt + 1
     return gap
 
@@ -63,6 +63,30 @@ def test_greedy_rollout_matches_hf_and_follows_weight_updates_without_recompilin
     want = hf_greedy(model.eval(), ids, mask, NEW, eos)
     assert torch.equal(rollout(he, eos), want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs  # new weights, same graph
+
+
+def test_unwritten_cache_slots_cannot_poison_the_rollout(compiled_engine, monkeypatch):
+    """The compiled step attends over the slab's whole capacity, masking slots not written yet; uninitialised
+    memory there can hold NaN, which survives the mask (NaN - inf, 0 * NaN) and made this rollout flaky (token 0
+    from NaN logits, ~1 run in 4). Poison every slab that is not allocated zeroed: the compiled rollout must still
+    equal HF's, and so must the eager one (it reads only the written prefix)."""
+    from chatrl.rollout import decode
+
+    init = decode._SlabLayer.lazy_initialization
+
+    def poisoned(self, key_states, value_states):
+        init(self, key_states, value_states)
+        if not getattr(self, "zeroed", False):
+            self.kt_buf.fill_(float("nan"))
+            self.v_buf.fill_(float("nan"))
+
+    monkeypatch.setattr(decode._SlabLayer, "lazy_initialization", poisoned)
+    model, he = compiled_engine
+    ids, mask = left_padded()
+    eos = pick_eos(model, ids, mask, NEW)
+    want = hf_greedy(model.eval(), ids, mask, NEW, eos)
+    assert torch.equal(rollout(he, eos), want)
+    assert torch.equal(decode.generate(model, ids, mask, greedy(), eos, PAD)[0], want)
 
 
 def test_unsupported_model_falls_back_with_a_warning():

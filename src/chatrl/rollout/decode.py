@@ -17,6 +17,7 @@ Greedy decoding returns exactly the tokens of `model.generate(do_sample=False)` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -28,7 +29,7 @@ from chatrl.models.loading import last_positions
 from chatrl.rollout.compiled_decode import CompiledDecoder
 from chatrl.rollout.sampling import GenerationSettings, block_token, pick_tokens
 
-__all__ = ["GenerationSettings", "decode_attention_enabled", "generate", "response_mask_from_ids"]
+__all__ = ["GenerationSettings", "cache_kwarg", "decode_attention_enabled", "generate", "response_mask_from_ids"]
 
 DECODE_ATTENTION = "chatrl_decode"
 
@@ -84,20 +85,24 @@ class _SlabLayer(DynamicLayer):
     prefix: `query @ key^T` then reads a plain strided matrix, which bf16 matmul on CPU does ~3x faster
     than the transposed view of a [B, H, capacity, D] buffer (that one is copied to contiguous every call).
     Values are [B, H, capacity, D]. `transposed_keys=False` keeps keys [B, H, capacity, D] (what SDPA prefers:
-    its CPU kernel gives bit-identical results to transformers' own cache only with that layout)."""
+    its CPU kernel gives bit-identical results to transformers' own cache only with that layout).
+    `zeroed`: allocate the buffers filled with zeros instead of uninitialised (see `make_cache`)."""
 
-    def __init__(self, capacity: int, transposed_keys: bool = True):
+    def __init__(self, capacity: int, transposed_keys: bool = True, zeroed: bool = False):
         super().__init__()
         self.capacity = capacity
         self.transposed_keys = transposed_keys
+        self.zeroed = zeroed
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         shape = (b, h, d, self.capacity) if self.transposed_keys else (b, h, self.capacity, d)
-        self.kt_buf = key_states.new_empty(shape)
-        self.v_buf = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+        alloc = torch.zeros if self.zeroed else torch.empty
+        self.kt_buf = alloc(shape, dtype=key_states.dtype, device=key_states.device)
+        self.v_buf = alloc((b, value_states.shape[1], self.capacity, value_states.shape[-1]), dtype=value_states.dtype,
+                           device=value_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -137,14 +142,41 @@ class _SlabLayer(DynamicLayer):
         self.is_initialized = False
 
 
-def make_cache(model: torch.nn.Module, capacity: int, transposed_keys: bool = True) -> Cache:
+def make_cache(model: torch.nn.Module, capacity: int, transposed_keys: bool = True, zeroed: bool = False) -> Cache:
     """A slab cache when every layer is plain full attention; otherwise transformers' own DynamicCache
-    (sliding-window / hybrid models keep their specific layer types)."""
+    (sliding-window / hybrid models keep their specific layer types).
+    zeroed: fill the slabs with zeros. Needed by the compiled decode step, which reads the whole capacity and masks
+    the unwritten slots: an uninitialised slot can hold NaN, and NaN survives the mask (NaN - inf = NaN in the
+    scores, 0 * NaN = NaN in probs @ values), turning a row's logits into NaN. The eager path reads only the filled
+    prefix, so it skips the memset."""
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
         return DynamicCache(config=config)
-    return Cache(layers=[_SlabLayer(capacity, transposed_keys) for _ in range(config.num_hidden_layers)])
+    return Cache(layers=[_SlabLayer(capacity, transposed_keys, zeroed) for _ in range(config.num_hidden_layers)])
+
+
+def _library_cache_kwarg() -> str:
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword `model(...)` takes its KV cache under: `cache` since transformers renamed it in 5.x (the old
+    `past_key_values` still works there but raises a FutureWarning and goes away in 5.40), `past_key_values` in
+    older releases and remote-code models. Wrappers whose forward only has **kwargs (peft, a DeepSpeed engine)
+    are looked through; a model whose forward names neither gets what this transformers' own models take."""
+    seen: set[int] = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        params = inspect.signature(model.forward).parameters
+        for key in ("cache", "past_key_values"):
+            if key in params:
+                return key
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else None
+        model = inner if inner is not None else getattr(model, "module", None)
+    return _library_cache_kwarg()
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -162,10 +194,11 @@ def _prefill_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-            cache: Cache) -> torch.Tensor:
-    """Last-position logits [b, V] in float32."""
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=last_positions(input_ids.shape[1], 1, input_ids.device))
+            cache: Cache, cache_key: str | None = None) -> torch.Tensor:
+    """Last-position logits [b, V] in float32. cache_key: `cache_kwarg(model)` (pass it to skip the lookup)."""
+    cache_key = cache_key or cache_kwarg(model)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=last_positions(input_ids.shape[1], 1, input_ids.device), **{cache_key: cache})
     return out.logits[:, -1].float()
 
 
@@ -218,10 +251,11 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
     logps = torch.zeros((b0, max_new), dtype=torch.float32, device=device) if return_logprobs else None
     # Mask for prompt + every future step, sliced per step; generated slots are real tokens (1).
     full_mask = torch.cat([prompt_mask.long(), prompt_mask.new_ones(b0, max_new).long()], dim=1)
-    cache = make_cache(model, plen + max_new, transposed_keys)
+    cache = make_cache(model, plen + max_new, transposed_keys, zeroed=decoder is not None)
+    cache_key = cache_kwarg(model)
     weights = decoder.weights(model) if decoder is not None else None
     pos = _prefill_positions(prompt_mask)
-    logits = _logits(model, prompt_ids, prompt_mask, pos, cache)
+    logits = _logits(model, prompt_ids, prompt_mask, pos, cache, cache_key)
     next_pos = pos[:, -1] + 1  # [b]
     rows = torch.arange(b0, device=device)  # original row of each live row
     done = torch.zeros(b0, dtype=torch.bool, device=device)
@@ -261,7 +295,7 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
         if decoder is not None:
             logits = decoder.step(weights, tok, next_pos, kv_len - 1, full_mask, cache)
         else:
-            logits = _logits(model, tok[:, None], full_mask[:, :kv_len], next_pos[:, None], cache)
+            logits = _logits(model, tok[:, None], full_mask[:, :kv_len], next_pos[:, None], cache, cache_key)
         next_pos = next_pos + 1
     response = out[:, :steps]
     mask = response_mask_from_ids(response, eos_token_id)

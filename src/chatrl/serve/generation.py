@@ -1,9 +1,14 @@
-"""Token-by-token generation for chat: sampling, incremental detokenisation, stop strings.
+"""Token-by-token generation for chat: incremental detokenisation, stop strings, one KV cache per sequence.
 
 One `Decoding` is one sequence being generated with its own KV cache; `step()` runs one forward
 pass and returns the text it added. The terminal chat loops over `step()` directly; the server's
 worker thread interleaves the `step()`s of many requests (see `worker.py`), so neither needs
 `model.generate` and both get stop strings, seeds and cancellation in the same way.
+
+Nothing here is chat-only that the rest of chatrl already has: the next token is chosen by the rollout
+sampler (`chatrl.rollout.sampling.pick_tokens`), the model and tokenizer are loaded by `chatrl.models.loading`
+(its `auto` dtype rule, pad-token rule and fallback chat template), and the cache is passed under the keyword
+`rollout.decode.cache_kwarg` finds.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from chatrl.errors import ChatrlError
+from chatrl.rollout.decode import cache_kwarg
+from chatrl.rollout.sampling import GenerationSettings, pick_tokens
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -30,44 +36,43 @@ class SamplingSettings:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
-
-def pick_dtype(name: str = "auto") -> torch.dtype:
-    """bf16 where the CPU has native bf16 (avx512_bf16 / amx_bf16), else fp32; or the dtype named."""
-    if name in ("fp32", "float32"):
-        return torch.float32
-    if name in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if name != "auto":
-        raise ChatrlError(f"unknown dtype {name!r}: use auto, bf16 or fp32")
-    if torch.cuda.is_available():
-        return torch.bfloat16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    def token_settings(self) -> GenerationSettings:
+        """The rollout sampler's settings for choosing one token (temperature 0 -> greedy)."""
+        greedy = self.temperature <= 0
+        return GenerationSettings(max_new_tokens=max(1, self.max_new_tokens), do_sample=not greedy,
+                                  temperature=1.0 if greedy else float(self.temperature), top_p=float(self.top_p))
 
 
 class ChatModel:
-    """A HF causal LM + tokenizer loaded for chat: renders conversations, knows its window and EOS ids."""
+    """A HF causal LM + tokenizer loaded for chat: renders conversations, knows its window and EOS ids.
+
+    Loaded as every other chatrl step loads a model (`chatrl.models.loading`): `dtype="auto"` is `resolve_dtype`'s
+    rule, built-in aliases and local folders resolve the same way, and a tokenizer without a chat template gets
+    chatrl's fallback template (the one chatrl trains base models with, so a served SFT model sees its format)."""
 
     def __init__(self, model_path: str, dtype: str = "auto", context_window: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer, resolve_dtype, resolve_source
 
-        from chatrl.models.builtin import resolve_model_path
+        torch_dtype = resolve_dtype(dtype)
+        tokenizer = load_tokenizer(model_path)
+        model = load_frozen_causal_lm(model_path, torch_dtype, tokenizer=tokenizer)
+        self._attach(model, tokenizer, resolve_source(model_path), context_window)
 
-        path = resolve_model_path(model_path)
-        if not Path(path, "config.json").exists():
-            raise ChatrlError(f"{path!r} is not a model folder (no config.json): pass a Hugging Face model folder "
-                              f"or a built-in alias (tiny-random, smollm2-135m-instruct)")
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, context_window: int | None = None,
+                   path: str = "(in memory)") -> ChatModel:
+        """Wrap an already loaded model and tokenizer (no loading; tests drive stub models through this)."""
+        chat = cls.__new__(cls)
+        chat._attach(model, tokenizer, path, context_window)
+        return chat
+
+    def _attach(self, model: torch.nn.Module, tokenizer, path: str, context_window: int | None) -> None:
         self.path = path
         # The Rust tokenizer can refuse concurrent use ("Already borrowed"): the server renders prompts on
         # the event loop while the worker decodes tokens, so every tokenizer call takes this lock.
         self.tokenizer_lock = threading.Lock()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if not self.tokenizer.chat_template:
-            raise ChatrlError(f"the tokenizer in {path} has no chat template: use a chat (instruct) model")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype)).eval()
+        self.tokenizer = tokenizer
+        self.model = model.eval()
         cfg_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.context_window = int(min(context_window or cfg_window, cfg_window))
         self.eos_ids = self._eos_ids()
@@ -75,7 +80,8 @@ class ChatModel:
     def _eos_ids(self) -> set[int]:
         """Every id that ends an answer: the tokenizer's EOS and the generation config's (int or list)."""
         ids: set[int] = set()
-        for value in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+        generation_config = getattr(self.model, "generation_config", None)
+        for value in (self.tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, list | tuple):
@@ -96,31 +102,6 @@ class ChatModel:
             raise ChatrlError(f"the prompt has {len(prompt_ids)} tokens; the model's window is "
                               f"{self.context_window}: shorten the conversation")
         return Decoding(self, prompt_ids, settings, min(settings.max_new_tokens, room), seed_offset)
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches `top_p`; renormalise.
-
-    probs: V (sums to 1). A token is kept if the mass of strictly more likely tokens is < top_p,
-    so the most likely token always survives.
-    """
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = torch.sort(probs, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return kept / kept.sum()
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None = None) -> int:
-    """Next token id from logits (V): argmax at temperature 0, else nucleus sampling."""
-    logits = logits.float()
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class IncrementalDetokenizer:
@@ -202,6 +183,8 @@ class Decoding:
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
         self.cache = DynamicCache(config=chat.model.config)
+        self._cache_key = cache_kwarg(chat.model)
+        self.token_settings = settings.token_settings()
         seed = settings.seed if settings.seed is not None else random.getrandbits(62)
         self.generator = torch.Generator().manual_seed(seed + seed_offset)
         self.detok = IncrementalDetokenizer(chat.tokenizer, lock=chat.tokenizer_lock)
@@ -225,8 +208,8 @@ class Decoding:
             return ""
         if self.max_new_tokens <= 0:
             return self._finish("length")
-        out = self.chat.model(input_ids=self._next_input, past_key_values=self.cache, use_cache=True)
-        token = sample_token(out.logits[0, -1], self.settings.temperature, self.settings.top_p, self.generator)
+        out = self.chat.model(input_ids=self._next_input, use_cache=True, **{self._cache_key: self.cache})
+        token = int(pick_tokens(out.logits[:, -1].float(), self.token_settings, self.generator)[0])
         self._next_input = torch.tensor([[token]], dtype=torch.long)
         if token in self.chat.eos_ids:
             return self._finish("stop")
