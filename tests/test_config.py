@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
-from chatrl.config_rl import PPOConfig
+from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig
 from chatrl.configbase import help_lines, load_config
 from chatrl.engine.deepspeed import build_ds_config, lr_lambda
 from chatrl.errors import ChatrlError
@@ -63,13 +63,26 @@ def test_ppo_batch_plan_arithmetic_and_errors() -> None:
                                         "rollout.samples_per_prompt=2", "ppo.mini_batches=4",
                                         "ppo.micro_batch_size=2"])
     # rollout 32; 2 processes: 16 each; mini-batch 8; grad_accum = 8 / (2 x 2) = 2
-    assert cfg.batch_plan(2) == {"rollout": 32, "per_process": 16, "mini_batch": 8, "grad_accum": 2, "world": 2}
+    assert cfg.batch_plan(2) == BatchPlan(rollout=32, per_process=16, mini_batch=8, grad_accum=2, world=2)
     with pytest.raises(ChatrlError, match="not divisible by 3 processes"):
         cfg.batch_plan(3)
     with pytest.raises(ChatrlError, match="needs a reward"):
         load_config(PPOConfig, None, [])
     with pytest.raises(ChatrlError, match="one weight per function"):
         load_config(PPOConfig, None, ["reward.functions=[a:b]", "reward.function_weights=[1,2]"])
+
+
+def test_grpo_config_checks() -> None:
+    with pytest.raises(ChatrlError, match="gives no reward itself"):
+        load_config(GRPOConfig, None, [])  # the chat env with neither reward model nor functions
+    with pytest.raises(ChatrlError, match="samples_per_prompt >= 2"):
+        load_config(GRPOConfig, None, ["env.name=arithmetic", "rollout.samples_per_prompt=1",
+                                       "rollout.prompts_per_rollout=4", "grpo.micro_batch_size=4"])
+    with pytest.raises(ChatrlError, match="expected one of"):
+        load_config(GRPOConfig, None, ["env.name=arithmetic", "grpo.advantage=gae"])  # GAE needs PPO's critic
+    cfg = load_config(GRPOConfig, None, ["env.name=arithmetic", "rollout.samples_per_prompt=4",
+                                         "rollout.prompts_per_rollout=4", "grpo.micro_batch_size=4"])
+    assert not cfg.needs_reference() and cfg.policy is cfg.grpo  # kl_coef 0: no reference model
 
 
 def test_pipeline_step_sections_merge_overrides(tmp_path: Path) -> None:

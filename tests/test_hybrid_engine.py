@@ -9,8 +9,8 @@ import torch
 
 from chatrl.batches import PromptBatch
 from chatrl.rollout.decode import GenerationSettings
-from chatrl.rollout.hybrid import HybridEngine, _PackedLinear
-from test_hybrid_generate import PAD, hf_greedy, left_padded, pick_eos, tiny_model
+from chatrl.rollout.hybrid import HybridEngine, _PackedLinear, can_pack
+from test_hybrid_generate import PAD, assert_bf16_greedy_within_rounding, hf_greedy, left_padded, pick_eos, tiny_model
 
 NEW = 10
 
@@ -110,6 +110,8 @@ def test_lora_adapter_is_folded_into_the_copy(tiny_model_dir):
     assert torch.equal(hf_greedy(lora.eval(), ids, mask, NEW, eos), want)
 
 
+@pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")),
+                    reason="this CPU cannot pack bf16 weights for oneDNN (needs AVX512BW/VL/DQ or AVX-NE-CONVERT)")
 def test_bf16_copy_of_fp32_actor_uses_packed_weights(tiny_model_dir):
     """Training in fp32, rollout in bf16 with oneDNN-packed linears: same tokens as HF on a bf16 cast."""
     model = tiny_model(tiny_model_dir)
@@ -120,7 +122,8 @@ def test_bf16_copy_of_fp32_actor_uses_packed_weights(tiny_model_dir):
         assert len(packed) == 2 * 7 + 1  # 7 per layer + lm_head
         assert inf.model.embed_tokens.weight.dtype == torch.bfloat16
         got = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD, fast_attention=False)[0]
-        fast = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD)[0]
+        fast, fast_mask, logps = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD,
+                                             return_logprobs=True)
     # The copy keeps non-trained buffers (rotary inv_freq) in fp32 as the actor has them; `.to(bf16)` would round
     # them too (and then 2 of these 60 tokens differ), so the reference gets the fp32 buffers back.
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -128,5 +131,9 @@ def test_bf16_copy_of_fp32_actor_uses_packed_weights(tiny_model_dir):
         bf16.get_buffer(name).data = buf.clone()
     ref = hf_greedy(bf16, ids, mask, NEW, None)
     assert torch.equal(got, ref)  # packed weights: exact
-    assert (fast == ref).float().mean() >= 0.8  # + decode attention: bf16 near-ties may flip (documented)
+    # + decode attention: bf16 near-ties may flip (documented), so held to bf16 rounding of the logits instead of
+    # token equality. Measured with pack_weights=False (the packing needs AVX512 or AVX-NE-CONVERT, which the
+    # machine that measured it lacks): 49 of 60 tokens equal HF's, log-prob error 1.79 ulp at most, 0.29 on average.
+    assert fast.shape == ref.shape
+    assert_bf16_greedy_within_rounding(bf16, ids, mask, fast, fast_mask, logps)
     assert next(model.parameters()).dtype == torch.float32

@@ -78,4 +78,4 @@ def test_step_sections_refine_the_shared_model_but_inputs_are_chained(tmp_path: 
     assert plan.reward.model.gradient_checkpointing and plan.sft.model.gradient_checkpointing  # shared
     assert plan.reward.model.name_or_path == str(tmp_path / "sft" / "model")  # always the SFT output
     assert plan.sft.model.lora.r == 4 and plan.reward.model.lora.r == 0
-    assert plan.ppo.actor.name_or_path == str(tmp_path / "sft" / "model")
+    assert plan.rl.actor.name_or_path == str(tmp_path / "sft" / "model")

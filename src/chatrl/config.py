@@ -190,22 +190,27 @@ class EvalOptions:
     batch_size: int = opt(8, "prompts generated together")
     include_base: bool = opt(True, "also evaluate the starting model")
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the evaluated models (fp32 = exact but ~2x slower)")
+    env_tasks: int = opt(200, "algorithm=grpo with an environment: held-out tasks per model")
+    pass_k: int = opt(4, "algorithm=grpo with an environment: samples per task for pass@k (0 = skip)")
 
 
 @dataclass
 class PipelineConfig:
-    """SFT -> reward model -> PPO -> eval -> report in one run directory.
+    """SFT -> reward model -> RL (PPO or GRPO) -> eval -> report in one run directory.
 
     `model`, `data`, `deepspeed` and `seed` are set once here and passed to every step; the sections
-    `sft`, `reward` and `ppo` hold the rest of each step's config (same keys as `chatrl sft|reward|ppo
-    --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline."""
+    `sft`, `reward`, `ppo` and `grpo` hold the rest of each step's config (same keys as `chatrl sft|reward|ppo|grpo
+    --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline. With algorithm=grpo
+    and an environment that rewards by itself (grpo.env.name), the default is step 3 alone on the base model."""
 
-    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo, eval, report.html")
+    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo, eval, report.html")
     seed: int = opt(42, "seed passed to every step")
+    algorithm: Literal["ppo", "grpo"] = opt("ppo", "step 3: ppo (actor + critic + reward model) or grpo")
     model: ModelConfig = sub(ModelConfig)
     data: DataConfig = sub(DataConfig)
     deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
     sft: dict = opt({}, "step 1 settings (see `chatrl sft --help`)")
     reward: dict = opt({}, "step 2 settings (see `chatrl reward --help`)")
-    ppo: dict = opt({}, "step 3 settings (see `chatrl ppo --help`)")
+    ppo: dict = opt({}, "step 3 settings with algorithm=ppo (see `chatrl ppo --help`)")
+    grpo: dict = opt({}, "step 3 settings with algorithm=grpo (see `chatrl grpo --help`)")
     eval: EvalOptions = sub(EvalOptions)

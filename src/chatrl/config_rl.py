@@ -253,6 +253,7 @@ class GRPOConfig(RLStepConfig):
     """Critic-free RL from checkable rewards (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO, GSPO) in an environment."""
 
     output_dir: str = opt("runs/grpo", "where checkpoints, metrics and the final actor folder go")
+    rollout: RolloutConfig = sub(RolloutConfig, samples_per_prompt=4)  # groups of G = 4 by default
     grpo: GRPOOptions = sub(GRPOOptions)
 
     @property

@@ -9,12 +9,20 @@ from chatrl.errors import ChatrlError
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate models: reward, win rate, KL, length, diversity, BLEU/ROUGE",
-                              description="Generate with each model on the same prompts and compare them. "
-                                          "Writes eval.json and eval.md to --out.")
+    p = subparsers.add_parser("eval", help="evaluate models: reward, win rate, KL, length, diversity, BLEU/ROUGE; "
+                                           "or success rate and pass@k in an environment (--env)",
+                              description="Generate with each model on the same prompts and compare them "
+                                          "(eval.json, eval.md), or play the environment's held-out tasks with "
+                                          "each model (--env: eval_env.json, eval_env.md).")
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                    help="a model to evaluate (repeatable); the first is the baseline for win rates")
-    _prompt_args(p)
+    p.add_argument("--env", metavar="SPEC", help="an environment (built-in name or pkg.mod:Class / file.py:Class): "
+                                                 "success rate (greedy) and pass@k on its held-out (eval) tasks")
+    p.add_argument("--env-kwargs", default="{}", metavar="JSON", help="the environment's constructor kwargs")
+    p.add_argument("--tasks", type=int, default=100, help="held-out tasks per model (--env)")
+    p.add_argument("--k", type=int, default=4, help="samples per task for pass@k (--env; 0 = skip)")
+    p.add_argument("--max-turns", type=int, default=1, help="most assistant turns per episode (--env)")
+    _prompt_args(p, prompts_required=False)
     p.add_argument("--reward-model", metavar="PATH", help="reward model folder: reward mean/std and win rate")
     p.add_argument("--reference", metavar="PATH", help="reference (SFT) model for the KL metric")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default: runs/eval)")
@@ -43,8 +51,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _prompt_args(p: argparse.ArgumentParser, default_limit: int | None = None) -> None:
-    p.add_argument("--prompts", required=True, metavar="FILE",
+def _prompt_args(p: argparse.ArgumentParser, default_limit: int | None = None, prompts_required: bool = True) -> None:
+    p.add_argument("--prompts", required=prompts_required, metavar="FILE",
                    help="JSONL with 'prompt' (+ optional 'reference') or hh-rlhf 'chosen'/'rejected' rows")
     p.add_argument("--limit", type=int, default=default_limit, help="use only the first N prompts")
     _skip_arg(p)
@@ -99,6 +107,10 @@ def cmd_eval(args) -> int:
     from chatrl.eval.results import rich_table, save_result
 
     models = _parse_models(args.model)
+    if args.env:
+        return _eval_env(args, models)
+    if not args.prompts:
+        raise ChatrlError("chatrl eval needs --prompts FILE (or --env SPEC for an environment)")
     prompts = _load_prompts(args)
     result = evaluate_models(models, prompts, reward_model=args.reward_model, reference_model=args.reference,
                              max_new_tokens=args.max_new_tokens, greedy=not args.sample,
@@ -107,6 +119,20 @@ def cmd_eval(args) -> int:
     json_path, md_path = save_result(result, args.out)
     Console().print(rich_table(result))
     print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _eval_env(args, models: dict[str, str]) -> int:
+    from pathlib import Path
+
+    from chatrl.envs.commands import parse_kwargs
+    from chatrl.eval.env_eval import evaluate_env, save_env_result
+
+    results = evaluate_env(models, args.env, parse_kwargs(args.env_kwargs), n_tasks=args.tasks, k=args.k,
+                           temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           max_turns=args.max_turns, batch_size=args.batch_size, seed=args.seed, log=_log)
+    path = save_env_result(results, Path(args.out), args.env)
+    print(f"wrote {path}")
     return 0
 
 

@@ -4,6 +4,7 @@ Reads what exists under the run folder and notes what does not:
     <run>/<step>/config.yaml     the config each step used (step = sft, reward, ppo, or any other folder)
     <run>/<step>/metrics.jsonl   one JSON object per line: "step", numeric metrics, optional "split": train|eval
     <run>/eval/eval.json         `chatrl eval` results: the metrics table and per-prompt responses
+    <run>/eval/eval_env.json     `chatrl eval --env` results: success rate and pass@k per model, sample episodes
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from pathlib import Path
 from chatrl.errors import ChatrlError
 from chatrl.eval.results import EvalResult, load_result, prompt_text, table_rows
 
-STEP_TITLES = {"sft": "Step 1: supervised fine-tuning", "reward": "Step 2: reward model", "ppo": "Step 3: PPO"}
+STEP_TITLES = {"sft": "Step 1: supervised fine-tuning", "reward": "Step 2: reward model", "ppo": "Step 3: PPO",
+               "grpo": "GRPO (critic-free RL in an environment)"}
+ONLY_IF_PRESENT = {"grpo"}  # the classic three steps get a note when missing; these are listed only when run
 # metric groups, first match wins: (title, substrings of the lower-cased key)
 GROUPS = [
+    ("Success rate", ("success",)),
     ("Losses", ("loss", "perplexity", "ppl")),
     ("KL", ("kl",)),
     ("Accuracy", ("acc",)),
@@ -66,7 +70,7 @@ def _step_dirs(run: Path) -> list[str]:
     """sft, reward, ppo (always, so a missing one gets a note), then any other folder with metrics or config."""
     extra = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name not in STEP_TITLES and p.name != "eval"
                    and ((p / "metrics.jsonl").is_file() or (p / "config.yaml").is_file()))
-    return list(STEP_TITLES) + extra
+    return [s for s in STEP_TITLES if s not in ONLY_IF_PRESENT or (run / s).is_dir()] + extra
 
 
 def _note(text: str) -> str:
@@ -191,9 +195,34 @@ def img_tag(png: bytes, alt: str) -> str:
     return f"<img class='chart' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
+def _env_eval_html(path: Path) -> str:
+    """The `chatrl eval --env` table and a few greedy episodes per model."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    models = data.get("models", {})
+    k = next(iter(models.values()), {}).get("k", 0)
+    out = [f"<p>Environment <code>{html.escape(str(data.get('env')))}</code>, held-out (eval split) tasks.</p>",
+           "<table id='env-eval-table'><tr><th>model</th><th>tasks</th><th>success (greedy)</th><th>s.e.</th>"
+           f"<th>pass@{k}</th><th>s.e.</th><th>mean return</th></tr>"]
+    for name, r in models.items():
+        cells = [str(r["n_tasks"]), f"{r['success']:.1%}", f"{r['success_se']:.1%}", f"{r['pass_k']:.1%}",
+                 f"{r['pass_k_se']:.1%}", f"{r['mean_return']:.3f}"]
+        out.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td class='num'>{c}</td>" for c in cells)
+                   + "</tr>")
+    out.append("</table>")
+    for name, r in models.items():
+        rows = "".join(f"<tr><td>{'yes' if ex['success'] else 'no'}</td><td class='resp'>"
+                       + html.escape("\n".join(f"{m['role']}: {m['content']}" for m in ex["conversation"]))
+                       + "</td></tr>" for ex in r.get("examples", []))
+        out.append(f"<details><summary>{html.escape(name)}: sample episodes (greedy)</summary><table>"
+                   f"<tr><th>solved</th><th>conversation</th></tr>{rows}</table></details>")
+    return "\n".join(out)
+
+
 def _eval_section(folder: Path) -> str:
     head = "<h2 id='eval'>Evaluation (<code>eval/</code>)</h2>"
     path = folder / "eval.json"
+    if not path.is_file() and (folder / "eval_env.json").is_file():
+        return head + _env_eval_html(folder / "eval_env.json")
     if not path.is_file():
         return head + _note("No eval/eval.json: run `chatrl eval --model NAME=PATH ... --out RUN/eval` to add "
                             "the evaluation table and sample responses.")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -98,8 +99,20 @@ class _PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+@functools.cache
+def _cpu_packs_bf16() -> bool:
+    """oneDNN's bf16 weight packing needs AVX512BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU raises: ask once."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 16, dtype=torch.bfloat16), 8)
+    except RuntimeError:
+        return False
+    return True
+
+
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return dtype == torch.bfloat16 and device.type == "cpu" and _cpu_packs_bf16()
 
 
 class InferenceCopy:

@@ -57,15 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_pipeline(subparsers)
 
 
-def _parse_steps(text: str) -> list[int]:
+def _parse_steps(text: str | None) -> list[int] | None:
     from chatrl.errors import ChatrlError
 
+    if text is None:  # the algorithm's default
+        return None
     try:
         steps = sorted({int(s) for s in text.split(",") if s.strip()})
     except ValueError:
         steps = []
     if not steps or any(s not in (1, 2, 3) for s in steps):
-        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (ppo)")
+        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (ppo or grpo)")
     return steps
 
 
@@ -95,7 +97,8 @@ def _register_pipeline(subparsers: argparse._SubParsersAction) -> None:
                                   epilog="config fields:\n" + "\n".join(help_lines(PipelineConfig)))
         if name == "pipeline":
             p.add_argument("--config", help="pipeline YAML (e.g. configs/demo.yaml)")
-        p.add_argument("--steps", default="1,2,3", help="which steps to run, e.g. 2,3 (default 1,2,3)")
+        p.add_argument("--steps", default=None, help="which steps to run, e.g. 2,3 (default 1,2,3; 3 alone for "
+                                                      "algorithm=grpo in an environment that rewards by itself)")
         p.add_argument("--force", action="store_true", help="re-run steps whose output already exists")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. sft.optim.lr=2e-5")
         p.set_defaults(func=_run_pipeline, config=None)

@@ -1,5 +1,5 @@
-"""`chatrl pipeline`: SFT -> reward model -> PPO -> eval -> report, each step feeding the next, all in
-one run directory. A step whose finished output exists is skipped (unless forced), so an interrupted
+"""`chatrl pipeline`: SFT -> reward model -> RL (PPO or GRPO) -> eval -> report, each step feeding the next, all
+in one run directory. A step whose finished output exists is skipped (unless forced), so an interrupted
 pipeline continues where it stopped; every config is built and checked before anything runs."""
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
-from chatrl.config_rl import PPOConfig
+from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import deep_merge, load_config
 from chatrl.errors import ChatrlError
+from chatrl.eval.env_eval import evaluate_env, save_env_result
+from chatrl.eval.report import write_report
+from chatrl.steps.reward import run_reward
+from chatrl.steps.rl import run_grpo, run_ppo
+from chatrl.steps.sft import run_sft
 
 
 @dataclass
@@ -24,11 +29,21 @@ class Plan:
     run: Path
     sft: SFTConfig
     reward: RewardConfig
-    ppo: PPOConfig
+    rl: PPOConfig | GRPOConfig
+    algorithm: str
 
     def outputs(self) -> dict[int, Path]:
         """The folder whose presence means step N finished (written atomically as each step's last act)."""
-        return {1: self.run / "sft" / "model", 2: self.run / "reward" / "model", 3: self.run / "ppo" / "actor"}
+        return {1: self.run / "sft" / "model", 2: self.run / "reward" / "model",
+                3: self.run / self.algorithm / "actor"}
+
+    def env_rewards(self) -> bool:
+        """GRPO in an environment that rewards by itself: no SFT or reward model needed."""
+        return isinstance(self.rl, GRPOConfig) and self.rl.env.name != "chat"
+
+
+def default_steps(plan: Plan) -> list[int]:
+    return [3] if plan.env_rewards() else [1, 2, 3]
 
 
 def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str, Any]) -> Any:
@@ -38,8 +53,9 @@ def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str,
         raise ChatrlError(f"pipeline section '{section}': {e}") from None
 
 
-def build_plan(cfg: PipelineConfig) -> Plan:
-    """Derive the three step configs: shared sections copied in, each step's input = the previous output."""
+def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
+    """Derive the three step configs: shared sections copied in, each step's input = the previous output (for GRPO
+    in a rewarding environment, the base model unless step 1 runs or ran)."""
     run = Path(cfg.run_dir)
     shared = {"seed": cfg.seed, "data": dataclasses.asdict(cfg.data), "deepspeed": dataclasses.asdict(cfg.deepspeed)}
     base_model = dataclasses.asdict(cfg.model)
@@ -54,10 +70,20 @@ def build_plan(cfg: PipelineConfig) -> Plan:
                                                    "model": model_of(cfg.sft, "model", base_model["name_or_path"])})
     reward = _step_config(RewardConfig, "reward", cfg.reward, {**shared, "output_dir": str(run / "reward"),
                                                                "model": model_of(cfg.reward, "model", sft_model)})
-    ppo = _step_config(PPOConfig, "ppo", cfg.ppo,
-                       {**shared, "output_dir": str(run / "ppo"), "actor": model_of(cfg.ppo, "actor", sft_model),
-                        "reward": {**cfg.ppo.get("reward", {}), "model": rm_model}})
-    return Plan(run=run, sft=sft, reward=reward, ppo=ppo)
+    if cfg.algorithm == "ppo":
+        rl = _step_config(PPOConfig, "ppo", cfg.ppo,
+                          {**shared, "output_dir": str(run / "ppo"), "actor": model_of(cfg.ppo, "actor", sft_model),
+                           "reward": {**cfg.ppo.get("reward", {}), "model": rm_model}})
+        return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="ppo")
+    own_env = cfg.grpo.get("env", {}).get("name", "chat") != "chat"
+    use_sft = not own_env or (steps is not None and 1 in steps) or Path(sft_model).is_dir()
+    use_rm = not own_env or (steps is not None and 2 in steps) or Path(rm_model).is_dir()
+    reward_section = {**cfg.grpo.get("reward", {}), **({"model": rm_model} if use_rm else {})}
+    rl = _step_config(GRPOConfig, "grpo", cfg.grpo,
+                      {**shared, "output_dir": str(run / "grpo"),
+                       "actor": model_of(cfg.grpo, "actor", sft_model if use_sft else base_model["name_or_path"]),
+                       "reward": reward_section})
+    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="grpo")
 
 
 def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
@@ -69,13 +95,13 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
     if 1 in steps and name not in ALIASES and not Path(name).is_dir() and "/" not in name:
         raise ChatrlError(f"model.name_or_path={name}: no such folder and not a built-in alias {list(ALIASES)}")
     for step, kind in ((1, "sft"), (2, "reward"), (3, "rlhf")):
-        if step in steps:
+        if step in steps and not (step == 3 and plan.env_rewards()):
             records, _ = load_records(cfg.data, kind, "train")
             if not records:
                 raise ChatrlError(f"data for step {step} ({kind}) is empty after cleaning and splitting: "
                                   f"check data.paths and data.split={cfg.data.split}")
     for step in steps:  # a later step whose input will not exist and is not produced by an earlier step
-        needs = {2: 1, 3: 2}.get(step)
+        needs = {2: 1, 3: None if plan.env_rewards() else 2}.get(step)
         if needs and needs not in steps and not plan.outputs()[needs].is_dir():
             raise ChatrlError(f"step {step} needs the output of step {needs} ({plan.outputs()[needs]}), "
                               f"which does not exist; run with --steps including {needs}")
@@ -85,14 +111,13 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
         raise ChatrlError(f"only {free_gb:.1f} GiB free under {plan.run}; checkpoints need at least 2 GiB")
 
 
-def run_pipeline(cfg: PipelineConfig, steps: list[int], force: bool = False) -> Path:
-    from chatrl.steps.reward import run_reward
-    from chatrl.steps.rl import run_ppo
-    from chatrl.steps.sft import run_sft
-
-    plan = build_plan(cfg)
+def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: bool = False) -> Path:
+    """Run `steps` (default: the algorithm's: 1,2,3, or 3 alone for GRPO in a rewarding environment)."""
+    plan = build_plan(cfg, steps)
+    steps = steps or default_steps(plan)
     preflight(cfg, plan, steps)
-    runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (run_ppo, plan.ppo)}
+    rl_runner = run_ppo if plan.algorithm == "ppo" else run_grpo
+    runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (rl_runner, plan.rl)}
     for step in steps:
         out = plan.outputs()[step]
         if out.is_dir() and not force:
@@ -103,9 +128,10 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int], force: bool = False) -> 
         print(f"[pipeline] step {step}: {runners[step][0].__name__} -> {out.parent}")
         runners[step][0](runners[step][1])
         release_freed_memory()
-    run_final_eval(cfg, plan)
-    from chatrl.eval.report import write_report
-
+    if plan.env_rewards():
+        run_env_eval(cfg, plan)
+    else:
+        run_final_eval(cfg, plan)
     report = write_report(plan.run)
     print(f"[pipeline] report: {report}")
     return report
@@ -121,6 +147,25 @@ def release_freed_memory() -> None:
         pass
 
 
+def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
+    """Base (and SFT, when it ran) vs the GRPO actor on the environment's held-out tasks."""
+    assert isinstance(plan.rl, GRPOConfig)
+    actor = plan.outputs()[3]
+    if not actor.is_dir():
+        print("[pipeline] eval skipped: step 3 has not finished")
+        return
+    models = {"base": cfg.model.name_or_path} if cfg.eval.include_base else {}
+    if plan.outputs()[1].is_dir():
+        models["sft"] = str(plan.outputs()[1])
+    models["grpo"] = str(actor)
+    env, r = plan.rl.env, plan.rl.rollout
+    results = evaluate_env(models, env.name, env.kwargs, n_tasks=cfg.eval.env_tasks, k=cfg.eval.pass_k,
+                           temperature=r.temperature, max_new_tokens=cfg.eval.max_new_tokens,
+                           max_turns=env.max_turns, max_context=env.max_context, batch_size=cfg.eval.batch_size,
+                           seed=cfg.seed, dtype=cfg.eval.dtype, log=lambda msg: print(f"[eval] {msg}"))
+    save_env_result(results, plan.run / "eval", env.name)
+
+
 def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
     """Base vs SFT vs PPO on held-out prompts: reward-model score, win rate, KL to the SFT model, ..."""
     from chatrl.data.pipeline import load_records
@@ -134,7 +179,7 @@ def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
     prompts, _ = load_records(cfg.data, "rlhf", "eval")
     prompts = prompts[:cfg.eval.num_prompts]
     models = {"base": cfg.model.name_or_path} if cfg.eval.include_base else {}
-    models.update({"sft": str(outs[1]), "ppo": str(outs[3])})
+    models.update({"sft": str(outs[1]), plan.algorithm: str(outs[3])})
     result = evaluate_models(models, prompts, reward_model=str(outs[2]), reference_model=str(outs[1]),
                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                              seed=cfg.seed, dtype=cfg.eval.dtype, max_prompt_tokens=cfg.data.max_prompt_length,

@@ -1,0 +1,100 @@
+"""`chatrl eval --env SPEC`: success rate and pass@k of several models in an environment, on held-out tasks.
+
+Tasks come from the environment's `eval` split (training plays `train`: the built-ins keep them disjoint), task
+numbers 0..n-1, so every model meets the same problems. Per model:
+- success rate: greedy episodes; standard error sqrt(p (1 - p) / n) over the n tasks;
+- pass@k: k sampled episodes per task (temperature `temperature`), the share of tasks solved at least once
+  (k samples drawn, so this is the plain estimator; s.e. over tasks as above);
+- mean return (sum of the environment's per-turn rewards).
+Episodes are played by the same code as training (`rollout.episodes`), with the model in a Hybrid Engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from chatrl.envs.registry import make_env
+from chatrl.eval.responses import load_policy
+from chatrl.models.loading import resolve_dtype
+from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
+from chatrl.rollout.hybrid import HybridEngine
+from chatrl.rollout.sampling import GenerationSettings
+
+
+@dataclass
+class EnvScore:
+    """One model's result on n held-out tasks."""
+
+    success: float
+    success_se: float
+    pass_k: float
+    pass_k_se: float
+    k: int
+    mean_return: float
+    n_tasks: int
+    examples: list[dict]  # a few greedy conversations, for the report
+
+    def line(self, name: str) -> str:
+        return (f"{name:<12} success {self.success:6.1%} (s.e. {self.success_se:.1%})   "
+                f"pass@{self.k} {self.pass_k:6.1%} (s.e. {self.pass_k_se:.1%})   return {self.mean_return:.3f}")
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def _play(engine: HybridEngine, tok, env_name: str, kwargs: dict, tasks: list[Task], settings: GenerationSettings,
+          max_turns: int, max_context: int, batch_size: int) -> EpisodeBatch:
+    envs = [make_env(env_name, kwargs) for _ in range(min(batch_size, len(tasks)))]
+    out = EpisodeBatch()
+    for start in range(0, len(tasks), batch_size):
+        out = out + run_episodes(engine, tok, envs, env_name, tasks[start:start + batch_size], settings,
+                                 max_turns=max_turns, max_prompt_tokens=max_context // 2, max_context=max_context)
+    return out
+
+
+def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks: int = 100, k: int = 4,
+                 temperature: float = 1.0, max_new_tokens: int = 64, max_turns: int = 1, max_context: int = 1024,
+                 batch_size: int = 32, seed: int = 0, dtype: str = "auto",
+                 log: Callable[[str], None] = print) -> dict[str, EnvScore]:
+    results = {}
+    for name, path in models.items():
+        model, tok = load_policy(path, dtype=dtype)
+        engine = HybridEngine(model, inference_dtype=resolve_dtype(dtype), release_after_rollout=False)
+        greedy = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False)
+        tasks = [Task("eval", t, seed + t) for t in range(n_tasks)]
+        played = _play(engine, tok, env_name, kwargs, tasks, greedy, max_turns, max_context, batch_size)
+        success = sum(played.success) / n_tasks
+        solved = [False] * n_tasks
+        if k > 0:
+            sampled = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True,
+                                         temperature=temperature, seed=seed)
+            many = _play(engine, tok, env_name, kwargs, [t for t in tasks for _ in range(k)], sampled, max_turns,
+                         max_context, batch_size)
+            for i, ok in enumerate(many.success):
+                solved[i // k] |= ok
+        pass_k = sum(solved) / n_tasks
+        mean_return = sum(map(sum, played.turn_rewards)) / n_tasks
+        examples = [{"conversation": c, "success": s} for c, s in zip(played.conversations[:8], played.success[:8],
+                                                                      strict=True)]
+        results[name] = EnvScore(success, binomial_se(success, n_tasks), pass_k, binomial_se(pass_k, n_tasks), k,
+                                 mean_return, n_tasks, examples)
+        log(results[name].line(name))
+    return results
+
+
+def save_env_result(results: dict[str, EnvScore], out: Path, env_name: str) -> Path:
+    """eval_env.json (every number) and eval_env.md (a table) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_env.json").write_text(json.dumps({"env": env_name, "models": {n: asdict(r) for n, r in
+                                                                               results.items()}}, indent=1))
+    k = next(iter(results.values())).k if results else 0
+    lines = [f"| model | success (greedy) | s.e. | pass@{k} | s.e. | mean return |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {r.success:.1%} | {r.success_se:.1%} | {r.pass_k:.1%} | {r.pass_k_se:.1%} | "
+              f"{r.mean_return:.3f} |" for n, r in results.items()]
+    (out / "eval_env.md").write_text("\n".join(lines) + "\n")
+    return out / "eval_env.json"
