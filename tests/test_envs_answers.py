@@ -91,3 +91,18 @@ def test_length_penalty_and_the_builtin_table() -> None:
     assert length_penalty([None, None], ["a", ""], response_ids=[[1] * 50, []]) == [-0.5, -0.0]
     assert set(BUILTIN_REWARD_FUNCTIONS) == {"answer_match", "format_check", "length_penalty"}
     assert BUILTIN_REWARD_FUNCTIONS["answer_match"] is answer_match
+
+
+@pytest.mark.parametrize(("reply", "expected", "match"), [
+    ("To calculate 73 + 60, we need to add the numbers", "133", False),  # restating the problem is no answer
+    ("What is 84 - 15", "69", False),
+    ("73 * 60", "4380", False),
+    ("73 + 60 = 133", "133", True),
+    ("84 - 15 = 69", "69", True),
+    ("3/4", "0.75", True),
+    ("-1/2", "-0.5", True),
+])
+def test_a_numeric_gold_needs_a_number_not_the_problem_restated(reply: str, expected: str, match: bool) -> None:
+    """math-verify evaluates expressions, so `73 + 60` equals 133; a GRPO run on that reward learned to restate the
+    question (100% "success" with no sum computed). A numeric gold answer now needs a numeric final answer."""
+    assert answers_match(reply, expected) is match

@@ -17,6 +17,7 @@ import functools
 import logging
 import threading
 
+import sympy
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
@@ -68,13 +69,34 @@ def _parsed(items: list[object] | tuple[object, ...]) -> bool:
     return any(not isinstance(x, str) for x in items)
 
 
+def _is_literal(x: object) -> bool:
+    """A number as one would write a final answer: 133, -5, 0.5, 1/2 (an integer over an integer); not an
+    unevaluated sum or product such as the problem's own `73 + 60`."""
+    if not isinstance(x, sympy.Basic):
+        return False
+    if x.is_Number:
+        return True
+    if isinstance(x, sympy.Pow):  # 1/q
+        return x.base.is_Integer and x.exp == -1
+    if isinstance(x, sympy.Mul) and len(x.args) == 2:  # p/q: one integer times 1/q (not p * q)
+        kinds = sorted(type(a).__name__ for a in x.args)
+        return any(a.is_Integer for a in x.args) and kinds.count("Pow") == 1 and all(_is_literal(a) for a in x.args)
+    return False
+
+
 def answers_match(reply: str, expected: str) -> bool:
-    """Whether the reply's final answer equals the gold answer (numbers and expressions, via math-verify)."""
+    """Whether the reply's final answer equals the gold answer (numbers and expressions, via math-verify).
+
+    When the gold answer is a number, the reply's answer must be a number too: math-verify evaluates expressions,
+    so a reply that merely restates the problem ("To calculate 73 + 60, ...") would otherwise equal 133; a policy
+    trained on that reward learns to restate problems instead of solving them (seen in the GRPO demo)."""
     if not reply or not expected:
         return False
     gold = list(_parse_gold(expected.strip()))
     pred = _parse(reply)
     if not gold or not pred:
+        return False
+    if any(_is_literal(g) for g in gold) and not any(_is_literal(x) for x in pred):
         return False
     try:
         return bool(verify(gold, pred, timeout_seconds=_timeout()))
