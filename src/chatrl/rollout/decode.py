@@ -202,6 +202,22 @@ def _logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
     return out.logits[:, -1].float()
 
 
+def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pos: torch.Tensor,
+             cache: Cache, cache_key: str) -> torch.Tensor:
+    """The prompt forward, once per DISTINCT prompt row: a GRPO rollout repeats each prompt G times, so its G rows
+    share one prefill and the KV cache is then expanded to all rows (`batch_select_indices` with repeats).
+    Returns last-position logits [B, V] for every row."""
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if unique.shape[0] == rows.shape[0]:
+        return _logits(model, prompt_ids, prompt_mask, pos, cache, cache_key)
+    first = torch.full((unique.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(rows.shape[0], device=rows.device), reduce="amin")
+    logits = _logits(model, prompt_ids[first], prompt_mask[first], pos[first], cache, cache_key)
+    cache.batch_select_indices(inverse)
+    return logits[inverse]
+
+
 def _global_any(flag: bool, device: torch.device) -> bool:
     """True if `flag` holds on any rank (one tiny all-reduce)."""
     t = torch.tensor([1 if flag else 0], device=device)
@@ -255,7 +271,7 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
     cache_key = cache_kwarg(model)
     weights = decoder.weights(model) if decoder is not None else None
     pos = _prefill_positions(prompt_mask)
-    logits = _logits(model, prompt_ids, prompt_mask, pos, cache, cache_key)
+    logits = _prefill(model, prompt_ids, prompt_mask, pos, cache, cache_key)
     next_pos = pos[:, -1] + 1  # [b]
     rows = torch.arange(b0, device=device)  # original row of each live row
     done = torch.zeros(b0, dtype=torch.bool, device=device)
