@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export CHATRL_HOME ?= $(HOME)/.cache/chatrl
 export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-grpo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/chatrl demo
+
+# GRPO from a checkable reward: SmolLM2-135M-Instruct learns two-digit addition (configs/grpo-arithmetic.yaml)
+demo-grpo: install
+	$(VENV)/bin/chatrl pipeline --config configs/grpo-arithmetic.yaml
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

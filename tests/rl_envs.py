@@ -60,3 +60,15 @@ class TiedEvenEnv(BananaEnv):
     def step(self, action):
         reward = 1.0 if self.task % 2 == 0 else float(len(action.split()) % 2)
         return [], reward, True, False, {}
+
+
+class EvenTaskEnv(BananaEnv):
+    """Solved exactly when the task number is even, whatever the reply: success rates are known by hand."""
+
+    def reset(self, *, seed=None, options=None):
+        self.task = (options or {}).get("task", 0)
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        solved = self.task % 2 == 0
+        return [], float(solved), True, False, {"success": solved}

@@ -70,3 +70,24 @@ def test_bad_environment_is_one_line_naming_it(tiny_model_dir, env, needle):
     with pytest.raises(ChatrlError) as err:
         play(tiny_model_dir, [env], n=1)
     assert "three_turn" in str(err.value) and needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_repeated_prompts_share_one_prefill_and_decode_like_hf(tiny_model_dir):
+    """A GRPO rollout repeats each prompt G times: the decoder prefills each distinct prompt once and expands the
+    KV cache; greedy tokens still equal transformers' generate() on the repeated batch, with EOS rows dropped."""
+    from test_hybrid_generate import PAD, hf_greedy, left_padded, pick_eos
+
+    model = tiny_model(tiny_model_dir).eval()
+    ids, mask = left_padded()
+    eos = pick_eos(model, ids, mask, 8)
+    rep, rep_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    engine = HybridEngine(model, inference_dtype=None)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    got, _ = engine.generate(rep, rep_mask, GenerationSettings(max_new_tokens=8, do_sample=False),
+                             eos_token_id=eos, pad_token_id=PAD)
+    hook.remove()
+    assert calls[0][0] == ids.shape[0]  # the prefill ran on the distinct prompts only
+    want = hf_greedy(model, rep, rep_mask, 8, eos)
+    assert torch.equal(got, want[:, :got.shape[1]]) and (want[:, got.shape[1]:] == PAD).all()

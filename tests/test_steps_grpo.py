@@ -79,3 +79,14 @@ def test_grpo_killed_and_resumed_ends_with_the_same_weights(word_sft: Path, tmp_
     proc = run_cli(*grpo_args(word_sft, resumed, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert same_weights(straight / "actor", resumed / "actor") == []
+
+
+def test_grpo_trains_on_multi_turn_episodes(word_sft: Path, tmp_path: Path) -> None:
+    """guess_number answers every wrong guess, so episodes run several turns; the update trains on them."""
+    out = tmp_path / "guess"
+    proc = run_cli(*grpo_args(word_sft, out, "env.name=guess_number", "env.max_turns=3", "grpo.iterations=2",
+                              "checkpoint.every=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(2 < r["turns"] <= 3 for r in rows)  # few of the word model's guesses are right
+    assert all(r["response_length"] > 16 for r in rows)  # generated tokens of several turns

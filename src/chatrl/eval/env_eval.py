@@ -5,7 +5,9 @@ numbers 0..n-1, so every model meets the same problems. Per model:
 - success rate: greedy episodes; standard error sqrt(p (1 - p) / n) over the n tasks;
 - pass@k: k sampled episodes per task (temperature `temperature`), the share of tasks solved at least once
   (k samples drawn, so this is the plain estimator; s.e. over tasks as above);
-- mean return (sum of the environment's per-turn rewards).
+- mean return (sum of the environment's per-turn rewards);
+- against the first model: the per-task difference of greedy success, mean and paired standard error (the same
+  tasks for every model, so the paired s.e. is the honest measure of "clearly better").
 Episodes are played by the same code as training (`rollout.episodes`), with the model in a Hybrid Engine.
 """
 
@@ -36,15 +38,28 @@ class EnvScore:
     k: int
     mean_return: float
     n_tasks: int
+    per_task: list[bool]  # greedy success per task
     examples: list[dict]  # a few greedy conversations, for the report
+    vs_first: float | None = None     # mean per-task success difference to the first model
+    vs_first_se: float | None = None  # its paired standard error
 
     def line(self, name: str) -> str:
+        diff = "" if self.vs_first is None else f"   vs first {self.vs_first:+.1%} (s.e. {self.vs_first_se:.1%})"
         return (f"{name:<12} success {self.success:6.1%} (s.e. {self.success_se:.1%})   "
-                f"pass@{self.k} {self.pass_k:6.1%} (s.e. {self.pass_k_se:.1%})   return {self.mean_return:.3f}")
+                f"pass@{self.k} {self.pass_k:6.1%} (s.e. {self.pass_k_se:.1%})   return {self.mean_return:.3f}{diff}")
 
 
 def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """Mean of b_i - a_i over paired tasks and its standard error (sample std / sqrt(n))."""
+    d = [float(y) - float(x) for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
 
 
 def _play(engine: HybridEngine, tok, env_name: str, kwargs: dict, tasks: list[Task], settings: GenerationSettings,
@@ -81,9 +96,13 @@ def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks
         mean_return = sum(map(sum, played.turn_rewards)) / n_tasks
         examples = [{"conversation": c, "success": s} for c, s in zip(played.conversations[:8], played.success[:8],
                                                                       strict=True)]
-        results[name] = EnvScore(success, binomial_se(success, n_tasks), pass_k, binomial_se(pass_k, n_tasks), k,
-                                 mean_return, n_tasks, examples)
-        log(results[name].line(name))
+        score = EnvScore(success, binomial_se(success, n_tasks), pass_k, binomial_se(pass_k, n_tasks), k,
+                         mean_return, n_tasks, list(played.success), examples)
+        if results:
+            score.vs_first, score.vs_first_se = paired_difference(next(iter(results.values())).per_task,
+                                                                  score.per_task)
+        results[name] = score
+        log(score.line(name))
     return results
 
 
@@ -93,8 +112,10 @@ def save_env_result(results: dict[str, EnvScore], out: Path, env_name: str) -> P
     (out / "eval_env.json").write_text(json.dumps({"env": env_name, "models": {n: asdict(r) for n, r in
                                                                                results.items()}}, indent=1))
     k = next(iter(results.values())).k if results else 0
-    lines = [f"| model | success (greedy) | s.e. | pass@{k} | s.e. | mean return |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| model | success (greedy) | s.e. | pass@{k} | s.e. | mean return | vs first (paired s.e.) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r.success:.1%} | {r.success_se:.1%} | {r.pass_k:.1%} | {r.pass_k_se:.1%} | "
-              f"{r.mean_return:.3f} |" for n, r in results.items()]
+              f"{r.mean_return:.3f} | {'-' if r.vs_first is None else f'{r.vs_first:+.1%} ({r.vs_first_se:.1%})'} |"
+              for n, r in results.items()]
     (out / "eval_env.md").write_text("\n".join(lines) + "\n")
     return out / "eval_env.json"

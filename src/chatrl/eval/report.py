@@ -202,10 +202,11 @@ def _env_eval_html(path: Path) -> str:
     k = next(iter(models.values()), {}).get("k", 0)
     out = [f"<p>Environment <code>{html.escape(str(data.get('env')))}</code>, held-out (eval split) tasks.</p>",
            "<table id='env-eval-table'><tr><th>model</th><th>tasks</th><th>success (greedy)</th><th>s.e.</th>"
-           f"<th>pass@{k}</th><th>s.e.</th><th>mean return</th></tr>"]
+           f"<th>pass@{k}</th><th>s.e.</th><th>mean return</th><th>vs first model (paired s.e.)</th></tr>"]
     for name, r in models.items():
         cells = [str(r["n_tasks"]), f"{r['success']:.1%}", f"{r['success_se']:.1%}", f"{r['pass_k']:.1%}",
-                 f"{r['pass_k_se']:.1%}", f"{r['mean_return']:.3f}"]
+                 f"{r['pass_k_se']:.1%}", f"{r['mean_return']:.3f}",
+                 "-" if r.get("vs_first") is None else f"{r['vs_first']:+.1%} ({r['vs_first_se']:.1%})"]
         out.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td class='num'>{c}</td>" for c in cells)
                    + "</tr>")
     out.append("</table>")

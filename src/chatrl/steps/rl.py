@@ -25,7 +25,7 @@ from chatrl.rollout.sampling import GenerationSettings
 from chatrl.steps.common import start_step
 from chatrl.steps.rl_experience import EpisodeScores, episode_tensors, score_episodes, score_rollout
 from chatrl.steps.rl_models import RLModels, build_models, save_models
-from chatrl.steps.rl_update import Experience, policy_update
+from chatrl.steps.rl_update import Experience, policy_update, single_on_policy_step
 
 
 def _distributed() -> bool:
@@ -164,10 +164,11 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
     p, g = cfg.policy, cfg.rollout.samples_per_prompt
     t0 = time.perf_counter()
     tensors = episode_tensors(scored.episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
+    on_policy = single_on_policy_step(cfg, m.reference is not None, m.critic is not None)
     m.eval_mode()
     try:
-        rollout = score_rollout(actor=m.actor, reference=m.reference, critic=m.critic, tensors=tensors,
-                                scores=scored.score, temperature=cfg.rollout.temperature)
+        rollout = score_rollout(actor=None if on_policy else m.actor, reference=m.reference, critic=m.critic,
+                                tensors=tensors, scores=scored.score, temperature=cfg.rollout.temperature)
     finally:
         m.train_mode()
     times["score"] = times.get("score", 0.0) + time.perf_counter() - t0
@@ -187,7 +188,7 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
         rollout.action_mask = mask * keep
         adv = adv * keep
     times["rewards"] = time.perf_counter() - t0
-    return Experience(rollout, kl, adv, returns)
+    return Experience(rollout, kl, adv, returns, on_policy)
 
 
 # ----------------------------------------------------------------------------- the loop

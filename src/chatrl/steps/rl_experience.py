@@ -140,14 +140,17 @@ def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: Rewa
 
 
 @torch.no_grad()
-def score_rollout(*, actor: nn.Module, reference: nn.Module | None, critic: nn.Module | None, tensors: EpisodeTensors,
-                  scores: torch.Tensor, temperature: float = 1.0) -> Rollout:
+def score_rollout(*, actor: nn.Module | None, reference: nn.Module | None, critic: nn.Module | None,
+                  tensors: EpisodeTensors, scores: torch.Tensor, temperature: float = 1.0) -> Rollout:
     """Everything the update needs, computed once with the rollout's weights. The models must be in eval mode
-    (dropout off), so the first update's ratio is exactly 1. No reference (KL off): ref_logprobs = logprobs."""
+    (dropout off), so the first update's ratio is exactly 1. No reference (KL off): ref_logprobs = logprobs.
+    actor=None skips the actor's forward (logprobs = 0): for a single on-policy update, where the update's own
+    forward gives the old log-probs (the ratio is exactly 1, so they need not be computed twice)."""
     t = tensors
     ids, mask = joined(t.prompt_ids, t.prompt_mask, t.response_ids, t.response_mask)
     plen = t.prompt_ids.shape[1]
-    logprobs = response_logprobs(actor, ids, mask, plen, temperature)
+    logprobs = (response_logprobs(actor, ids, mask, plen, temperature) if actor is not None
+                else torch.zeros_like(t.action_mask))
     ref_logprobs = response_logprobs(reference, ids, mask, plen, temperature) if reference is not None else logprobs
     values = response_values(critic, ids, mask, plen) if critic is not None else torch.zeros_like(logprobs)
     return Rollout(prompt_ids=t.prompt_ids, prompt_mask=t.prompt_mask, response_ids=t.response_ids,

@@ -26,10 +26,19 @@ class Experience:
     kl: torch.Tensor           # per-token KL estimate (0 off the actions)
     advantages: torch.Tensor
     returns: torch.Tensor      # the critic's targets (GAE); = advantages for critic-free estimators
+    on_policy: bool = False    # rollout.logprobs were not computed: the update's forward (detached) stands in
 
     def rows(self, idx: torch.Tensor) -> Experience:
         fields = {k: getattr(self.rollout, k)[idx] for k in self.rollout.__dataclass_fields__}
-        return Experience(Rollout(**fields), self.kl[idx], self.advantages[idx], self.returns[idx])
+        return Experience(Rollout(**fields), self.kl[idx], self.advantages[idx], self.returns[idx], self.on_policy)
+
+
+def single_on_policy_step(cfg: RLStepConfig, has_reference: bool, has_critic: bool) -> bool:
+    """One epoch, one mini-batch, nothing else reading the rollout's log-probs: the update's first and only forward
+    runs on the rollout's weights, so the old log-probs equal its own (ratio exactly 1) and the separate scoring
+    forward of the actor can be skipped."""
+    p = cfg.policy
+    return p.ppo_epochs == 1 and p.mini_batches == 1 and not has_reference and not has_critic
 
 
 def _global_sum(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +78,8 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, agg: functools.p
     # actor: clipped surrogate (+ beta * KL when it sits in the loss) - entropy bonus (+ ptx LM loss)
     logits = response_logits(m.actor, ids, attn, plen, cfg.rollout.temperature)
     logprobs = token_logprobs(logits, r.response_ids)
-    pg_loss, pg_stats = policy_loss(logprobs, r.logprobs, mb.advantages, mask, p.clip_eps,
+    old_logprobs = logprobs.detach() if mb.on_policy else r.logprobs
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, p.clip_eps,
                                     clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
                                     agg=p.loss_agg, max_len=agg.keywords["max_len"],
                                     token_denom=agg.keywords["token_denom"])
