@@ -28,7 +28,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chatrl.batches import PromptBatch  # noqa: E402
 from chatrl.rollout.decode import GenerationSettings  # noqa: E402
 from chatrl.rollout.hybrid import HybridEngine  # noqa: E402
 
@@ -74,8 +73,7 @@ def run_ours(engine: HybridEngine, ids, mask, batch: int, new: int) -> int:
     n = 0
     with engine.inference_mode():
         for s in range(0, ids.shape[0], batch):
-            batch_ = PromptBatch(ids[s:s + batch], mask[s:s + batch])
-            _, rmask = engine.generate(batch_, settings, eos_token_id=2, pad_token_id=2)
+            _, rmask = engine.generate(ids[s:s + batch], mask[s:s + batch], settings, eos_token_id=2, pad_token_id=2)
             n += int(rmask.sum())
     return n
 

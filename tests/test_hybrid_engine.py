@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from chatrl.batches import PromptBatch
 from chatrl.rollout.decode import GenerationSettings
 from chatrl.rollout.hybrid import HybridEngine, _PackedLinear, can_pack
 from test_hybrid_generate import PAD, assert_bf16_greedy_within_rounding, hf_greedy, left_padded, pick_eos, tiny_model
@@ -21,7 +20,7 @@ def greedy() -> GenerationSettings:
 
 def rollout(he: HybridEngine, eos: int) -> torch.Tensor:
     ids, mask = left_padded()
-    return he.generate(PromptBatch(ids, mask), greedy(), eos_token_id=eos, pad_token_id=PAD)[0]
+    return he.generate(ids, mask, greedy(), eos_token_id=eos, pad_token_id=PAD)[0]
 
 
 def train_steps(model, n: int, lr: float = 3e-2) -> None:

@@ -54,7 +54,6 @@ def _main(model_dir: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from chatrl.batches import PromptBatch
     from chatrl.rollout.decode import GenerationSettings
     from chatrl.rollout.hybrid import HybridEngine
     from test_hybrid_generate import PAD, hf_greedy, left_padded, tiny_model
@@ -76,7 +75,7 @@ def _main(model_dir: str, out_path: str) -> None:
     he = HybridEngine(engine, inference_dtype=None, zero3=True, release_after_rollout=False)
     assert he.zero3 and sum(p.numel() for p in model.parameters()) == 0  # really partitioned
     settings = GenerationSettings(max_new_tokens=NEW, do_sample=False)
-    resp, resp_mask = he.generate(PromptBatch(ids, mask), settings, eos_token_id=eos, pad_token_id=PAD)
+    resp, resp_mask = he.generate(ids, mask, settings, eos_token_id=eos, pad_token_id=PAD)
     own_steps = int(resp_mask.sum(1).max())
     padded = torch.full_like(resp, PAD)
     padded[:, : want.shape[1]] = want
@@ -89,7 +88,7 @@ def _main(model_dir: str, out_path: str) -> None:
     engine.backward(loss)
     engine.step()
     he.mark_weights_updated()
-    he.generate(PromptBatch(ids, mask), settings, eos_token_id=eos, pad_token_id=PAD)
+    he.generate(ids, mask, settings, eos_token_id=eos, pad_token_id=PAD)
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         copy_params = dict(he._copy.model.named_parameters())

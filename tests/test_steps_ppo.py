@@ -104,3 +104,21 @@ def test_ppo_ema_is_checkpointed_and_resumed(word_sft: Path, tmp_path: Path) -> 
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "step-000003" / "ema.safetensors").exists()
     assert load_with_plain_transformers(out / "actor_ema").startswith("OK")
+
+
+def test_first_update_ratio_is_one_with_lora_dropout(word_sft: Path, tmp_path: Path) -> None:
+    """Scoring runs in eval mode and dropout is disabled for RL (TRL's default): the first update of an iteration
+    sees exactly the distribution the old log-probs came from, even with LoRA dropout 0.5 configured."""
+    # iteration 2: LoRA's B starts at 0, so only after an update does the adapter (and its dropout) act
+    base = ["actor.lora.r=4", "actor.lora.dropout=0.5", "ppo.iterations=2", "ppo.ppo_epochs=1",
+            "ppo.mini_batches=1", "ppo.micro_batch_size=16", "ppo.advantage=grpo", "rollout.samples_per_prompt=2",
+            "rollout.prompts_per_rollout=8", "checkpoint.every=0", "actor_optim.lr=2e-2"]
+    ratios = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        proc = run_cli(*ppo_args(word_sft, out, *base, f"ppo.disable_dropout={flag}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ratios[flag] = read_metrics(out)[1]
+    assert abs(ratios["true"]["policy_ratio_mean"] - 1) < 1e-5 and ratios["true"]["policy_approx_kl"] < 1e-9
+    # measured: 0.0 with dropout off; ~7e-4 with LoRA dropout 0.5 acting in the update's forward only
+    assert ratios["false"]["policy_approx_kl"] > 1e-5

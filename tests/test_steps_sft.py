@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, cli_env, final_by_step, load_with_plain_transformers, read_metrics, run_cli
+from helpers import (
+    REPO,
+    cli_env,
+    final_by_step,
+    kill_after_checkpoint,
+    load_with_plain_transformers,
+    read_metrics,
+    run_cli,
+)
 
 TINY = "configs/tiny-sft.yaml"
 
@@ -54,24 +59,11 @@ def test_sft_help_lists_every_field() -> None:
         assert key in proc.stdout
 
 
-def _kill_after_checkpoint(out: Path, step: int, args: list[str]) -> None:
-    """Start the run, SIGKILL it once checkpoint `step` is complete."""
-    proc = subprocess.Popen([sys.executable, "-m", "chatrl", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = out / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "run ended before the checkpoint to kill at"
-
-
 @pytest.mark.slow
 def test_sft_killed_and_resumed_matches_uninterrupted(tmp_path: Path, sft_run: Path) -> None:
     out = tmp_path / "resumed"
     args = ["sft", "--config", TINY, f"output_dir={out}"]
-    _kill_after_checkpoint(out, 4, args)
+    kill_after_checkpoint(out, 4, args)
     assert not (out / "model").exists()
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -110,6 +110,8 @@ class PolicyOptions:
     max_sampling_rounds: int = opt(4, "cap of rollout rounds per iteration for dynamic sampling; a batch still not "
                                       "full is filled with dropped groups (advantage 0), counted in the logs")
     save_every: int = opt(0, "save the actor's HF folder every N iterations (0 = end only)")
+    disable_dropout: bool = opt(True, "set every dropout of the trained models to 0 (as TRL does): the first "
+                                      "update's ratio is then exactly 1 and scoring/training see the same model")
 
 
 @dataclass

@@ -29,7 +29,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from chatrl.batches import PromptBatch
 from chatrl.paths import setup_extension_cache
 from chatrl.rollout.compiled_decode import CompiledDecoder, why_unsupported
 from chatrl.rollout.decode import GenerationSettings, generate
@@ -183,7 +182,7 @@ class HybridEngine:
 
         he = HybridEngine(actor, inference_dtype=torch.bfloat16, zero3=True)
         with he.inference_mode() as model:      # eval, no grad, weights gathered/merged/cast once
-            ids, mask = he.generate(prompts, settings, eos_token_id=2, pad_token_id=2)
+            ids, mask = he.generate(prompt_ids, prompt_mask, settings, eos_token_id=2, pad_token_id=2)
         ...optimizer step...; he.mark_weights_updated()
     """
 
@@ -275,22 +274,18 @@ class HybridEngine:
         if self._copy is not None:
             self._copy.release()
 
-    def generate(self, prompts: PromptBatch | torch.Tensor, *args, return_logprobs: bool = False,
-                 synced: bool | None = None, **kwargs):
-        """Decode a rollout. Either `generate(prompt_batch, settings, eos_token_id, pad_token_id)` or
-        `generate(prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id)`; see `rollout.decode.generate`
-        for the outputs. Inside `inference_mode()` it reuses that layout; otherwise it opens one for this call.
-        synced defaults to True under ZeRO-3 (every rank keeps stepping until all are done)."""
-        if isinstance(prompts, PromptBatch):
-            ids, mask = prompts.input_ids, prompts.attention_mask
-        else:
-            ids, mask, *args = (prompts, *args)
-        settings: GenerationSettings = args[0] if args else kwargs.pop("settings")
-        rest = dict(zip(("eos_token_id", "pad_token_id"), args[1:], strict=False)) | kwargs
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: GenerationSettings, *,
+                 eos_token_id: int, pad_token_id: int, return_logprobs: bool = False, synced: bool | None = None,
+                 **kwargs):
+        """Decode a rollout from LEFT padded prompts [B, P]; see `rollout.decode.generate` for the outputs and the
+        other keyword arguments. Inside `inference_mode()` it reuses that layout; otherwise it opens one for this
+        call. synced defaults to True under ZeRO-3 (every rank keeps stepping until all are done)."""
         synced = self.zero3 if synced is None else synced
         if self._active is None:
             with self.inference_mode() as model:
-                return generate(model, ids, mask, settings, return_logprobs=return_logprobs, synced=synced,
-                                decoder=self._decoder_for(model), **rest)
-        return generate(self._active, ids, mask, settings, return_logprobs=return_logprobs, synced=synced,
-                        decoder=self._decoder_for(self._active), **rest)
+                return generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
+                                return_logprobs=return_logprobs, synced=synced, decoder=self._decoder_for(model),
+                                **kwargs)
+        return generate(self._active, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
+                        return_logprobs=return_logprobs, synced=synced, decoder=self._decoder_for(self._active),
+                        **kwargs)

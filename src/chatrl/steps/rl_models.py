@@ -137,6 +137,11 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
     if cfg.reward.model:
         reward_model = load_reward_model(cfg.reward.model, dtype=cfg.reward.dtype, tokenizer=tok, trainable=False)
         reward_model = Offloaded(reward_model, dev) if cfg.reward.offload else reward_model.to(dev)
+    if p.disable_dropout:
+        for model in (actor_model, critic.module if critic is not None else None):
+            for module in model.modules() if model is not None else ():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
     hybrid = HybridEngine(actor, inference_dtype=resolve_dtype(cfg.rollout.inference_dtype),
                           release_after_rollout=cfg.rollout.release_memory,
                           zero3=cfg.deepspeed.zero_stage == 3, compile_decode=cfg.rollout.compile)
