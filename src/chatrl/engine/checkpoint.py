@@ -5,15 +5,19 @@ engine, e.g. "actor", "critic") plus `state.json` (step, data position, anything
 `rng.pt` (torch/python/numpy RNG states, rank-local). Everything is first written to
 `.tmp-step-000120/` and renamed into place by rank 0 after all ranks finished, with a `COMPLETE` marker
 written last, so a SIGKILL at any moment leaves either a complete checkpoint or an ignorable temp dir.
+`MANIFEST.json` lists every file's size and sha256: a checkpoint damaged after it was written (a truncated or
+corrupted file, a disk that lost a block) is detected on resume, reported, and the previous one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +55,66 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+MANIFEST = "MANIFEST.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """MANIFEST.json: size and sha256 of every file below `folder` (the manifest itself and COMPLETE excluded)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "COMPLETE"))
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (None when they match its manifest, or it has none)."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return None  # written before manifests existed
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, want in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
 def find_resume_point(output_dir: str | Path, resume: str) -> Path | None:
-    """`auto`: newest complete checkpoint or None; `never`: None; anything else: that path (must be complete)."""
+    """`auto`: newest complete checkpoint whose files match their manifest (a damaged one is reported and the
+    previous used), or None; `never`: None; anything else: that path (must be complete and intact)."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if _rank() == 0:
+                print(f"chatrl: checkpoint {path} is damaged ({problem}); resuming from the one before it",
+                      file=sys.stderr)
+        return None
     path = Path(resume)
     if not (path / "COMPLETE").exists():
         raise ChatrlError(f"checkpoint.resume={resume}: not a complete chatrl checkpoint (no COMPLETE marker)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ChatrlError(f"checkpoint.resume={resume}: the checkpoint is damaged ({problem}); pick another one "
+                          "or set checkpoint.resume=auto")
     return path
 
 
@@ -98,6 +152,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engines: dict[str, Any], 
         for name, tensor_dict in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        write_manifest(tmp)
         (tmp / "COMPLETE").write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)

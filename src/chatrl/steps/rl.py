@@ -6,7 +6,6 @@ KL goes, the advantage estimator), not in their loop."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,10 +19,10 @@ from chatrl.algorithms.rewards import shape_rewards
 from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, PPOOptions, RLStepConfig
 from chatrl.engine import checkpoint as ckpt
 from chatrl.log import MetricsLogger
-from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
+from chatrl.rollout.episodes import Task, run_episodes
 from chatrl.rollout.sampling import GenerationSettings
 from chatrl.steps.common import start_step
-from chatrl.steps.rl_experience import EpisodeScores, episode_tensors, score_episodes, score_rollout
+from chatrl.steps.rl_experience import Scored, episode_tensors, score_episodes, score_rollout
 from chatrl.steps.rl_models import RLModels, build_models, save_models
 from chatrl.steps.rl_update import Experience, policy_update, single_on_policy_step
 
@@ -63,34 +62,6 @@ def any_rank(flag: bool) -> bool:
 # ----------------------------------------------------------------------------- steps 1-2: episodes and rewards
 
 
-@dataclass
-class Scored:
-    """Episodes with their rewards (per-row lists/tensors, so rows of several rounds can be joined)."""
-
-    episodes: EpisodeBatch
-    score: torch.Tensor
-    outcome: torch.Tensor
-    has_eos: torch.Tensor
-    by_function: dict[str, torch.Tensor]
-    rm_score: torch.Tensor | None
-
-    @classmethod
-    def of(cls, episodes: EpisodeBatch, s: EpisodeScores) -> Scored:
-        return cls(episodes, s.score, s.outcome, s.has_eos, s.by_function, s.rm_score)
-
-    def select(self, rows: list[int]) -> Scored:
-        idx = torch.tensor(rows, dtype=torch.long)
-        return Scored(self.episodes.select(rows), self.score[idx], self.outcome[idx], self.has_eos[idx],
-                      {k: v[idx] for k, v in self.by_function.items()},
-                      None if self.rm_score is None else self.rm_score[idx])
-
-    def __add__(self, other: Scored) -> Scored:
-        return Scored(self.episodes + other.episodes, torch.cat([self.score, other.score]),
-                      torch.cat([self.outcome, other.outcome]), torch.cat([self.has_eos, other.has_eos]),
-                      {k: torch.cat([v, other.by_function[k]]) for k, v in self.by_function.items()},
-                      None if self.rm_score is None else torch.cat([self.rm_score, other.rm_score]))
-
-
 def tasks_for(first_prompt: int, cfg: RLStepConfig, rank: int, world: int) -> list[Task]:
     """This rank's share of prompts first_prompt .. first_prompt + prompts_per_rollout, each repeated G times
     (the G samples of a group play the same task)."""
@@ -106,10 +77,9 @@ def play_and_score(m: RLModels, cfg: RLStepConfig, first_prompt: int, settings: 
                             settings, max_turns=cfg.env.max_turns, max_prompt_tokens=cfg.data.max_prompt_length,
                             max_context=cfg.env.max_context)
     tensors = episode_tensors(episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
-    return Scored.of(episodes, score_episodes(episodes, tensors, m.functions, m.reward_model,
-                                              model_weight=cfg.reward.model_weight,
-                                              eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
-                                              overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens))
+    return score_episodes(episodes, tensors, m.functions, m.reward_model, model_weight=cfg.reward.model_weight,
+                          eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
+                          overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens)
 
 
 def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSettings, rank: int,

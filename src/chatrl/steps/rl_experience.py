@@ -98,25 +98,35 @@ def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torc
 
 
 @dataclass
-class EpisodeScores:
-    """Rewards of a batch of episodes, before any KL: `score` lands on the last generated token, `env_rewards`
-    on each turn's last token; the outcome (what group-relative estimators compare) is their sum."""
+class Scored:
+    """Episodes with their rewards, before any KL (per-row, so rows of several sampling rounds can be selected and
+    joined): `score` lands on the last generated token, the environment's per-turn rewards on each turn's last
+    token; `outcome` (their sum: the episode return) is what group-relative estimators compare."""
 
-    tensors: EpisodeTensors
+    episodes: EpisodeBatch
     score: torch.Tensor                    # [B] reward functions + reward model + penalties
+    outcome: torch.Tensor                  # [B] score + the environment's (discounted) return
+    has_eos: torch.Tensor                  # [B] the final reply ended with EOS
     by_function: dict[str, torch.Tensor]   # [B] each reward function's raw value
     rm_score: torch.Tensor | None          # [B] the reward model's raw score
-    has_eos: torch.Tensor                  # [B] the final reply ended with EOS
 
-    @property
-    def outcome(self) -> torch.Tensor:
-        return self.score + self.tensors.env_rewards.sum(-1)
+    def select(self, rows: list[int]) -> Scored:
+        idx = torch.tensor(rows, dtype=torch.long, device=self.score.device)
+        return Scored(self.episodes.select(rows), self.score[idx], self.outcome[idx], self.has_eos[idx],
+                      {k: v[idx] for k, v in self.by_function.items()},
+                      None if self.rm_score is None else self.rm_score[idx])
+
+    def __add__(self, other: Scored) -> Scored:
+        return Scored(self.episodes + other.episodes, torch.cat([self.score, other.score]),
+                      torch.cat([self.outcome, other.outcome]), torch.cat([self.has_eos, other.has_eos]),
+                      {k: torch.cat([v, other.by_function[k]]) for k, v in self.by_function.items()},
+                      None if self.rm_score is None else torch.cat([self.rm_score, other.rm_score]))
 
 
 @torch.no_grad()
 def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: RewardFunctions,
                    reward_model: nn.Module | None, *, model_weight: float, eos_penalty: float,
-                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int) -> EpisodeScores:
+                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int) -> Scored:
     """Reward functions on the final replies, the reward model at each conversation's last token, and the
     length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length)."""
     device = tensors.response_ids.device
@@ -133,7 +143,8 @@ def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: Rewa
     if overlong_buffer > 0:
         lengths = torch.tensor([len(r) for r in batch.last_reply_ids], device=device)
         score = score + overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_factor)
-    return EpisodeScores(tensors, score, fn.by_function, rm, has_eos)
+    outcome = score + tensors.env_rewards.sum(-1)
+    return Scored(batch, score, outcome, has_eos, {k: v.to(device) for k, v in fn.by_function.items()}, rm)
 
 
 # ----------------------------------------------------------------------------- log-probs and values
