@@ -100,8 +100,7 @@ def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSet
         if not p.dynamic_sampling:
             kept = scored
             break
-        groups = scored.outcome.reshape(-1, g)
-        varied = (groups.max(dim=1).values > groups.min(dim=1).values).tolist()
+        varied = varied_groups(scored.outcome, g)
         rows = [i for k, ok in enumerate(varied) if ok for i in range(k * g, (k + 1) * g)]
         dropped += varied.count(False)
         if rows:
@@ -117,12 +116,14 @@ def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSet
         kept = extra if kept is None else kept + extra
     assert kept is not None
     kept = kept.select(list(range(wanted * g)))
-    tied = sum(not _varied(kept.outcome[k * g:(k + 1) * g]) for k in range(wanted)) if p.dynamic_sampling else 0
+    tied = varied_groups(kept.outcome, g).count(False) if p.dynamic_sampling else 0
     return kept, cursor, {"sampling_rounds": rounds, "groups_dropped": dropped, "groups_tied_in_batch": tied}
 
 
-def _varied(x: torch.Tensor) -> bool:
-    return bool(x.max() > x.min())
+def varied_groups(outcome: torch.Tensor, g: int) -> list[bool]:
+    """Per group of g consecutive rows: do its rewards differ? (A tied group has advantage 0: nothing to learn.)"""
+    groups = outcome.reshape(-1, g)
+    return (groups.max(dim=1).values > groups.min(dim=1).values).tolist()
 
 
 # ----------------------------------------------------------------------------- steps 3-4: log-probs, rewards, advantages
@@ -169,12 +170,12 @@ def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], 
     """Step 6: one row of metrics.jsonl (means over this process's rollout)."""
     ep = scored.episodes
     lengths = exp.rollout.response_mask.new_tensor([sum(a) for a in ep.action_mask])
-    groups = scored.outcome.reshape(-1, g) if len(scored.outcome) % g == 0 else scored.outcome.reshape(1, -1)
+    varied = varied_groups(scored.outcome, g)  # rows always come in whole groups
     seq_kl = exp.kl.sum(-1).mean().item()
     out = {"reward_mean": scored.outcome.mean().item(),
            "reward_std": scored.outcome.std().item() if len(scored.outcome) > 1 else 0.0,
            "success_rate": sum(ep.success) / len(ep), "env_return": sum(map(sum, ep.turn_rewards)) / len(ep),
-           "zero_variance_groups": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+           "zero_variance_groups": varied.count(False) / len(varied),
            "kl": seq_kl, "kl_coef": beta, "response_length": lengths.mean().item(),
            "eos_rate": scored.has_eos.float().mean().item(), "truncation_rate": 1 - scored.has_eos.float().mean().item(),
            "context_truncated": sum(ep.context_truncated), "turns": sum(map(len, ep.turn_rewards)) / len(ep),
