@@ -60,7 +60,10 @@ def test_saved_reward_model_scores_like_chatrl(reward_run: Path) -> None:
     plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     assert plain.config.num_labels == 1 and plain.config.pad_token_id != tok.eos_token_id
     pairs = [PreferencePair([{"role": "user", "content": "hi there"}], "sun banana", "rain"),
-             PreferencePair([{"role": "user", "content": "a much longer question about trees"}], "tree road", "x")]
+             PreferencePair([{"role": "user", "content": "a much longer question about trees"}], "tree road banana",
+                            "tree road"),
+             PreferencePair([{"role": "user", "content": "say something"}], "the old house banana", "the old house"),
+             PreferencePair([{"role": "user", "content": "what now"}], "blue river banana", "blue river stone")]
     rows = [dict(zip(("chosen_ids", "rejected_ids"), encode_pair(tok, p, 128, 96), strict=True), margin=None)
             for p in pairs]
     batch = collate_pairs(rows, tok.pad_token_id)  # right padded, different lengths
@@ -69,7 +72,9 @@ def test_saved_reward_model_scores_like_chatrl(reward_run: Path) -> None:
     with torch.no_grad():
         theirs = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    assert ours[0] > ours[2]  # banana reply beats the plain one
+    # the saved model carries the learned preference: banana replies (rows 0-3) outscore their twins (rows 4-7);
+    # compared on average: a single hand-picked pair flipped in one of three runs on this machine
+    assert ours[:4].mean() > ours[4:].mean()
 
 
 @pytest.mark.parametrize("row, what", [
