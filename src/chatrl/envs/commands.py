@@ -28,13 +28,13 @@ def register(subparsers: Any) -> None:
     env.set_defaults(func=lambda args: env.print_help() or 1)
 
 
-def parse_kwargs(text: str) -> dict[str, Any]:
+def parse_kwargs(text: str, flag: str = "--kwargs") -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ChatrlError(f"--kwargs is not valid JSON ({e.msg} at column {e.colno}): {text[:100]}") from None
+        raise ChatrlError(f"{flag} is not valid JSON ({e.msg} at column {e.colno}): {text[:100]}") from None
     if not isinstance(value, dict):
-        raise ChatrlError(f"--kwargs must be a JSON object like '{{\"digits\": 3}}', got {type(value).__name__}")
+        raise ChatrlError(f"{flag} must be a JSON object like '{{\"digits\": 3}}', got {type(value).__name__}")
     return value
 
 

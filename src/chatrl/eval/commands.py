@@ -128,7 +128,7 @@ def _eval_env(args, models: dict[str, str]) -> int:
     from chatrl.envs.commands import parse_kwargs
     from chatrl.eval.env_eval import evaluate_env, save_env_result
 
-    results = evaluate_env(models, args.env, parse_kwargs(args.env_kwargs), n_tasks=args.tasks, k=args.k,
+    results = evaluate_env(models, args.env, parse_kwargs(args.env_kwargs, "--env-kwargs"), n_tasks=args.tasks, k=args.k,
                            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                            max_turns=args.max_turns, batch_size=args.batch_size, seed=args.seed, log=_log)
     path = save_env_result(results, Path(args.out), args.env)

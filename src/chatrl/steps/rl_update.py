@@ -62,17 +62,19 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
             # token_mean over the whole mini-batch (all micro-batches, all ranks), not per micro-batch
             tokens = _global_sum(exp.rollout.action_mask[mini].sum())
             token_denom = tokens.clamp(min=1) / (plan.grad_accum * plan.world)
-            agg = functools.partial(aggregate, mode=p.loss_agg, max_len=max_len, token_denom=token_denom)
             for idx in mini.split(micro):
-                stats = _micro_step(m, exp.rows(idx), cfg, agg)
+                stats = _micro_step(m, exp.rows(idx), cfg, max_len, token_denom)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, agg: functools.partial) -> dict[str, float]:
+def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
+                token_denom: torch.Tensor) -> dict[str, float]:
     p, r = cfg.policy, mb.rollout
+    # the policy loss and the KL term reduce their per-token values the same way
+    agg = functools.partial(aggregate, mode=p.loss_agg, max_len=max_len, token_denom=token_denom)
     mask, plen = r.action_mask, r.prompt_ids.shape[1]
     ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
     # actor: clipped surrogate (+ beta * KL when it sits in the loss) - entropy bonus (+ ptx LM loss)
@@ -81,8 +83,7 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, agg: functools.p
     old_logprobs = logprobs.detach() if mb.on_policy else r.logprobs
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, p.clip_eps,
                                     clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
-                                    agg=p.loss_agg, max_len=agg.keywords["max_len"],
-                                    token_denom=agg.keywords["token_denom"])
+                                    agg=p.loss_agg, max_len=max_len, token_denom=token_denom)
     entropy = mean_entropy(logits, mask)
     loss = pg_loss - p.entropy_coef * entropy
     stats = {"policy_loss": pg_loss.item(), "entropy": entropy.item(),
