@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,17 @@ def same_weights(a: Path, b: Path) -> list[str]:
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     return [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].equal(wb[k]))]
+
+
+def write_marker_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """Preference pairs whose chosen reply always ends with the word 'banana' and whose rejected reply (words from
+    WORDS without it) never has it."""
+    rng = random.Random(seed)
+    plain = [w for w in WORDS if w != "banana"]
+    with path.open("w") as f:
+        for i in range(n):
+            body = " ".join(rng.choice(plain) for _ in range(rng.randint(3, 8)))
+            other = " ".join(rng.choice(plain) for _ in range(rng.randint(3, 8)))
+            f.write(json.dumps({"prompt": f"Question {i}: say something about {rng.choice(plain)}",
+                                "chosen": f"{body} banana", "rejected": other}) + "\n")
+    return path

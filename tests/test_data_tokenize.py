@@ -84,8 +84,9 @@ def test_fallback_template_without_chat_template(tok):
 
 def test_pair_ends_exactly_at_end_of_turn(tok):
     pair = PreferencePair(CONV[:4], chosen="One two three.", rejected="No.")
-    chosen, rejected = encode_pair(tok, pair, max_length=512, max_prompt_length=256)
+    chosen, rejected, chosen_plen, rejected_plen = encode_pair(tok, pair, max_length=512, max_prompt_length=256)
     prompt = _ids(tok, CONV[:4], gen=True)
+    assert chosen_plen == rejected_plen == len(prompt)
     assert chosen[-1] == rejected[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     assert chosen[: len(prompt)] == prompt == rejected[: len(prompt)]
     assert tok.decode(chosen[len(prompt):]) == "One two three.<|im_end|>"
@@ -95,12 +96,14 @@ def test_pair_ends_exactly_at_end_of_turn(tok):
 def test_long_prompt_is_left_truncated_keeping_reply_end(tok):
     long_prompt = [{"role": "user", "content": "word " * 200}]
     pair = PreferencePair(long_prompt, chosen="Yes indeed.", rejected="Nope.")
-    chosen, rejected = encode_pair(tok, pair, max_length=512, max_prompt_length=16)
+    chosen, rejected, chosen_plen, _ = encode_pair(tok, pair, max_length=512, max_prompt_length=16)
     prompt = _ids(tok, long_prompt, gen=True)
     assert chosen[:16] == prompt[-16:] and tok.decode(chosen[16:]) == "Yes indeed.<|im_end|>"
-    assert rejected[:16] == prompt[-16:]
-    tight, _ = encode_pair(tok, pair, max_length=10, max_prompt_length=16)
-    assert len(tight) == 10 and tight == chosen[-10:]
+    assert rejected[:16] == prompt[-16:] and chosen_plen == 16
+    tight = encode_pair(tok, pair, max_length=10, max_prompt_length=16)
+    assert len(tight.chosen) == 10 and tight.chosen == chosen[-10:]
+    # the reply keeps its len(chosen) - 16 tokens; the rest of the 10 are prompt
+    assert tight.chosen_prompt_len == 10 - (len(chosen) - 16)
     assert encode_pair(tok, pair, 512, 16, overlength="drop") is None
 
     ids = encode_prompt(tok, Prompt(long_prompt), max_prompt_length=16)
@@ -139,7 +142,8 @@ def test_tokenized_rows_per_step_and_cache_hit(tok, tmp_path, monkeypatch):
     sft = pipeline.tokenized_rows(cfg, tok, "sft", "train")
     assert set(sft[0]) == {"input_ids", "labels", "source"}
     reward = pipeline.tokenized_rows(cfg, tok, "reward", "train")
-    assert set(reward[0]) == {"chosen_ids", "rejected_ids", "margin", "source"}
+    assert set(reward[0]) == {"chosen_ids", "rejected_ids", "chosen_prompt_len", "rejected_prompt_len", "margin",
+                              "source"}
     rlhf = pipeline.tokenized_rows(cfg, tok, "rlhf", "train")
     assert set(rlhf[0]) == {"prompt_ids", "messages", "reference", "extra", "source"}
     assert len(list((tmp_path / "home" / "tokenized").glob("*.json"))) == 3

@@ -4,27 +4,12 @@ AutoModelForSequenceClassification that scores like chatrl's scorer; bad pairs a
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import read_metrics, run_cli
-
-WORDS = "the a cat dog sun rain tree road blue green small quick old new house river stone".split()
-
-
-def write_marker_pairs(path: Path, n: int, seed: int = 0) -> Path:
-    """Pairs whose chosen reply always contains the word 'banana' and whose rejected reply never does."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(n):
-            body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            other = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            f.write(json.dumps({"prompt": f"Question {i}: say something about {rng.choice(WORDS)}",
-                                "chosen": f"{body} banana", "rejected": other}) + "\n")
-    return path
+from helpers import read_metrics, run_cli, write_marker_pairs
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +49,8 @@ def test_saved_reward_model_scores_like_chatrl(reward_run: Path) -> None:
                             "tree road"),
              PreferencePair([{"role": "user", "content": "say something"}], "the old house banana", "the old house"),
              PreferencePair([{"role": "user", "content": "what now"}], "blue river banana", "blue river stone")]
-    rows = [dict(zip(("chosen_ids", "rejected_ids"), encode_pair(tok, p, 128, 96), strict=True), margin=None)
-            for p in pairs]
+    rows = [{"chosen_ids": e.chosen, "rejected_ids": e.rejected, "margin": None}
+            for e in (encode_pair(tok, p, 128, 96) for p in pairs)]
     batch = collate_pairs(rows, tok.pad_token_id)  # right padded, different lengths
     ours = sequence_scores(load_reward_model(str(folder), dtype="fp32", trainable=False), batch.input_ids,
                            batch.attention_mask)

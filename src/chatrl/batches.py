@@ -31,11 +31,15 @@ class TokenBatch(_TensorBatch):
 class PairBatch(_TensorBatch):
     """Reward-model batch: rows [0, B) are chosen, rows [B, 2B) the rejected replies of the same pairs,
     so both go through the model in one forward. input_ids/attention_mask: [2B, T].
-    margin: [B] (zeros when the data has none)."""
+    margin: [B] (zeros when the data has none). reply_mask: [2B, T] 1 on the reply's tokens (the ones DPO scores),
+    None when the rows carry no prompt lengths. ref_logps: [2B] the frozen reference's summed reply log-probs when
+    precomputed (DPO), else None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     margin: torch.Tensor
+    reply_mask: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
 
 
 @dataclass

@@ -37,6 +37,8 @@ class ModelConfig:
     trainable_layers: Optional[int] = opt(None, "train only the top N transformer blocks (+ final norm and head); "
                                                 "embeddings and lower blocks stay frozen, so backward stops early "
                                                 "(trlx's num_layers_unfrozen). None = train all")
+    allow_pickle: bool = opt(False, "load a model folder whose only weights are pickle files (pytorch_model.bin), "
+                                    "which can run code when loaded: only for files you trust (else: safetensors)")
     lora: LoraConfig = sub(LoraConfig)
 
 

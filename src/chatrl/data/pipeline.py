@@ -32,7 +32,7 @@ log = logging.getLogger("chatrl.data")
 Step = Literal["sft", "reward", "rlhf"]
 Part = Literal["train", "eval"]
 Record = Union[Conversation, PreferencePair, Prompt]
-CACHE_VERSION = "1"  # bump when tokenization changes so old caches are not reused
+CACHE_VERSION = "2"  # bump when tokenization changes so old caches are not reused
 _HASH_LIMIT = 256 * 2**20  # files up to this size are hashed by content, bigger ones by size+mtime
 
 
@@ -198,7 +198,8 @@ def _encode(tokenizer: Any, rec: Record, step: str, cfg: DataConfig, train_on_pr
         pair = encode_pair(tokenizer, rec, cfg.max_length, cfg.max_prompt_length, cfg.overlength)
         if pair is None:
             return None
-        return {"chosen_ids": pair[0], "rejected_ids": pair[1], "margin": rec.margin, "source": rec.source}
+        return {"chosen_ids": pair.chosen, "rejected_ids": pair.rejected, "chosen_prompt_len": pair.chosen_prompt_len,
+                "rejected_prompt_len": pair.rejected_prompt_len, "margin": rec.margin, "source": rec.source}
     assert isinstance(rec, Prompt)
     ids = encode_prompt(tokenizer, rec, cfg.max_prompt_length, cfg.overlength)
     if ids is None:
@@ -250,7 +251,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def tokenized_rows(cfg: DataConfig, tokenizer: Any, step: Step, part: Part, *,
                    train_on_prompt: bool = False) -> list[dict[str, Any]]:
     """Tokenized rows for a step (plain lists, cached under cache_dir("tokenized")):
-    sft: input_ids, labels; reward: chosen_ids, rejected_ids, margin; rlhf: prompt_ids, messages,
+    sft: input_ids, labels; reward: chosen_ids, rejected_ids, chosen/rejected_prompt_len, margin; rlhf: prompt_ids, messages,
     reference, extra. Every row also has its "source"."""
     path = cache_dir("tokenized") / f"{step}-{part}-{cache_key(cfg, tokenizer, step, part, train_on_prompt)}.json"
     if path.exists():

@@ -13,7 +13,7 @@ Encoders return None for a row dropped by `overlength="drop"` (or left with noth
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -97,7 +97,8 @@ def encode_conversation(tokenizer: Any, conv: Conversation | list[Message], max_
 
 
 def _encode_reply(tokenizer: Any, prompt: list[Message], reply: str, max_length: int, max_prompt_length: int,
-                  overlength: str) -> list[int] | None:
+                  overlength: str) -> tuple[list[int], int] | None:
+    """(prompt + reply ids, how many of them are prompt tokens after truncation), or None when dropped."""
     text, spans = assistant_spans(tokenizer, prompt + [{"role": "assistant", "content": reply}])
     start, end = spans[-1]
     ids, starts = _token_starts(tokenizer, text[:end])  # ends exactly at the end-of-turn token
@@ -106,23 +107,34 @@ def _encode_reply(tokenizer: Any, prompt: list[Message], reply: str, max_length:
         if overlength == "drop":
             return None
         ids = ids[n_prompt - max_prompt_length:]  # left-truncate the prompt, keep its last tokens
+        n_prompt = max_prompt_length
     if len(ids) > max_length:
         if overlength == "drop":
             return None
+        n_prompt = max(0, n_prompt - (len(ids) - max_length))
         ids = ids[-max_length:]  # keep the end: the reward is read at the final token
-    return ids
+    return ids, n_prompt
+
+
+class EncodedPair(NamedTuple):
+    """A tokenized preference pair: prompt + reply ids of each side and how many leading ids are prompt."""
+
+    chosen: list[int]
+    rejected: list[int]
+    chosen_prompt_len: int
+    rejected_prompt_len: int
 
 
 def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int, max_prompt_length: int,
-                overlength: str = "truncate") -> tuple[list[int], list[int]] | None:
-    """-> (chosen_ids, rejected_ids): prompt + reply, each ending exactly at the reply's
-    end-of-turn/EOS token. Overlong prompts keep their last max_prompt_length tokens."""
+                overlength: str = "truncate") -> EncodedPair | None:
+    """-> chosen and rejected ids (prompt + reply, each ending exactly at the reply's end-of-turn/EOS token) and
+    their prompt lengths. Overlong prompts keep their last max_prompt_length tokens."""
     chosen = _encode_reply(tokenizer, pair.prompt_messages, pair.chosen, max_length, max_prompt_length, overlength)
     rejected = _encode_reply(tokenizer, pair.prompt_messages, pair.rejected, max_length, max_prompt_length,
                              overlength)
-    if chosen is None or rejected is None or chosen == rejected:
+    if chosen is None or rejected is None or chosen[0] == rejected[0]:
         return None
-    return chosen, rejected
+    return EncodedPair(chosen[0], rejected[0], chosen[1], rejected[1])
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt | list[Message], max_prompt_length: int,
@@ -160,10 +172,19 @@ def collate_sft(rows: Sequence[dict[str, Any]], pad_id: int) -> TokenBatch:
 
 
 def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int) -> PairBatch:
-    """Chosen rows [0, B) then rejected rows [B, 2B), right padded to [2B, T]; margin [B] (0 if none)."""
+    """Chosen rows [0, B) then rejected rows [B, 2B), right padded to [2B, T]; margin [B] (0 if none); reply_mask
+    [2B, T] when the rows carry prompt lengths; ref_logps [2B] when they carry reference log-probs."""
     seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     margin = torch.tensor([float(r.get("margin") or 0.0) for r in rows], dtype=torch.float32)
-    return PairBatch(input_ids=_pad(seqs, pad_id), attention_mask=_mask(seqs), margin=margin)
+    reply_mask = None
+    if all("chosen_prompt_len" in r for r in rows):
+        starts = [r["chosen_prompt_len"] for r in rows] + [r["rejected_prompt_len"] for r in rows]
+        reply_mask = _pad([[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, starts, strict=True)], 0)
+    ref = None
+    if all("ref_logps" in r for r in rows):
+        ref = torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows], dtype=torch.float32)
+    return PairBatch(input_ids=_pad(seqs, pad_id), attention_mask=_mask(seqs), margin=margin, reply_mask=reply_mask,
+                     ref_logps=ref)
 
 
 def collate_prompts(rows: Sequence[dict[str, Any]], pad_id: int) -> PromptBatch:

@@ -7,9 +7,10 @@ position where attention_mask == 1" (our reward rule) always point at the same r
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -87,10 +88,61 @@ _HOW_TO_POINT = (f"Set model.name_or_path to a local Hugging Face folder (with c
                  f"tokenizer files), or to a built-in alias ({', '.join(ALIASES)}).")
 
 
-def _hub_error(source: str, err: Exception) -> ChatrlError:
+def _hub_error(source: str, err: Exception, weights: dict[str, Any] | None = None) -> ChatrlError:
+    """`weights`: the `weights_kwargs` of a model load, so a hub repo with only pickle weights is explained."""
+    pickle_hint = (" chatrl loads only safetensors weights: for a hub repo with only pytorch_model.bin, opt in with "
+                   "model.allow_pickle=true if you trust it."
+                   if (weights or {}).get("use_safetensors") and not os.path.isdir(source) else "")
     return ChatrlError(f"could not load {source!r}: it is not a local folder and the Hugging Face hub is not "
                        f"reachable or does not have it cached ({type(err).__name__}: {str(err)[:300]}). "
-                       f"{_HOW_TO_POINT}")
+                       f"{_HOW_TO_POINT}{pickle_hint}")
+
+
+# ============================================================================ weights: safetensors, or pickle by opt-in
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json")
+
+
+def weights_kwargs(source: str, allow_pickle: bool = False,
+                   auto_class: str = "AutoModelForCausalLM") -> dict[str, Any]:
+    """The one check every model load goes through: `from_pretrained` kwargs that keep pickle weights out.
+
+    Unpickling a `pytorch_model.bin` can run arbitrary code, and transformers falls back to it silently when a
+    folder or hub repo has no safetensors. Without `allow_pickle`: a local folder whose weights are only pickle
+    files is refused (ChatrlError naming the file, the opt-in and the conversion), and every load passes
+    `use_safetensors=True` so transformers never reaches a .bin (hub ids included). With it: transformers'
+    default order (safetensors first), or `use_safetensors=False` when a local folder has only pickles.
+    """
+    if not os.path.isdir(source):  # a hub id
+        return {} if allow_pickle else {"use_safetensors": True}
+    folder = Path(source)
+    pickles = _pickle_weights(folder)
+    if any((folder / name).is_file() for name in SAFE_WEIGHTS) and not _explicit_pickle(folder):
+        return {} if allow_pickle else {"use_safetensors": True}
+    if not pickles:
+        return {"use_safetensors": True}  # no weights at all: transformers says which file it looked for
+    if allow_pickle:
+        return {"use_safetensors": False}
+    raise ChatrlError(
+        f"{folder / pickles[0]}: this model folder has only pickle weights ({', '.join(pickles[:3])}), and loading "
+        f"a pickle can run arbitrary code, so chatrl loads only safetensors. If you trust the file, opt in with "
+        f"model.allow_pickle=true; or convert the folder once: python -c \"from transformers import {auto_class} "
+        f"as M; M.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}', "
+        f"safe_serialization=True)\"")
+
+
+def _pickle_weights(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+
+
+def _explicit_pickle(folder: Path) -> bool:
+    """config.json's `transformers_weights` names the weights file outright (it wins over model.safetensors)."""
+    try:
+        named = json.loads((folder / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(named, str) and not named.endswith((".safetensors", ".safetensors.index.json"))
 
 
 # ============================================================================ tokenizer
@@ -226,13 +278,14 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype | None = None, tokeni
     (the result is then a peft model); never when trainable=False.
     """
     source = resolve_source(cfg.name_or_path)
+    weights = weights_kwargs(source, cfg.allow_pickle)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.name_or_path)
     dtype = dtype if dtype is not None else resolve_dtype(cfg.dtype)
     config = load_config(source, tokenizer)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **weights)
     except (OSError, ValueError) as err:
-        raise _hub_error(source, err) from err
+        raise _hub_error(source, err, weights) from err
     return prepare_model(model, tokenizer, gradient_checkpointing=cfg.gradient_checkpointing,
                          lora=cfg.lora, trainable=trainable, trainable_layers=cfg.trainable_layers)
 
@@ -246,7 +299,9 @@ def last_positions(seq_len: int, keep: int, device: torch.device | str = "cpu") 
     return torch.arange(max(seq_len - keep, 0), seq_len, device=device)
 
 
-def load_frozen_causal_lm(name_or_path: str, dtype: torch.dtype | str = "auto", tokenizer=None) -> PreTrainedModel:
-    """A frozen (eval, requires_grad False) causal LM, e.g. the PPO reference model."""
-    cfg = ModelConfig(name_or_path=name_or_path)
+def load_frozen_causal_lm(name_or_path: str, dtype: torch.dtype | str = "auto", tokenizer=None,
+                          allow_pickle: bool = False) -> PreTrainedModel:
+    """A frozen (eval, requires_grad False) causal LM, e.g. the PPO reference model (pickle weights refused unless
+    `allow_pickle`, see `weights_kwargs`)."""
+    cfg = ModelConfig(name_or_path=name_or_path, allow_pickle=allow_pickle)
     return load_causal_lm(cfg, dtype=resolve_dtype(dtype), tokenizer=tokenizer, trainable=False)

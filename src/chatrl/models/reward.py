@@ -17,7 +17,15 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from chatrl.config import LoraConfig
 from chatrl.errors import ChatrlError
-from chatrl.models.loading import _hub_error, load_config, load_tokenizer, prepare_model, resolve_dtype, resolve_source
+from chatrl.models.loading import (
+    _hub_error,
+    load_config,
+    load_tokenizer,
+    prepare_model,
+    resolve_dtype,
+    resolve_source,
+    weights_kwargs,
+)
 from chatrl.models.lora import unwrap
 
 HEAD = "score"  # the attribute name of the scalar head in HF's *ForSequenceClassification models
@@ -27,23 +35,25 @@ HEAD_INIT_SEED = 0
 def load_reward_model(name_or_path: str, *, dtype: torch.dtype | str = "auto",
                       lora_cfg: Optional[LoraConfig] = None, tokenizer=None, trainable: bool = True,
                       gradient_checkpointing: bool = False,
-                      trainable_layers: Optional[int] = None) -> PreTrainedModel:
+                      trainable_layers: Optional[int] = None, allow_pickle: bool = False) -> PreTrainedModel:
     """Load a reward model (or critic) from a causal-LM folder (new head) or a reward-model folder (keeps its head).
 
     A new head is initialised deterministically (normal, std = config.initializer_range, fixed seed,
     without touching the global RNG). LoRA (lora_cfg.r > 0) keeps the head fully trainable.
     trainable=False gives a frozen eval-mode model (PPO's reward model); trainable_layers=N trains only the top N
-    blocks and the head (`loading.freeze_lower_layers`).
+    blocks and the head (`loading.freeze_lower_layers`). Pickle-only folders are refused unless `allow_pickle`
+    (`loading.weights_kwargs`).
     """
     source = resolve_source(name_or_path)
+    weights = weights_kwargs(source, allow_pickle, auto_class="AutoModelForSequenceClassification")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
     config = load_config(source, tokenizer, num_labels=1)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, config=config, dtype=resolve_dtype(dtype),
-            output_loading_info=True)
+            output_loading_info=True, **weights)
     except (OSError, ValueError) as err:
-        raise _hub_error(source, err) from err
+        raise _hub_error(source, err, weights) from err
     head = getattr(model, HEAD, None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
         raise ChatrlError(f"{source}: {type(model).__name__} has no scalar `{HEAD}` head; chatrl reward models "

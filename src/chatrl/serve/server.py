@@ -2,7 +2,9 @@
 
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` as SSE), `GET /v1/models`,
 `GET /health`, `GET /` (the page). Every error, including bad input, is a JSON body in OpenAI's
-error shape with a 4xx status. All generation runs on one `GenerationWorker` thread.
+error shape with a 4xx status. An explicit `max_tokens` (or `max_completion_tokens`) that does not fit
+in the context window with the prompt is a 400 `context_length_exceeded`, as with OpenAI; the server's default
+is clamped to the room left instead. All generation runs on one `GenerationWorker` thread.
 """
 
 from __future__ import annotations
@@ -153,45 +155,74 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 async def _parse_request(request: Request) -> schemas.ChatRequest:
     """The JSON body as a `ChatRequest`, whatever the Content-Type (curl -d sends a form type)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
-                       code="request_too_large")
-    raw = await request.body()
+    raw = await _read_body(request)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}", code="invalid_json")
+        body = schemas.decode_body(raw)
+    except schemas.BodyError as e:
+        raise ApiError(400, str(e), code=e.code) from None
     try:
         return schemas.ChatRequest.model_validate(body)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from e
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past `MAX_BODY_BYTES`: checked on the header and again while reading, since a
+    chunked upload has no Content-Length."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise _too_large(int(length))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int) -> ApiError:
+    return ApiError(413, f"the request body is {size} bytes or more; the limit is {MAX_BODY_BYTES}",
+                    code="request_too_large")
+
+
 def _prepare(chat: ChatModel, req: schemas.ChatRequest, default_max_tokens: int) -> tuple[list[int], SamplingSettings]:
     """Render and size-check the prompt; turn request fields into sampling settings."""
-    chars = sum(len(m["content"]) for m in req.template_messages())
+    prompt_ids = _render_checked(chat, req)
     window = chat.context_window
-    if chars > window * CHARS_PER_TOKEN_LIMIT:
-        raise ApiError(400, f"the messages are {chars} characters long, far over this model's context window of "
-                            f"{window} tokens", param="messages", code="context_length_exceeded")
+    requested = req.max_completion_tokens or req.max_tokens
+    if requested is not None and len(prompt_ids) + requested > window:
+        # OpenAI's answer (and wording) for an explicit limit that cannot fit; a server default is clamped instead
+        raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                            f"{len(prompt_ids) + requested} tokens ({len(prompt_ids)} in the messages, {requested} "
+                            f"in the completion). Please reduce the length of the messages or completion.",
+                       param="messages", code="context_length_exceeded")
+    settings = SamplingSettings(
+        max_new_tokens=min(requested or default_max_tokens, window - len(prompt_ids)),
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        stop=req.stop_list(), seed=req.seed)
+    return prompt_ids, settings
+
+
+def _render_checked(chat: ChatModel, req: schemas.ChatRequest) -> list[int]:
+    """The prompt's token ids, refusing what cannot fit: by a cheap size estimate first, so a huge body never
+    reaches the chat template (which runs on the event loop), then by the exact token count."""
+    messages = req.template_messages()
+    chars = sum(len(m["content"]) for m in messages)
+    window = chat.context_window
+    if chars > window * CHARS_PER_TOKEN_LIMIT or len(messages) > window:
+        raise ApiError(400, f"the request has {len(messages)} messages of {chars} characters, far over this model's "
+                            f"context window of {window} tokens", param="messages", code="context_length_exceeded")
     try:
-        prompt_ids = chat.render(req.template_messages())
+        prompt_ids = chat.render(messages)
     except Exception as e:  # a template may reject a role order (e.g. two system messages)
         raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from e
     if len(prompt_ids) >= window:
         raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context window is {window} "
                             f"tokens (prompt plus answer): shorten the messages", param="messages",
                        code="context_length_exceeded")
-    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-    settings = SamplingSettings(
-        max_new_tokens=min(max_tokens, window - len(prompt_ids)),
-        temperature=1.0 if req.temperature is None else float(req.temperature),
-        top_p=1.0 if req.top_p is None else float(req.top_p),
-        stop=req.stop_list(), seed=req.seed)
-    return prompt_ids, settings
+    return prompt_ids
 
 
 async def _complete(job: Job, events: asyncio.Queue[Event], request: Request, model: str,

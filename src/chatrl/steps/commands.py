@@ -17,6 +17,8 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "sft": ("chatrl.config:SFTConfig", "chatrl.steps.sft:run_sft", "step 1: supervised fine-tuning"),
     "reward": ("chatrl.config:RewardConfig", "chatrl.steps.reward:run_reward", "step 2: train a reward model"),
     "ppo": ("chatrl.config_rl:PPOConfig", "chatrl.steps.rl:run_ppo", "step 3: RLHF with PPO"),
+    "dpo": ("chatrl.config_offline:DPOConfig", "chatrl.steps.dpo:run_dpo",
+            "offline alignment on preference pairs: DPO, cDPO, IPO, SimPO, ORPO"),
     "grpo": ("chatrl.config_rl:GRPOConfig", "chatrl.steps.rl:run_grpo",
              "critic-free RL (GRPO family) in an environment"),
 }

@@ -1,0 +1,103 @@
+"""Preference losses of the DPO family as pure functions of per-sequence log-probabilities.
+
+Inputs are [B] tensors, one entry per preference pair: `chosen` / `rejected` are log pi(y | x) SUMMED over the
+reply's tokens, `chosen_len` / `rejected_len` the reply's token counts, `ref_*` the same sums under the frozen
+reference (None for the reference-free losses). Every loss returns (mean over pairs, stats of detached 0-d
+tensors) with the implicit rewards r_c, r_r whose difference the loss pushes up.
+
+  h      = (chosen - ref_chosen) - (rejected - ref_rejected)          (the DPO log-ratio margin)
+  sigmoid  L = -(1 - e) log sigma(beta h) - e log sigma(-beta h)            r = beta (logp - ref_logp)
+           (Rafailov et al. 2023; e = label_smoothing > 0 is cDPO: the label is wrong with probability e)
+  ipo      L = (h - 1 / (2 beta))^2                                         r = beta (logp - ref_logp)
+           (Azar et al. 2023, eq. 17, with beta as the paper's tau; sequence log-prob sums)
+  simpo    L = -log sigma(beta (chosen / |y_c| - rejected / |y_r|) - gamma)  r = beta logp / |y|
+           (Meng et al. 2024: reference-free, length-normalised, target margin gamma)
+  orpo     L = -chosen / |y_c| - beta log sigma(log odds(y_c) - log odds(y_r)),
+           log odds(y) = a - log(1 - exp(a)) with a = logp / |y|               r = beta a
+           (Hong et al. 2024: the SFT loss on the chosen reply plus beta (their lambda) times the odds-ratio term)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Stats = dict[str, torch.Tensor]
+
+
+@dataclass
+class PairLogps:
+    """Summed reply log-probs of a batch of pairs, [B] each (ref_* None without a reference)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    def log_ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ref_chosen is None or self.ref_rejected is None:
+            raise ValueError("this preference loss needs the reference model's log-probs (ref_chosen/ref_rejected)")
+        return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Length-normalised log-probs logp / |y| (SimPO, ORPO)."""
+        return self.chosen / self.chosen_len.clamp(min=1), self.rejected / self.rejected_len.clamp(min=1)
+
+
+def _stats(loss: torch.Tensor, r_c: torch.Tensor, r_r: torch.Tensor, lp: PairLogps) -> Stats:
+    d = lambda x: x.detach().float().mean()  # noqa: E731 - one-liner reads best here
+    return {"loss": loss.detach(), "rewards/chosen": d(r_c), "rewards/rejected": d(r_r),
+            "rewards/accuracy": d((r_c > r_r).float()), "rewards/margin": d(r_c - r_r),
+            "logps/chosen": d(lp.chosen), "logps/rejected": d(lp.rejected)}
+
+
+def sigmoid_loss(lp: PairLogps, beta: float, label_smoothing: float = 0.0, **_: float) -> tuple[torch.Tensor, Stats]:
+    """DPO (cDPO with label_smoothing > 0); formula in the module docstring."""
+    ratio_c, ratio_r = lp.log_ratios()
+    z = beta * (ratio_c - ratio_r)
+    loss = (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).mean()
+    return loss, _stats(loss, beta * ratio_c, beta * ratio_r, lp)
+
+
+def ipo_loss(lp: PairLogps, beta: float, **_: float) -> tuple[torch.Tensor, Stats]:
+    """IPO: squared distance of the log-ratio margin to 1 / (2 beta)."""
+    ratio_c, ratio_r = lp.log_ratios()
+    loss = ((ratio_c - ratio_r) - 1 / (2 * beta)).pow(2).mean()
+    return loss, _stats(loss, beta * ratio_c, beta * ratio_r, lp)
+
+
+def simpo_loss(lp: PairLogps, beta: float, simpo_gamma: float = 0.5, **_: float) -> tuple[torch.Tensor, Stats]:
+    """SimPO: reference-free margin of length-normalised log-probs against a target gamma."""
+    mean_c, mean_r = lp.means()
+    r_c, r_r = beta * mean_c, beta * mean_r
+    loss = -F.logsigmoid(r_c - r_r - simpo_gamma).mean()
+    return loss, _stats(loss, r_c, r_r, lp)
+
+
+def _log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean_logp) < 1, computed as a - log1p(-exp(a)) (stable for a near 0)."""
+    a = mean_logp.clamp(max=-1e-6)  # p = 1 exactly would make the odds infinite
+    return a - torch.log1p(-torch.exp(a))
+
+
+def orpo_loss(lp: PairLogps, beta: float, **_: float) -> tuple[torch.Tensor, Stats]:
+    """ORPO: NLL of the chosen reply (token mean) + beta * odds-ratio loss."""
+    mean_c, mean_r = lp.means()
+    odds_ratio_term = -F.logsigmoid(_log_odds(mean_c) - _log_odds(mean_r))
+    loss = (-mean_c + beta * odds_ratio_term).mean()
+    stats = _stats(loss, beta * mean_c, beta * mean_r, lp)
+    stats["nll_chosen"] = (-mean_c).detach().mean()
+    return loss, stats
+
+
+PreferenceLoss = Callable[..., tuple[torch.Tensor, Stats]]
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": sigmoid_loss, "ipo": ipo_loss, "simpo": simpo_loss, "orpo": orpo_loss,
+}
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+

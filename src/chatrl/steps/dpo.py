@@ -1,0 +1,126 @@
+"""`chatrl dpo`: the DPO family on preference pairs through the supervised loop (`steps/trainer.py`).
+
+Each batch holds B pairs as [2B, T] rows (chosen then rejected, `PairBatch`); one policy forward gives the summed
+reply log-probs of both halves (prompt tokens masked), the frozen reference's come from a one-pass cache
+(`dpo.reference=precompute`, see `steps/dpo_reference.py`) or from a live frozen model, and the loss is one of
+`algorithms.preference.PREFERENCE_LOSSES` (formulas there). Evaluation reports the held-out implicit-reward
+accuracy: how often beta * log(pi / pi_ref) (or the reference-free reward) ranks the chosen reply first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from chatrl.algorithms.preference import PREFERENCE_LOSSES, PairLogps
+from chatrl.batches import PairBatch
+from chatrl.config_offline import DPOConfig
+from chatrl.data.pipeline import tokenized_rows
+from chatrl.data.tokenize import collate_pairs
+from chatrl.errors import ChatrlError
+from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype, resolve_source
+from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
+from chatrl.steps.dpo_reference import Rows, attach, cached_reference_logps, reply_logps
+from chatrl.steps.trainer import TrainTask, train
+
+Metrics = dict[str, float]
+
+
+def pair_logps(policy: torch.nn.Module, batch: PairBatch, reference: torch.nn.Module | None) -> PairLogps:
+    """The policy's summed reply log-probs of a batch, with the reference's (cached in the batch, or live)."""
+    sums, lens = reply_logps(policy, batch)
+    ref = batch.ref_logps
+    if ref is None and reference is not None:
+        with torch.no_grad():
+            ref = reply_logps(reference, batch)[0]
+    half = batch.input_ids.shape[0] // 2
+    return PairLogps(chosen=sums[:half], rejected=sums[half:], chosen_len=lens[:half], rejected_len=lens[half:],
+                     ref_chosen=None if ref is None else ref[:half].to(sums),
+                     ref_rejected=None if ref is None else ref[half:].to(sums))
+
+
+def make_loss(cfg: DPOConfig, reference: torch.nn.Module | None) -> Callable[[torch.nn.Module, PairBatch],
+                                                                          tuple[torch.Tensor, Metrics]]:
+    loss_fn = PREFERENCE_LOSSES[cfg.dpo.loss]
+
+    def loss(engine: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, Metrics]:
+        value, stats = loss_fn(pair_logps(engine, batch, reference), beta=cfg.dpo.beta,
+                               label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma)
+        return value, {k: float(v) for k, v in stats.items()}
+
+    return loss
+
+
+@torch.no_grad()
+def evaluate_pairs(engine: torch.nn.Module, rows: Rows, collate: Callable[[Rows], PairBatch], micro_batch: int,
+                   cfg: DPOConfig, reference: torch.nn.Module | None) -> Metrics:
+    """Held-out loss and implicit-reward accuracy / margin / rewards, averaged over pairs."""
+    engine.eval()
+    totals: dict[str, float] = {}
+    for i in range(0, len(rows), micro_batch):
+        part = rows[i:i + micro_batch]
+        lp = pair_logps(engine, collate(part), reference)
+        _, stats = PREFERENCE_LOSSES[cfg.dpo.loss](lp, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
+                                                   simpo_gamma=cfg.dpo.simpo_gamma)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(part)
+    engine.train()
+    return {k: v / len(rows) for k, v in totals.items()}
+
+
+def reference_name(cfg: DPOConfig) -> str:
+    name = cfg.dpo.reference_model or cfg.model.name_or_path
+    try:
+        resolve_source(name)
+    except ChatrlError as e:
+        raise ChatrlError(f"dpo.reference_model: {e}") from None
+    return name
+
+
+def run_dpo(cfg: DPOConfig) -> Path:
+    """Train and save `<output_dir>/model` (a plain HF folder). Returns that path."""
+    # 1. start: process group, seed, tokenizer, config.yaml
+    ctx: StepContext = start_step(cfg, "dpo")
+    tok = ctx.tokenizer
+
+    def collate(rows: Rows) -> PairBatch:
+        return collate_pairs(rows, tok.pad_token_id).to(ctx.device)
+
+    # 2. preference pairs (the data split's reward shard), tokenized with their prompt lengths
+    train_rows = tokenized_rows(cfg.data, tok, "reward", "train")
+    eval_rows = tokenized_rows(cfg.data, tok, "reward", "eval")
+    # 3. the reference: cached log-probs (one pass, then released) or a live frozen model
+    reference: torch.nn.Module | None = None
+    if cfg.uses_reference():
+        name, dtype = reference_name(cfg), cfg.dpo.reference_dtype
+
+        def load_reference() -> torch.nn.Module:
+            return load_frozen_causal_lm(name, dtype=resolve_dtype(dtype), tokenizer=tok).to(ctx.device)
+
+        if cfg.dpo.reference == "live":
+            reference = load_reference()
+        else:
+            def with_reference(rows: Rows) -> Rows:
+                values, path = cached_reference_logps(rows, reference=name, dtype=dtype, load_model=load_reference,
+                                                      collate=collate, batch_size=cfg.optim.micro_batch_size,
+                                                      rank=ctx.rank)
+                if ctx.rank == 0:
+                    print(f"[dpo] reference log-probs of {len(rows)} pairs: {path}")
+                return attach(rows, values)
+
+            train_rows, eval_rows = with_reference(train_rows), with_reference(eval_rows)
+    # 4. the supervised loop with the preference loss
+    task = TrainTask(
+        name="dpo", train_rows=train_rows, eval_rows=eval_rows, collate=collate, loss=make_loss(cfg, reference),
+        evaluate=lambda engine, rows: evaluate_pairs(engine, rows, collate, cfg.optim.micro_batch_size, cfg,
+                                                     reference),
+        count_tokens=lambda b: int(b.attention_mask.sum()),
+    )
+    model = load_causal_lm(cfg.model, dtype=ctx.weights_dtype, tokenizer=tok)
+    metrics = train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,
+                    on_done=lambda engine: finish_model(ctx, engine, merge_lora=cfg.model.lora.merge_on_save))
+    if ctx.rank == 0 and metrics:
+        print("dpo eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return ctx.model_dir
