@@ -4,6 +4,7 @@ config mistakes fail before any training."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +46,24 @@ def test_pipeline_skips_finished_steps(pipeline_run: Path) -> None:
     assert proc.stdout.count("already finished, skipping") == 2
     assert (pipeline_run / "sft" / "model" / "model.safetensors").stat().st_mtime == before
     assert (pipeline_run / "report.html").stat().st_mtime >= started
+
+
+def test_pipeline_dpo_runs_sft_then_dpo_and_scores_with_another_runs_reward_model(pipeline_run: Path,
+                                                                                   tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run / "sft", run / "sft")  # step 1 finished: skipped
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={run}", "algorithm=dpo",
+                   "dpo.optim.max_steps=3", "dpo.optim.micro_batch_size=2", "dpo.logging.progress=false",
+                   f"eval.reward_model={pipeline_run / 'reward' / 'model'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "step 1: " in proc.stdout and "already finished, skipping" in proc.stdout
+    assert (run / "dpo" / "model" / "config.json").exists() and not (run / "reward").exists()
+    assert str(run / "sft" / "model") in (run / "dpo" / "config.yaml").read_text()  # DPO starts from SFT
+    assert {"rewards/accuracy", "loss"} <= set(read_metrics(run / "dpo", "eval")[-1])
+    result = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(result["models"]) == ["base", "sft", "dpo"]
+    assert all(result["metrics"][m]["reward_mean"] is not None for m in result["models"])
+    assert "DPO (offline, on preference pairs)" in (run / "report.html").read_text()
 
 
 def test_pipeline_fails_fast_on_missing_data(tmp_path: Path) -> None:

@@ -194,20 +194,25 @@ class EvalOptions:
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the evaluated models (fp32 = exact but ~2x slower)")
     env_tasks: int = opt(200, "algorithm=grpo with an environment: held-out tasks per model")
     pass_k: int = opt(4, "algorithm=grpo with an environment: samples per task for pass@k (0 = skip)")
+    reward_model: Optional[str] = opt(None, "score replies with this reward-model folder (default: the run's own "
+                                           "step 2 output; algorithm=dpo has none, e.g. use another run's)")
 
 
 @dataclass
 class PipelineConfig:
-    """SFT -> reward model -> RL (PPO or GRPO) -> eval -> report in one run directory.
+    """SFT -> reward model -> RL (PPO or GRPO) -> eval -> report in one run directory; or SFT -> DPO -> eval ->
+    report (algorithm=dpo: the preference pairs train the policy directly, no reward model step).
 
     `model`, `data`, `deepspeed` and `seed` are set once here and passed to every step; the sections
-    `sft`, `reward`, `ppo` and `grpo` hold the rest of each step's config (same keys as `chatrl sft|reward|ppo|grpo
-    --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline. With algorithm=grpo
-    and an environment that rewards by itself (grpo.env.name), the default is step 3 alone on the base model."""
+    `sft`, `reward`, `ppo`, `grpo` and `dpo` hold the rest of each step's config (same keys as
+    `chatrl sft|reward|ppo|grpo|dpo --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the
+    pipeline. With algorithm=grpo and an environment that rewards by itself (grpo.env.name), the default is step 3
+    alone on the base model; with algorithm=dpo, steps 1 and 3."""
 
-    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo, eval, report.html")
+    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|dpo, eval, report.html")
     seed: int = opt(42, "seed passed to every step")
-    algorithm: Literal["ppo", "grpo"] = opt("ppo", "step 3: ppo (actor + critic + reward model) or grpo")
+    algorithm: Literal["ppo", "grpo", "dpo"] = opt("ppo", "step 3: ppo (actor + critic + reward model), grpo, or "
+                                                          "dpo (on the preference pairs; step 2 is not run)")
     model: ModelConfig = sub(ModelConfig)
     data: DataConfig = sub(DataConfig)
     deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
@@ -215,4 +220,5 @@ class PipelineConfig:
     reward: dict = opt({}, "step 2 settings (see `chatrl reward --help`)")
     ppo: dict = opt({}, "step 3 settings with algorithm=ppo (see `chatrl ppo --help`)")
     grpo: dict = opt({}, "step 3 settings with algorithm=grpo (see `chatrl grpo --help`)")
+    dpo: dict = opt({}, "step 3 settings with algorithm=dpo (see `chatrl dpo --help`)")
     eval: EvalOptions = sub(EvalOptions)

@@ -69,7 +69,7 @@ def _parse_steps(text: str | None) -> list[int] | None:
     except ValueError:
         steps = []
     if not steps or any(s not in (1, 2, 3) for s in steps):
-        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (ppo or grpo)")
+        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (ppo, grpo or dpo)")
     return steps
 
 
@@ -99,8 +99,9 @@ def _register_pipeline(subparsers: argparse._SubParsersAction) -> None:
                                   epilog="config fields:\n" + "\n".join(help_lines(PipelineConfig)))
         if name == "pipeline":
             p.add_argument("--config", help="pipeline YAML (e.g. configs/demo.yaml)")
-        p.add_argument("--steps", default=None, help="which steps to run, e.g. 2,3 (default 1,2,3; 3 alone for "
-                                                      "algorithm=grpo in an environment that rewards by itself)")
+        p.add_argument("--steps", default=None, help="which steps to run, e.g. 2,3 (default 1,2,3; 1,3 for "
+                                                      "algorithm=dpo; 3 alone for algorithm=grpo in an environment "
+                                                      "that rewards by itself)")
         p.add_argument("--force", action="store_true", help="re-run steps whose output already exists")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. sft.optim.lr=2e-5")
         p.set_defaults(func=_run_pipeline, config=None)

@@ -97,7 +97,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
         name, dtype = reference_name(cfg), cfg.dpo.reference_dtype
 
         def load_reference() -> torch.nn.Module:
-            return load_frozen_causal_lm(name, dtype=resolve_dtype(dtype), tokenizer=tok).to(ctx.device)
+            return load_frozen_causal_lm(name, dtype=resolve_dtype(dtype), tokenizer=tok,
+                                         allow_pickle=cfg.model.allow_pickle).to(ctx.device)
 
         if cfg.dpo.reference == "live":
             reference = load_reference()

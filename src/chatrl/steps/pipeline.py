@@ -1,5 +1,5 @@
-"""`chatrl pipeline`: SFT -> reward model -> RL (PPO or GRPO) -> eval -> report, each step feeding the next, all
-in one run directory. A step whose finished output exists is skipped (unless forced), so an interrupted
+"""`chatrl pipeline`: SFT -> reward model -> RL (PPO or GRPO) -> eval -> report (or SFT -> DPO -> eval -> report),
+each step feeding the next, all in one run directory. A step whose finished output exists is skipped (unless forced), so an interrupted
 pipeline continues where it stopped; every config is built and checked before anything runs."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
+from chatrl.config_offline import DPOConfig
 from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import deep_merge, load_config
 from chatrl.errors import ChatrlError
 from chatrl.eval.env_eval import evaluate_env, save_env_result
 from chatrl.eval.report import write_report
+from chatrl.steps.dpo import run_dpo
 from chatrl.steps.reward import run_reward
 from chatrl.steps.rl import run_grpo, run_ppo
 from chatrl.steps.sft import run_sft
@@ -29,21 +31,29 @@ class Plan:
     run: Path
     sft: SFTConfig
     reward: RewardConfig
-    rl: PPOConfig | GRPOConfig
+    rl: PPOConfig | GRPOConfig | DPOConfig
     algorithm: str
 
     def outputs(self) -> dict[int, Path]:
         """The folder whose presence means step N finished (written atomically as each step's last act)."""
+        policy = "model" if self.algorithm == "dpo" else "actor"
         return {1: self.run / "sft" / "model", 2: self.run / "reward" / "model",
-                3: self.run / self.algorithm / "actor"}
+                3: self.run / self.algorithm / policy}
 
     def env_rewards(self) -> bool:
         """GRPO in an environment that rewards by itself: no SFT or reward model needed."""
         return isinstance(self.rl, GRPOConfig) and self.rl.env.name != "chat"
 
 
+    def inputs(self) -> dict[int, int | None]:
+        """Which earlier step's output step N reads (None: none)."""
+        return {2: 1, 3: None if self.env_rewards() else 1 if self.algorithm == "dpo" else 2}
+
+
 def default_steps(plan: Plan) -> list[int]:
-    return [3] if plan.env_rewards() else [1, 2, 3]
+    if plan.env_rewards():
+        return [3]
+    return [1, 3] if plan.algorithm == "dpo" else [1, 2, 3]
 
 
 def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str, Any]) -> Any:
@@ -75,6 +85,10 @@ def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
                           {**shared, "output_dir": str(run / "ppo"), "actor": model_of(cfg.ppo, "actor", sft_model),
                            "reward": {**cfg.ppo.get("reward", {}), "model": rm_model}})
         return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="ppo")
+    if cfg.algorithm == "dpo":
+        rl = _step_config(DPOConfig, "dpo", cfg.dpo, {**shared, "output_dir": str(run / "dpo"),
+                                                      "model": model_of(cfg.dpo, "model", sft_model)})
+        return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="dpo")
     own_env = cfg.grpo.get("env", {}).get("name", "chat") != "chat"
     use_sft = not own_env or (steps is not None and 1 in steps) or Path(sft_model).is_dir()
     use_rm = not own_env or (steps is not None and 2 in steps) or Path(rm_model).is_dir()
@@ -94,14 +108,14 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
     name = cfg.model.name_or_path
     if 1 in steps and name not in ALIASES and not Path(name).is_dir() and "/" not in name:
         raise ChatrlError(f"model.name_or_path={name}: no such folder and not a built-in alias {list(ALIASES)}")
-    for step, kind in ((1, "sft"), (2, "reward"), (3, "rlhf")):
+    for step, kind in ((1, "sft"), (2, "reward"), (3, "reward" if plan.algorithm == "dpo" else "rlhf")):
         if step in steps and not (step == 3 and plan.env_rewards()):
             records, _ = load_records(cfg.data, kind, "train")
             if not records:
                 raise ChatrlError(f"data for step {step} ({kind}) is empty after cleaning and splitting: "
                                   f"check data.paths and data.split={cfg.data.split}")
     for step in steps:  # a later step whose input will not exist and is not produced by an earlier step
-        needs = {2: 1, 3: None if plan.env_rewards() else 2}.get(step)
+        needs = plan.inputs().get(step)
         if needs and needs not in steps and not plan.outputs()[needs].is_dir():
             raise ChatrlError(f"step {step} needs the output of step {needs} ({plan.outputs()[needs]}), "
                               f"which does not exist; run with --steps including {needs}")
@@ -116,7 +130,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: boo
     plan = build_plan(cfg, steps)
     steps = steps or default_steps(plan)
     preflight(cfg, plan, steps)
-    rl_runner = run_ppo if plan.algorithm == "ppo" else run_grpo
+    rl_runner = {"ppo": run_ppo, "grpo": run_grpo, "dpo": run_dpo}[plan.algorithm]
     runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (rl_runner, plan.rl)}
     for step in steps:
         out = plan.outputs()[step]
@@ -167,20 +181,21 @@ def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
 
 
 def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
-    """Base vs SFT vs PPO on held-out prompts: reward-model score, win rate, KL to the SFT model, ..."""
+    """Base vs SFT vs the step-3 policy on held-out prompts: reward-model score, win rate, KL to the SFT model, ..."""
     from chatrl.data.pipeline import load_records
     from chatrl.eval.evaluate import evaluate_models
     from chatrl.eval.results import rich_table, save_result
 
     outs = plan.outputs()
-    if not all(p.is_dir() for p in outs.values()):
+    if not all(outs[step].is_dir() for step in default_steps(plan)):
         print("[pipeline] eval skipped: not all steps have finished")
         return
+    reward_model = cfg.eval.reward_model or (str(outs[2]) if outs[2].is_dir() else None)
     prompts, _ = load_records(cfg.data, "rlhf", "eval")
     prompts = prompts[:cfg.eval.num_prompts]
     models = {"base": cfg.model.name_or_path} if cfg.eval.include_base else {}
     models.update({"sft": str(outs[1]), plan.algorithm: str(outs[3])})
-    result = evaluate_models(models, prompts, reward_model=str(outs[2]), reference_model=str(outs[1]),
+    result = evaluate_models(models, prompts, reward_model=reward_model, reference_model=str(outs[1]),
                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                              seed=cfg.seed, dtype=cfg.eval.dtype, max_prompt_tokens=cfg.data.max_prompt_length,
                              log=lambda msg: print(f"[eval] {msg}"))

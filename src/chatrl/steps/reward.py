@@ -77,7 +77,7 @@ def run_reward(cfg: RewardConfig) -> Path:
     model = TokenValueModel(load_reward_model(
         cfg.model.name_or_path, dtype=ctx.weights_dtype, lora_cfg=cfg.model.lora if cfg.model.lora.r > 0 else None,
         tokenizer=tok, gradient_checkpointing=cfg.model.gradient_checkpointing,
-        trainable_layers=cfg.model.trainable_layers))
+        trainable_layers=cfg.model.trainable_layers, allow_pickle=cfg.model.allow_pickle))
     metrics = train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,
                     on_done=lambda engine: finish_model(ctx, engine, merge_lora=True))
     if ctx.rank == 0 and metrics:
