@@ -37,13 +37,21 @@ GROUPS = [
     ("Learning rate", ("lr", "learning_rate")),
 ]
 NOT_PLOTTED = {"step", "split", "epoch", "time", "timestamp", "wall_time", "global_step"}  # not curves
+SMOOTHING, SMOOTH_FROM = 0.6, 10  # EMA weight (TensorBoard's default) for train curves of at least SMOOTH_FROM points
 MAX_SAMPLES = 20
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+# System fonts first, then families that cover emoji and CJK on Linux / macOS / Windows, so a reply in Chinese or
+# with emoji renders as glyphs wherever such a font is installed (the page embeds no font files).
+_FONTS = ("system-ui,-apple-system,'Segoe UI','Noto Sans','DejaVu Sans','Noto Sans CJK SC','Noto Sans CJK JP',"
+          "'Source Han Sans SC','WenQuanYi Micro Hei','PingFang SC','Hiragino Sans','Microsoft YaHei','Malgun Gothic',"
+          "'Apple Color Emoji','Segoe UI Emoji','Noto Color Emoji','Noto Emoji',sans-serif")
+_CSS = """body{font-family:FONTS;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right}.note{color:#8a5a00;font-style:italic}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}
 td.resp{white-space:pre-wrap;max-width:420px}.charts{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;border:1px solid #e3e3e3;padding:6px}figcaption{font-weight:600;margin-bottom:4px}"""
+figure{margin:0;border:1px solid #e3e3e3;padding:6px}figcaption{font-weight:600;margin-bottom:4px}
+p.headline{font-size:1.15em;background:#eef6ee;border-left:4px solid #3a7d3a;padding:8px 12px}""".replace(
+    "FONTS", _FONTS)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -54,11 +62,11 @@ def write_report(run_dir: str | Path) -> Path:
     body = [f"<h1>Run report: {html.escape(run.resolve().name)}</h1>",
             f"<p>Folder <code>{html.escape(str(run.resolve()))}</code>, generated "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"]
+    body.append(_eval_section(run / "eval"))  # the answer first; how the steps got there follows
     if (run / "config.yaml").is_file():
         body.append(_config_block(run / "config.yaml", "Run config"))
     for step in _step_dirs(run):
         body.append(_step_section(run / step, step))
-    body.append(_eval_section(run / "eval"))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>chatrl report: "
             f"{html.escape(run.resolve().name)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
@@ -103,13 +111,37 @@ def _step_section(folder: Path, step: str) -> str:
     series = collect_series(rows)
     if not series:
         parts.append(_note(f"{step}/metrics.jsonl has no numeric metrics."))
+    once = {k: v for k, v in series.items() if all(len(xs) == 1 for xs, _ in v.values())}
+    series = {k: v for k, v in series.items() if k not in once}
+    if once:
+        parts.append(_once_table(once))
     charts = []
     for title, keys in group_keys(list(series)).items():
         png = plot_group({k: series[k] for k in keys})
         charts.append(f"<figure><figcaption>{html.escape(title)}</figcaption>{img_tag(png, f'{step}: {title}')}"
                       "</figure>")
-    parts.append("<div class='charts'>" + "".join(charts) + "</div>")
+    if charts:
+        parts.append("<div class='charts'>" + "".join(charts) + "</div>")
     return "\n".join(parts)
+
+
+def _once_table(once: dict[str, dict[str, tuple[list[float], list[float]]]]) -> str:
+    """Metrics logged once (a final perplexity, score percentiles): a table, not a lone dot on an empty axis."""
+    rows = "".join(f"<tr><td>{html.escape(key)}</td><td>{html.escape(split)}</td><td class='num'>{xs[0]:g}</td>"
+                   f"<td class='num'>{ys[0]:.4g}</td></tr>"
+                   for key, splits in once.items() for split, (xs, ys) in sorted(splits.items()))
+    return ("<table class='once'><tr><th>metric (logged once)</th><th>split</th><th>step</th><th>value</th></tr>"
+            f"{rows}</table>")
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """TensorBoard's debiased exponential moving average: s_t = w s_{t-1} + (1 - w) x_t from s_0 = 0, divided by
+    1 - w^t, so the first point is x_1 itself rather than pulled toward 0."""
+    out, last = [], 0.0
+    for t, x in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * x
+        out.append(last / (1 - weight ** t))
+    return out
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
@@ -175,12 +207,16 @@ def plot_group(series: dict[str, dict[str, tuple[list[float], list[float]]]]) ->
     for ax, (key, splits) in zip(axes.flat, series.items(), strict=False):
         for split, (xs, ys) in sorted(splits.items(), key=lambda kv: (kv[0] != "train", kv[0])):
             style = {"marker": "o", "markersize": 3} if split != "train" or len(xs) == 1 else {}
+            if split == "train" and len(xs) >= SMOOTH_FROM:  # noisy per-step curve: faint raw, smoothed on top
+                (raw,) = ax.plot(xs, ys, alpha=0.3, linewidth=1)
+                ax.plot(xs, smooth(ys), color=raw.get_color(), label=f"{split} (smoothed {SMOOTHING})")
+                continue
             ax.plot(xs, ys, label=split, **style)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if len(splits) > 1:
+        if len(splits) > 1 or any(len(xs) >= SMOOTH_FROM for xs, _ in splits.values()):
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
@@ -201,7 +237,8 @@ def _env_eval_html(path: Path) -> str:
     data = json.loads(path.read_text(encoding="utf-8"))
     models = data.get("models", {})
     k = next(iter(models.values()), {}).get("k", 0)
-    out = [f"<p>Environment <code>{html.escape(str(data.get('env')))}</code>, held-out (eval split) tasks.</p>",
+    out = [_headline(env_headline(models)),
+           f"<p>Environment <code>{html.escape(str(data.get('env')))}</code>, held-out (eval split) tasks.</p>",
            "<table id='env-eval-table'><tr><th>model</th><th>tasks</th><th>success (greedy)</th><th>s.e.</th>"
            f"<th>pass@{k}</th><th>s.e.</th><th>mean return</th><th>vs first model (paired s.e.)</th></tr>"]
     for name, r in models.items():
@@ -220,6 +257,46 @@ def _env_eval_html(path: Path) -> str:
     return "\n".join(out)
 
 
+def _verdict(name: str, base: str, diff: float, se: float | None, unit: str) -> str:
+    """One sentence comparing `name` with `base`: beat / below / level (level = under 2 paired s.e.)."""
+    sig = f", {abs(diff) / se:.1f} s.e." if se else ""
+    if se and abs(diff) < 2 * se:
+        return f"{name} and {base} are level: {diff:+.3g} {unit}{sig} (under 2 s.e.)"
+    return f"{name} {'beat' if diff > 0 else 'scored below'} {base} by {diff:+.3g} {unit}{sig}"
+
+
+def eval_headline(result: EvalResult) -> str | None:
+    """What changed, in one sentence: the last model against the first (e.g. "ppo beat base by +0.22 reward,
+    2.7 s.e., at KL 2.6 to the reference; win rate 62%."). None without a reward to compare."""
+    names = list(result.models)
+    last = result.metrics.get(names[-1], {})
+    gain = last.get("reward_gain")
+    if len(names) < 2 or gain is None:
+        return None
+    text = _verdict(names[-1], names[0], gain, last.get("reward_gain_se"), "reward")
+    if last.get("kl") is not None:
+        text += f", at KL {last['kl']:.2f} to the reference"
+    if last.get("win_rate") is not None:
+        text += f"; win rate {last['win_rate']:.0%}"
+    return text + "."
+
+
+def env_headline(models: dict[str, dict]) -> str | None:
+    """The last model's held-out success against the first's, with the paired s.e. of the difference."""
+    names = list(models)
+    if len(names) < 2 or models[names[-1]].get("vs_first") is None:
+        return None
+    first, last = models[names[0]], models[names[-1]]
+    diff, se = last["vs_first"], last.get("vs_first_se")
+    sig = f", {abs(diff) / se:.1f} s.e. (paired)" if se else ""
+    return (f"{names[-1]}: held-out success {last['success']:.1%} against {first['success']:.1%} for {names[0]} "
+            f"({diff * 100:+.1f} points{sig}).")
+
+
+def _headline(text: str | None) -> str:
+    return "" if text is None else f"<p class='headline' id='headline'>{html.escape(text)}</p>"
+
+
 def _eval_section(folder: Path) -> str:
     head = "<h2 id='eval'>Evaluation (<code>eval/</code>)</h2>"
     path = folder / "eval.json"
@@ -232,7 +309,7 @@ def _eval_section(folder: Path) -> str:
         result = load_result(path)
     except ChatrlError as e:
         return head + _note(f"eval/eval.json could not be read: {e}")
-    return head + eval_table_html(result) + samples_html(result)
+    return head + _headline(eval_headline(result)) + eval_table_html(result) + samples_html(result)
 
 
 def eval_table_html(result: EvalResult) -> str:
