@@ -73,3 +73,39 @@ def test_chat_page_streams_an_answer_and_resets(page_url: str, tmp_path):
             assert errors == []
         finally:
             browser.close()
+
+
+HOSTILE = ("**bold** and *it* with `code`\n\n- one\n- two\n\n```\nx < y\n```\n\n"
+           "<script>window.__xss = 1</script> <img src=x onerror=\"window.__xss = 2\">\n\n"
+           "[link](javascript:window.__xss=3) <b onclick=\"window.__xss = 4\">b</b> [ok](https://example.com)")
+
+
+def test_replies_render_markdown_with_html_kept_as_text(page_url: str):
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium); the page test needs a real browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_url)
+            assert page.evaluate("typeof marked.parse === 'function' && typeof DOMPurify.sanitize === 'function'")
+            page.evaluate("text => renderReply(bubble('assistant', ''), text)", HOSTILE)
+            reply = page.locator(".msg.assistant").first
+            assert reply.locator("strong").inner_text() == "bold" and reply.locator("em").inner_text() == "it"
+            assert reply.locator("li").count() == 2 and "x < y" in reply.locator("pre code").inner_text()
+            text = reply.inner_text()
+            assert "<script>window.__xss = 1</script>" in text and "<img src=x onerror=" in text  # shown as text
+            assert reply.locator("script, img, b").count() == 0  # no element from the reply's raw HTML
+            hrefs = reply.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href'))")
+            assert "https://example.com" in hrefs and not any(h and "javascript" in h for h in hrefs)
+            if reply.locator("a", has_text="link").count():
+                reply.locator("a", has_text="link").click()
+            page.wait_for_timeout(200)
+            assert page.evaluate("window.__xss") is None
+            assert errors == []
+        finally:
+            browser.close()

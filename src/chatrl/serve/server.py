@@ -31,6 +31,7 @@ from chatrl.serve.generation import ChatModel, SamplingSettings
 from chatrl.serve.worker import Event, GenerationWorker, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
+VENDORED = ("marked.min.js", "purify.min.js")  # the chat page's Markdown renderer and sanitizer (static/vendor/)
 MAX_BODY_BYTES = 16 * 2**20
 CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than window * this many characters is refused before tokenizing
 
@@ -75,6 +76,12 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/vendor/{file}", include_in_schema=False)
+    async def vendor(file: str) -> FileResponse:
+        if file not in VENDORED:  # a fixed list: no path from the URL ever reaches the file system
+            raise ApiError(404, f"no static file {file!r}", code="not_found")
+        return FileResponse(STATIC / "vendor" / file, media_type="text/javascript")
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
