@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from chatrl.algorithms.controllers import AdaptiveKLController
 from chatrl.algorithms.masked import masked_whiten
-from chatrl.steps.rl import global_mean, global_moments
+from chatrl.engine.collectives import global_mean, global_moments
 
 
 def _free_port() -> int:

@@ -93,7 +93,9 @@ def test_ppo_ema_is_checkpointed_and_resumed(word_sft: Path, tmp_path: Path) -> 
     from safetensors.torch import load_file
 
     out = tmp_path / "ema"
-    args = ppo_args(word_sft, out, "ppo.ema_decay=0.5", "checkpoint.every=2", "checkpoint.keep_last=5")
+    # keep_final_state: the second run continues the finished first one from its last checkpoint
+    args = ppo_args(word_sft, out, "ppo.ema_decay=0.5", "checkpoint.every=2", "checkpoint.keep_last=5",
+                    "checkpoint.keep_final_state=true")
     proc = run_cli(*args, "ppo.iterations=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ema_file = out / "checkpoints" / "step-000002" / "ema.safetensors"

@@ -7,6 +7,9 @@ engine, e.g. "actor", "critic") plus `state.json` (step, data position, anything
 written last, so a SIGKILL at any moment leaves either a complete checkpoint or an ignorable temp dir.
 `MANIFEST.json` lists every file's size and sha256: a checkpoint damaged after it was written (a truncated or
 corrupted file, a disk that lost a block) is detected on resume, reported, and the previous one is used.
+A write that fails (disk full, permissions) is one ChatrlError line; the previous checkpoint is untouched.
+A finished step writes `checkpoints/FINISHED.json` after its final model and, unless
+`checkpoint.keep_final_state`, deletes its checkpoints; running it again then trains nothing.
 """
 
 from __future__ import annotations
@@ -137,6 +140,29 @@ def save_checkpoint(output_dir: str | Path, step: int, engines: dict[str, Any], 
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
+    try:
+        _write_checkpoint(tmp, step, engines, state, tensors)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_write_error(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise ChatrlError(f"could not write checkpoint {final} ({_one_line(e)}); {kept}. Free disk space or fix "
+                          "the permissions, then run the same command again") from None
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, engines: dict[str, Any], state: dict[str, Any],
+                      tensors: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    """Everything of checkpoint `step` into `tmp` (collective), COMPLETE last."""
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -154,13 +180,51 @@ def save_checkpoint(output_dir: str | Path, step: int, engines: dict[str, Any], 
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         write_manifest(tmp)
         (tmp / "COMPLETE").write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_write_error(e: RuntimeError) -> bool:
+    """torch.save reports a full disk as a RuntimeError from its zip writer, not as an OSError."""
+    return "PytorchStreamWriter" in str(e) or "file write failed" in str(e)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# ----------------------------------------------------------------------------- a finished step
+
+FINISHED = "FINISHED.json"
+
+
+def mark_finished(output_dir: str | Path, step: int, keep_state: bool) -> None:
+    """After the final model folder is written: record that the run finished at `step` and, unless `keep_state`,
+    delete its resumable checkpoints (optimizer state is most of a run's disk; the final folder is all a later
+    step needs). Collective."""
+    root = checkpoint_root(output_dir)
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / FINISHED).write_text(json.dumps({"step": step}) + "\n")
+        for path in [] if keep_state else list_checkpoints(output_dir):
+            shutil.rmtree(path, ignore_errors=True)
     _barrier()
-    return final
+
+
+def finished_without_state(output_dir: str | Path, resume: str, total: int) -> bool:
+    """True when `output_dir` holds a run that finished at step `total` and kept no checkpoint: there is nothing
+    to train (resume=auto only). A run that finished at another step count cannot be continued without its
+    state: that is a ChatrlError, not a silent restart from scratch."""
+    marker = checkpoint_root(output_dir) / FINISHED
+    if resume != "auto" or not marker.exists() or list_checkpoints(output_dir):
+        return False
+    step = json.loads(marker.read_text())["step"]
+    if step != total:
+        raise ChatrlError(f"{output_dir} holds a run that finished at step {step} and kept no checkpoint "
+                          f"(checkpoint.keep_final_state=false), so it cannot continue to step {total}: use a new "
+                          "output_dir, or set checkpoint.resume=never to train from scratch")
+    if _rank() == 0:
+        print(f"chatrl: {output_dir} already finished at step {step}/{total} (its final model is written, its "
+              "checkpoints were not kept); nothing to train. To train again: checkpoint.resume=never", flush=True)
+    return True
 
 
 def load_checkpoint(path: Path, engines: dict[str, Any]) -> dict[str, Any]:

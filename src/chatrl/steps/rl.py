@@ -5,11 +5,11 @@ KL goes, the advantage estimator), not in their loop."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from chatrl.algorithms.advantages import compute_advantages
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
@@ -18,6 +18,8 @@ from chatrl.algorithms.masked import masked_count, masked_sum
 from chatrl.algorithms.rewards import shape_rewards
 from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, PPOOptions, RLStepConfig
 from chatrl.engine import checkpoint as ckpt
+from chatrl.engine.collectives import any_rank, global_mean, global_moments
+from chatrl.engine.faults import BadSteps, StopRequest
 from chatrl.log import MetricsLogger
 from chatrl.rollout.episodes import Task, run_episodes
 from chatrl.rollout.sampling import GenerationSettings
@@ -25,39 +27,6 @@ from chatrl.steps.common import start_step
 from chatrl.steps.rl_experience import Scored, episode_tensors, score_episodes, score_rollout
 from chatrl.steps.rl_models import RLModels, build_models, save_models
 from chatrl.steps.rl_update import Experience, policy_update, single_on_policy_step
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, unbiased var) of the counted entries of x over ALL ranks' batches (sums all-reduced), so every rank
-    whitens with the same statistics."""
-    x = x.float()
-    sums = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), masked_count(x, mask)])
-    if _distributed():
-        dist.all_reduce(sums)
-    total, squares, n = sums
-    mean = total / n.clamp(min=1)
-    return mean, (squares - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)
-
-
-def global_mean(value: float) -> float:
-    if not _distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
-def any_rank(flag: bool) -> bool:
-    if not _distributed():
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
 
 # ----------------------------------------------------------------------------- steps 1-2: episodes and rewards
 
@@ -191,60 +160,84 @@ def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], 
 
 
 def run_rl(cfg: RLStepConfig, name: str) -> Path:
-    """Train the actor; saves `<output_dir>/actor` (chat-ready HF folder), and `critic` when there is one."""
+    """Train the actor; saves `<output_dir>/actor` (chat-ready HF folder), and `critic` when there is one.
+
+    SIGTERM / SIGINT: the current iteration finishes, a checkpoint is written and the process exits 0. An optimizer
+    step with a non-finite loss or gradients is skipped; `actor_optim.max_bad_steps` in a row raise a ChatrlError."""
     ctx = start_step(cfg, name, model_cfg=cfg.actor)
+    p, r = cfg.policy, cfg.rollout
+    if ckpt.finished_without_state(cfg.output_dir, cfg.checkpoint.resume, p.iterations):
+        return ctx.output_dir / "actor"
     plan: BatchPlan = cfg.batch_plan(ctx.world)
     m = build_models(cfg, ctx, plan)
-    p, r = cfg.policy, cfg.rollout
     adaptive = isinstance(p, PPOOptions) and p.kl_target
     kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if adaptive else FixedKLController(p.kl_coef)
-    start, cursor = 0, 0
-    resume_from = ckpt.find_resume_point(cfg.output_dir, cfg.checkpoint.resume)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, m.engines())
-        start = state["step"]
-        cursor = state.get("prompt_cursor", start * r.prompts_per_rollout)
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        if m.ema is not None:  # the EMA continues where it was, not from the restored actor
-            m.ema.weights = ckpt.load_checkpoint_tensors(resume_from, "ema") or m.ema.weights
-        m.hybrid.mark_weights_updated()
+    bad = BadSteps(cfg.actor_optim.max_bad_steps, setting="actor_optim.max_bad_steps")
+    start, cursor = resume(m, cfg, kl_ctl, bad)
     log = MetricsLogger(cfg.output_dir, rank=ctx.rank, total_steps=p.iterations, start_step=start,
                         tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc=name)
     settings = GenerationSettings(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, do_sample=True,
                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-    for it in range(start, p.iterations):
-        times: dict[str, float] = {}
-        settings.seed = cfg.seed * 100003 + it * 101 + ctx.rank
-        # 1-2. episodes with the Hybrid Engine (all unfinished episodes of a turn in one batch), then rewards:
-        #      environment, reward functions, reward model; dynamic sampling drops tied groups
-        t0 = time.perf_counter()
-        scored, cursor, sampling = collect(m, cfg, cursor, settings, ctx.rank, ctx.world)
-        times["generate"] = time.perf_counter() - t0
-        # 3-4. log-probs (actor, reference, critic), KL, token rewards, advantages
-        exp = make_experience(m, cfg, scored, kl_ctl.value, times)
-        # 5. policy (and critic) update over mini-batches, then the Hybrid Engine's copy is marked stale
-        t0 = time.perf_counter()
-        stats = policy_update(m, exp, cfg, plan)
-        m.after_optimizer_steps()
-        times["train"] = time.perf_counter() - t0
-        kl_ctl.update(global_mean(exp.kl.sum(-1).mean().item()), plan.rollout)  # the same beta on every rank
-        # 6. log rewards, success, KL, lengths, losses, clip fractions, sampling counts, phase times
-        metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
-                                    r.samples_per_prompt)
-        log.log(it + 1, metrics)
-        log.advance(1, reward=metrics["reward_mean"], kl=metrics["kl"], len=metrics["response_length"],
-                    gen_tok_s=metrics["generate_tokens_per_s"])
-        done = it + 1
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == p.iterations:
-            ckpt.save_checkpoint(cfg.output_dir, done, m.engines(),
-                                 {"kl_ctl": kl_ctl.state_dict(), "prompt_cursor": cursor},
-                                 keep_last=cfg.checkpoint.keep_last,
-                                 tensors={"ema": m.ema.weights} if m.ema else None)
-        if p.save_every and done % p.save_every == 0 and done != p.iterations:
-            save_models(m, ctx, suffix=f"-iter{done:05d}")
+    with StopRequest() as stop:
+        for it in range(start, p.iterations):
+            times: dict[str, float] = {}
+            done = it + 1
+            settings.seed = cfg.seed * 100003 + it * 101 + ctx.rank
+            bad.where = f"[{name}] iteration {done}"
+            # 1-2. episodes with the Hybrid Engine (all unfinished episodes of a turn in one batch), then rewards:
+            #      environment, reward functions, reward model; dynamic sampling drops tied groups
+            t0 = time.perf_counter()
+            scored, cursor, sampling = collect(m, cfg, cursor, settings, ctx.rank, ctx.world)
+            times["generate"] = time.perf_counter() - t0
+            # 3-4. log-probs (actor, reference, critic), KL, token rewards, advantages
+            exp = make_experience(m, cfg, scored, kl_ctl.value, times)
+            # 5. policy (and critic) update over mini-batches (a step whose loss or gradients are not finite is
+            #    skipped), then the Hybrid Engine's copy is marked stale
+            t0 = time.perf_counter()
+            stats = policy_update(m, exp, cfg, plan, bad)
+            m.after_optimizer_steps()
+            times["train"] = time.perf_counter() - t0
+            rollout_kl = global_mean(exp.kl.sum(-1).mean().item())
+            if math.isfinite(rollout_kl):  # a poisoned rollout must not poison beta for the rest of the run
+                kl_ctl.update(rollout_kl, plan.rollout)  # the same beta on every rank
+            # 6. log rewards, success, KL, lengths, losses, clip fractions, sampling counts, phase times
+            metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
+                                        r.samples_per_prompt)
+            log.log(done, {**metrics, "bad_steps": bad.total})
+            log.advance(1, reward=metrics["reward_mean"], kl=metrics["kl"], len=metrics["response_length"],
+                        gen_tok_s=metrics["generate_tokens_per_s"])
+            # 7. resumable checkpoint: periodic, at the end, or now when any rank got SIGTERM / SIGINT
+            stopping = stop.agreed() and done < p.iterations
+            if stopping or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == p.iterations:
+                path = ckpt.save_checkpoint(cfg.output_dir, done, m.engines(),
+                                            {"kl_ctl": kl_ctl.state_dict(), "prompt_cursor": cursor,
+                                             "bad_steps": bad.state_dict()},
+                                            keep_last=cfg.checkpoint.keep_last,
+                                            tensors={"ema": m.ema.weights} if m.ema else None)
+            if stopping:
+                log.close()
+                stop.exit(done, p.iterations, path)
+            if p.save_every and done % p.save_every == 0 and done != p.iterations:
+                save_models(m, ctx, suffix=f"-iter{done:05d}")
     log.close()
     save_models(m, ctx)
+    ckpt.mark_finished(cfg.output_dir, p.iterations, keep_state=cfg.checkpoint.keep_final_state)
     return ctx.output_dir / "actor"
+
+
+def resume(m: RLModels, cfg: RLStepConfig, kl_ctl: AdaptiveKLController | FixedKLController,
+           bad: BadSteps) -> tuple[int, int]:
+    """Restore the newest checkpoint (engines, RNG, KL controller, EMA, bad-step count); (iteration, prompt cursor)."""
+    resume_from = ckpt.find_resume_point(cfg.output_dir, cfg.checkpoint.resume)
+    if resume_from is None:
+        return 0, 0
+    state = ckpt.load_checkpoint(resume_from, m.engines())
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    bad.load_state_dict(state.get("bad_steps", {}))
+    if m.ema is not None:  # the EMA continues where it was, not from the restored actor
+        m.ema.weights = ckpt.load_checkpoint_tensors(resume_from, "ema") or m.ema.weights
+    m.hybrid.mark_weights_updated()
+    return state["step"], state.get("prompt_cursor", state["step"] * cfg.rollout.prompts_per_rollout)
 
 
 def run_ppo(cfg: PPOConfig) -> Path:

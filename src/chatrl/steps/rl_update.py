@@ -14,6 +14,7 @@ from chatrl.algorithms.kl import kl_loss
 from chatrl.algorithms.losses import aggregate, mean_entropy, policy_loss, token_logprobs, value_loss
 from chatrl.batches import Rollout
 from chatrl.config_rl import BatchPlan, PPOOptions, RLStepConfig
+from chatrl.engine.faults import BadSteps
 from chatrl.steps.rl_experience import joined, response_logits, response_values
 from chatrl.steps.rl_models import RLModels
 
@@ -48,10 +49,13 @@ def _global_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPlan) -> dict[str, float]:
+def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPlan,
+                  bad: BadSteps | None = None) -> dict[str, float]:
     """The actor's clipped policy loss (+ KL term, entropy bonus, ptx) and the critic's value loss, averaged
-    over the micro-batches for logging."""
+    over the micro-batches for logging. An optimizer step whose loss or gradients are not finite is skipped and
+    counted in `bad` (default: a counter that never stops the run)."""
     p = cfg.policy
+    bad = bad if bad is not None else BadSteps(limit=0)
     n, micro = exp.rollout.response_ids.shape[0], p.micro_batch_size
     local_mini = plan.grad_accum * micro
     max_len = cfg.rollout.max_new_tokens * cfg.env.max_turns  # Dr. GRPO's constant L_max
@@ -63,7 +67,7 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
             tokens = _global_sum(exp.rollout.action_mask[mini].sum())
             token_denom = tokens.clamp(min=1) / (plan.grad_accum * plan.world)
             for idx in mini.split(micro):
-                stats = _micro_step(m, exp.rows(idx), cfg, max_len, token_denom)
+                stats = _micro_step(m, exp.rows(idx), cfg, max_len, token_denom, bad)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -71,7 +75,7 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
 
 
 def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
-                token_denom: torch.Tensor) -> dict[str, float]:
+                token_denom: torch.Tensor, bad: BadSteps) -> dict[str, float]:
     p, r = cfg.policy, mb.rollout
     # the policy loss and the KL term reduce their per-token values the same way
     agg = functools.partial(aggregate, mode=p.loss_agg, max_len=max_len, token_denom=token_denom)
@@ -96,13 +100,11 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
         batch = next(m.ptx_batches)
         loss = loss + p.ptx_coef * m.actor(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                            labels=batch.labels, use_cache=False).loss
-    m.actor.backward(loss)
-    m.actor.step()
+    bad.backward_step(m.actor, loss)
     # critic: clipped value regression to the GAE returns
     if m.critic is not None and isinstance(p, PPOOptions):
         values = response_values(m.critic, ids, attn, plen)
         v_loss, v_stats = value_loss(values, r.values, mb.returns, mask, p.value_clip_eps)
-        m.critic.backward(v_loss)
-        m.critic.step()
+        bad.backward_step(m.critic, v_loss)
         stats.update(value_loss=v_loss.item(), **{f"value_{k}": float(v) for k, v in v_stats.items()})
     return stats

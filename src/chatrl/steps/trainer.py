@@ -26,6 +26,7 @@ import yaml
 from chatrl.config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, OptimConfig
 from chatrl.engine import checkpoint as ckpt
 from chatrl.engine.deepspeed import initialize
+from chatrl.engine.faults import BadSteps, StopRequest
 from chatrl.errors import ChatrlError
 from chatrl.log import MetricsLogger
 
@@ -84,53 +85,78 @@ def micro_batch_rows(n_rows: int, step: int, micro: int, *, steps_per_epoch: int
 
 def train(task: TrainTask, model: torch.nn.Module, s: LoopSettings, *, bf16: bool, rank: int, world: int,
           on_done: Callable[[Any], None]) -> dict[str, float]:
-    """Run the loop to the end (resuming if a checkpoint exists); `on_done(engine)` saves the final model."""
+    """Run the loop to the end (resuming if a checkpoint exists); `on_done(engine)` saves the final model.
+
+    SIGTERM / SIGINT: the current step finishes, a checkpoint is written and the process exits 0 (SystemExit).
+    A step with a non-finite loss or gradients is skipped; `optim.max_bad_steps` in a row raise a ChatrlError."""
     steps_per_epoch, total = plan_steps(len(task.train_rows), s.optim, world)
+    if ckpt.finished_without_state(s.output_dir, s.checkpoint.resume, total):
+        return {}
     engine = initialize(model, s.optim, s.deepspeed, bf16=bf16, total_steps=total, world_size=world)
-    start = 0
+    start, state = 0, {}
     resume_from = ckpt.find_resume_point(s.output_dir, s.checkpoint.resume)
     if resume_from is not None:
-        start = ckpt.load_checkpoint(resume_from, {"model": engine})["step"]
+        state = ckpt.load_checkpoint(resume_from, {"model": engine})
+        start = state["step"]
+    bad = BadSteps(s.optim.max_bad_steps)
+    bad.load_state_dict(state.get("bad_steps", {}))
     log = MetricsLogger(s.output_dir, rank=rank, total_steps=total, start_step=start,
                         tensorboard=s.logging.tensorboard, progress=s.logging.progress, desc=task.name)
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}/{total}")
     eval_metrics: dict[str, float] = {}
-    for step in range(start, total):
-        t0, tokens, metrics = time.perf_counter(), 0, {}
-        # 1. forward/backward each micro-batch; DeepSpeed steps the optimizer at the accumulation boundary
-        for micro in range(s.optim.grad_accum):
-            idx = micro_batch_rows(len(task.train_rows), step, micro, steps_per_epoch=steps_per_epoch,
-                                   optim=s.optim, seed=s.seed, rank=rank, world=world)
-            batch = task.collate([task.train_rows[i] for i in idx])
-            loss, micro_metrics = task.loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            tokens += task.count_tokens(batch) * world
-            for k, v in micro_metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / s.optim.grad_accum
-        done = step + 1
-        # 2. log loss, LR and throughput
-        elapsed = time.perf_counter() - t0
-        metrics.update(lr=engine.get_lr()[0], tokens_per_s=tokens / elapsed, epoch=step / steps_per_epoch)
-        if done % s.logging.log_every == 0 or done == total:
-            log.log(done, metrics)
-        log.advance(1, **{k: metrics[k] for k in list(metrics)[:2]}, tok_s=metrics["tokens_per_s"])
-        # 3. evaluate periodically (and at the end)
-        if (s.logging.eval_every and done % s.logging.eval_every == 0) or done == total:
-            eval_metrics = task.evaluate(engine, task.eval_rows)
-            log.log(done, eval_metrics, split="eval")
-            log.write(f"[{task.name}] step {done}/{total} eval: " +
-                      " ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items() if isinstance(v, float)))
-        # 4. resumable checkpoint
-        if (s.checkpoint.every and done % s.checkpoint.every == 0) or done == total:
-            ckpt.save_checkpoint(s.output_dir, done, {"model": engine}, {"total": total},
-                                 keep_last=s.checkpoint.keep_last)
+    with StopRequest() as stop:
+        for step in range(start, total):
+            done = step + 1
+            bad.where = f"[{task.name}] step {done}"
+            # 1. forward/backward each micro-batch; the optimizer steps at the accumulation boundary (skipped when
+            #    the loss or a gradient is not finite)
+            metrics = optimizer_step(task, engine, s, step, steps_per_epoch, bad, rank=rank, world=world)
+            # 2. log loss, LR, throughput and the count of skipped steps
+            if done % s.logging.log_every == 0 or done == total:
+                log.log(done, metrics)
+            log.advance(1, **{k: metrics[k] for k in list(metrics)[:2]}, tok_s=metrics["tokens_per_s"])
+            # 3. evaluate periodically (and at the end)
+            if (s.logging.eval_every and done % s.logging.eval_every == 0) or done == total:
+                eval_metrics = task.evaluate(engine, task.eval_rows)
+                log.log(done, eval_metrics, split="eval")
+                log.write(f"[{task.name}] step {done}/{total} eval: " +
+                          " ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items() if isinstance(v, float)))
+            # 4. resumable checkpoint: periodic, at the end, or now when any rank got SIGTERM / SIGINT
+            stopping = stop.agreed() and done < total
+            if stopping or (s.checkpoint.every and done % s.checkpoint.every == 0) or done == total:
+                path = ckpt.save_checkpoint(s.output_dir, done, {"model": engine},
+                                            {"total": total, "bad_steps": bad.state_dict()},
+                                            keep_last=s.checkpoint.keep_last)
+            if stopping:
+                log.close()
+                stop.exit(done, total, path)
     if start >= total and not eval_metrics:  # resumed a finished run: evaluate the restored model once
         eval_metrics = task.evaluate(engine, task.eval_rows)
     log.close()
     on_done(engine)
+    ckpt.mark_finished(s.output_dir, total, keep_state=s.checkpoint.keep_final_state)
     return eval_metrics
+
+
+def optimizer_step(task: TrainTask, engine: Any, s: LoopSettings, step: int, steps_per_epoch: int, bad: BadSteps,
+                   *, rank: int, world: int) -> dict[str, float]:
+    """Step 1 of the loop: the grad_accum micro-batches of optimizer step `step`; returns their mean metrics plus
+    LR, tokens/s, epoch and bad_steps (skipped updates so far)."""
+    t0, tokens, metrics = time.perf_counter(), 0, {}
+    for micro in range(s.optim.grad_accum):
+        idx = micro_batch_rows(len(task.train_rows), step, micro, steps_per_epoch=steps_per_epoch,
+                               optim=s.optim, seed=s.seed, rank=rank, world=world)
+        batch = task.collate([task.train_rows[i] for i in idx])
+        loss, micro_metrics = task.loss(engine, batch)
+        bad.backward_step(engine, loss)
+        tokens += task.count_tokens(batch) * world
+        for k, v in micro_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / s.optim.grad_accum
+    elapsed = time.perf_counter() - t0
+    metrics.update(lr=engine.get_lr()[0], tokens_per_s=tokens / elapsed, epoch=step / steps_per_epoch,
+                   bad_steps=bad.total)
+    return metrics
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
