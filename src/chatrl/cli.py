@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "chatrl.eval.commands",      # eval, compare, report, score
     "chatrl.serve.commands",     # chat, serve
     "chatrl.envs.commands",      # env check (text environments for RL)
+    "chatrl.export.commands",    # export --format gguf (llama.cpp, ollama)
 ]
 
 

@@ -74,6 +74,8 @@ class OptimConfig:
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (overrides epochs)")
     micro_batch_size: int = opt(4, "sequences per process per forward pass")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    max_bad_steps: int = opt(3, "skip an optimizer step whose loss or gradients are not finite (counted as "
+                                "bad_steps); stop after this many in a row (0 = never stop)")
 
 
 @dataclass
@@ -94,6 +96,9 @@ class LoggingConfig:
     eval_every: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)")
     tensorboard: bool = opt(True, "also write tensorboard event files")
     progress: bool = opt(True, "show a progress bar")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = opt(
+        ["tensorboard"], "experiment trackers, all local to the run dir: tensorboard, mlflow (SQLite store in "
+                         "mlflow/), wandb (offline unless WANDB_MODE is set); tensorboard=false drops tensorboard")
 
 
 @dataclass
@@ -103,6 +108,8 @@ class CheckpointConfig:
     every: int = opt(0, "save a resumable checkpoint every N optimizer steps (0 = only at the end)")
     keep_last: int = opt(2, "how many resumable checkpoints to keep")
     resume: str = opt("auto", "auto = continue from the newest complete checkpoint; never; or a checkpoint path")
+    keep_final_state: bool = opt(False, "keep the resumable checkpoints (optimizer state) of a finished step; "
+                                        "false deletes them once the final model folder is written")
 
 
 def check_common(model: ModelConfig, ds: DeepSpeedConfig, optim: OptimConfig) -> None:

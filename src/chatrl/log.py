@@ -1,7 +1,8 @@
-"""One metrics logger for every step: progress bar, `metrics.jsonl` and tensorboard, rank 0 only.
+"""One metrics logger for every step: progress bar, `metrics.jsonl` and the experiment trackers of
+`logging.report_to` (tensorboard by default; mlflow, wandb: `chatrl.trackers`), rank 0 only.
 
 Each `log(step, metrics, split=...)` appends one JSON line `{"step", "split", "time", ...metrics}` that
-the run report plots later.
+the run report plots later, and sends the numeric metrics to every tracker as `<split>/<key>`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.auto import tqdm
+
+from chatrl.trackers import Tracker, open_trackers
 
 
 def _scalar(v: Any) -> Any:
@@ -21,20 +25,27 @@ def _scalar(v: Any) -> Any:
 
 
 class MetricsLogger:
+    """`report_to`: the trackers (`logging.report_to`). When a caller passes None, they are read from the run's
+    `config.yaml` (written by every step before it logs), so every step's logger follows the config; without
+    one, tensorboard. `tensorboard=False` (the older switch `logging.tensorboard`) removes tensorboard."""
+
     def __init__(self, out_dir: str | Path, *, rank: int, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, desc: str = "train") -> None:
+                 tensorboard: bool = True, progress: bool = True, desc: str = "train",
+                 report_to: list[str] | None = None) -> None:
         self.enabled = rank == 0
         self.out_dir = Path(out_dir)
-        self.writer = None
+        self.trackers: list[Tracker] = []
         self.bar = None
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        config = _run_config(self.out_dir)
+        if report_to is None:
+            report_to = list(config.get("logging", {}).get("report_to", ["tensorboard"]))
+        if not tensorboard:
+            report_to = [t for t in report_to if t != "tensorboard"]
+        self.trackers = open_trackers(report_to, self.out_dir, name=desc, config=config)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
@@ -44,10 +55,9 @@ class MetricsLogger:
         clean = {k: _scalar(v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, "split": split, "time": time.time(), **clean}) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"{split}/{k}", v, step)
+        numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(step, split, numbers)
 
     def advance(self, n: int = 1, **postfix: Any) -> None:
         """Move the progress bar and show the latest numbers (loss, tokens/s, ...) beside it."""
@@ -65,9 +75,15 @@ class MetricsLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.file.close()
+
+
+def _run_config(out_dir: Path) -> dict[str, Any]:
+    """The step's config as saved in the run directory ({} when there is none, e.g. a bare logger in a tool)."""
+    path = out_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
 def _fmt(v: Any) -> str:

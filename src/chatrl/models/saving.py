@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from chatrl.errors import ChatrlError
@@ -26,7 +27,7 @@ _WRAPPER_PREFIXES = ("module.", "hf_model.")
 
 
 def save_hf_folder(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *, merge_lora: bool = True,
-                   state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+                   state_dict: Optional[Mapping[str, torch.Tensor]] = None, card: str | None = None) -> Path:
     """Save `model` + `tokenizer` to `out_dir` as a plain HF folder, replacing any old folder atomically.
 
     - DeepSpeed engines / DDP / chatrl wrappers are unwrapped; peft models are merged into a copy
@@ -35,6 +36,7 @@ def save_hf_folder(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
     - `state_dict`: a full state dict gathered by the caller (ZeRO-3); keys may carry wrapper
       ("module.") or peft ("base_model.model.", lora_A/B) names, which are merged/normalised.
     - Tied weights (lm_head == embed_tokens) are written once, as transformers expects.
+    - `card`: the folder's model card, written as README.md (`chatrl.models.model_card`).
     The folder is built in a temp sibling and renamed into place, so a crash never leaves a half folder.
     """
     out = Path(out_dir)
@@ -57,6 +59,8 @@ def save_hf_folder(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
             plain.save_pretrained(tmp, state_dict=sd)
         tokenizer.save_pretrained(tmp)
         _ensure_chat_template_file(tmp, tokenizer)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         leftovers = list(tmp.glob("*.bin")) + list(tmp.glob("*.pt"))
         for path in leftovers:  # never ship pickles
             path.unlink()
@@ -81,6 +85,9 @@ def replace_dir_atomically(out: Path, build) -> None:
             if old is not None:
                 os.replace(old / "dir", out)
             raise
+    except (OSError, SafetensorError) as e:  # disk full, permissions: one line, not a traceback
+        kept = f"the previous {out} is unchanged" if out.exists() else f"{out} was not created"
+        raise ChatrlError(f"could not write {out} ({' '.join(str(e).split())}); {kept}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

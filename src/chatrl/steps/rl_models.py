@@ -28,7 +28,7 @@ from chatrl.models.reward import TokenValueModel, load_reward_model
 from chatrl.models.saving import save_hf_folder
 from chatrl.reward_functions import RewardFunctions
 from chatrl.rollout.hybrid import HybridEngine
-from chatrl.steps.common import StepContext, finish_model
+from chatrl.steps.common import StepContext, finish_model, model_card
 
 
 class Offloaded(torch.nn.Module):
@@ -157,10 +157,26 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
 
 
 def save_models(m: RLModels, ctx: StepContext, suffix: str = "") -> None:
-    """Actor (chat-ready, LoRA merged), critic and EMA actor as plain HF folders."""
-    finish_model(ctx, m.actor, merge_lora=True, dir_name=f"actor{suffix}")
+    """Actor (chat-ready, LoRA merged), critic and EMA actor as plain HF folders, each with its model card."""
+    cfg = ctx.config
+    data = rl_data_paths(cfg, m.envs)
+    finish_model(ctx, m.actor, merge_lora=True, dir_name=f"actor{suffix}", data=data)
     if m.critic is not None:
-        finish_model(ctx, m.critic, merge_lora=True, dir_name=f"critic{suffix}")
+        finish_model(ctx, m.critic, merge_lora=True, dir_name=f"critic{suffix}", data=data,
+                     base=cfg.critic.name_or_path or cfg.reward.model)
     if m.ema is not None and ctx.rank == 0:
-        save_hf_folder(m.actor.module, ctx.tokenizer, ctx.output_dir / f"actor_ema{suffix}", merge_lora=True,
-                       state_dict=m.ema.weights)
+        out = ctx.output_dir / f"actor_ema{suffix}"
+        save_hf_folder(m.actor.module, ctx.tokenizer, out, merge_lora=True, state_dict=m.ema.weights,
+                       card=model_card(ctx, out, m.actor.module, data=data))
+
+
+def rl_data_paths(cfg: RLStepConfig, envs: list[gymnasium.Env]) -> list[str]:
+    """The data an RL step trained on, for its model cards: the prompts of the `chat` environment or of the ptx
+    loss (data.paths), and a file an environment reads its tasks from (its `path`, e.g. `math`'s GSM8K)."""
+    paths = []
+    if cfg.env.name == "chat" or (isinstance(cfg, PPOConfig) and cfg.ppo.ptx_coef > 0):
+        paths += list(cfg.data.paths)
+    env_path = getattr(envs[0].unwrapped, "path", None) if envs else None
+    if isinstance(env_path, str):
+        paths.append(env_path)
+    return paths

@@ -1,0 +1,1 @@
+"""Export trained models to other runtimes: `chatrl export --format gguf` (llama.cpp, ollama)."""
