@@ -83,34 +83,32 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_sft_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
-    """2 processes x micro-batch 1 x 4 accumulation steps == 1 process x micro-batch 1 x 8 (both ZeRO-2, fp32).
+    """2 processes x micro-batch 1 == 1 process x micro-batch 2 (both 4 accumulation steps, ZeRO-2, fp32).
 
-    Both see the same 8 rows per optimizer step (see the trainer docstring) and, with one row per micro-batch, the
-    same gradient: the mean over the 8 rows of each row's token-mean loss (DeepSpeed averages over accumulation
-    steps and ranks alike). So only fp32 summation order differs. Measured: eval loss 3.8e-8 / 3.0e-8 relative
-    apart (steps 6 / 12; fp32's epsilon is 1.2e-7), final weights 2.6e-7 apart (largest per-tensor relative norm).
-    Bounds: about 5x those. (With larger micro-batches the two are NOT the same computation: each micro-batch
-    loss is a token mean, so 4 rows in one mean weigh tokens differently than two means of 2 rows; the logged
-    train loss is moreover rank 0's rows only. Measured that way, micro-batch 4 vs 2 x 2: train loss up to 1.1%
-    apart, which is why this test does not compare those.)"""
-    args = ["sft", "--config", TINY, "deepspeed.zero_stage=2", "optim.micro_batch_size=1", "checkpoint.every=0"]
+    Both see the same 8 rows per optimizer step (see the trainer docstring), and the loss of a step is ONE token mean
+    over all 8 rows (the trainer counts the step's tokens over micro-batches and ranks and divides each micro-batch's
+    token sum by that share), so only fp32 summation order and padding differ. Before that normalisation the two were
+    different computations (each micro-batch a token mean of its own rows), measured: eval loss 3.1e-5 relative
+    apart at step 12, weights 0.14 (largest per-tensor relative norm). Now: eval loss 1.7e-7 / 6e-9 (steps 6 / 12),
+    weights 6.9e-7. Bounds: about 3x those."""
+    args = ["sft", "--config", TINY, "deepspeed.zero_stage=2", "checkpoint.every=0", "optim.grad_accum=4"]
     one, two = tmp_path / "one", tmp_path / "zero2"
-    proc = run_cli(*args, f"output_dir={one}", "optim.grad_accum=8")
+    proc = run_cli(*args, f"output_dir={one}", "optim.micro_batch_size=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "chatrl", *args, f"output_dir={two}",
-           "optim.grad_accum=4"]
+           "optim.micro_batch_size=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     eval_one = final_by_step(read_metrics(one, "eval"), "loss")
     eval_two = final_by_step(read_metrics(two, "eval"), "loss")
     assert sorted(eval_one) == sorted(eval_two) == [6, 12]
     for step in (6, 12):
-        assert eval_two[step] == pytest.approx(eval_one[step], rel=2e-7, abs=0)
+        assert eval_two[step] == pytest.approx(eval_one[step], rel=5e-7, abs=0)
     w_one, w_two = _weights(one / "model"), _weights(two / "model")
     assert w_one.keys() == w_two.keys()
     for name, w in w_one.items():
         w, w2 = w.double(), w_two[name].double()
-        assert (w - w2).norm() <= 1e-6 * w.norm(), name
+        assert (w - w2).norm() <= 2e-6 * w.norm(), name
     assert eval_one[12] < eval_one[6] - 0.05  # it did train (the comparison is not between two untouched models)
     assert load_with_plain_transformers(two / "model").startswith("OK")

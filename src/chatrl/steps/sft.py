@@ -13,11 +13,21 @@ from chatrl.steps.common import StepContext, finish_model, loop_settings, start_
 from chatrl.steps.trainer import TrainTask, train
 
 
-def lm_loss(engine, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean cross entropy of the next token over positions whose label is not -100 (HF's shifted loss)."""
+def loss_tokens(rows: list[dict]) -> int:
+    """Tokens the loss counts: next-token labels that are not -100 (the first label predicts nothing)."""
+    return sum(sum(1 for label in r["labels"][1:] if label != -100) for r in rows)
+
+
+def lm_loss(engine, batch: TokenBatch, token_denom: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross entropy of the next token over positions whose label is not -100 (HF's shifted loss), summed and divided
+    by `token_denom` (the trainer's share of the whole step's token count), or the batch's token mean without it.
+    The logged "loss" is this batch's token mean either way."""
     out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                  use_cache=False)
-    return out.loss, {"loss": out.loss.item()}
+    if token_denom is None:
+        return out.loss, {"loss": out.loss.item()}
+    n = int((batch.labels[:, 1:] != -100).sum())
+    return out.loss * n / token_denom, {"loss": out.loss.item()}
 
 
 @torch.no_grad()
@@ -56,7 +66,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     task = TrainTask(
         name="sft", train_rows=train_rows, eval_rows=eval_rows, collate=collate, loss=lm_loss,
         evaluate=lambda engine, rows: eval_lm(engine, rows, collate, cfg.optim.micro_batch_size),
-        count_tokens=lambda b: int(b.attention_mask.sum()),
+        count_tokens=lambda b: int(b.attention_mask.sum()), count_loss_tokens=loss_tokens,
     )
     model = load_causal_lm(cfg.model, dtype=ctx.weights_dtype, tokenizer=tok)
     train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,

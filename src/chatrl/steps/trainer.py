@@ -25,6 +25,7 @@ import yaml
 
 from chatrl.config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, OptimConfig
 from chatrl.engine import checkpoint as ckpt
+from chatrl.engine.collectives import global_sum
 from chatrl.engine.deepspeed import initialize
 from chatrl.engine.faults import BadSteps, StopRequest
 from chatrl.errors import ChatrlError
@@ -34,15 +35,21 @@ from chatrl.log import MetricsLogger
 @dataclass
 class TrainTask:
     """What a step plugs into the loop. `loss(engine, batch) -> (scalar loss, metrics)`;
-    `evaluate(engine, rows) -> metrics`; `count_tokens(batch) -> int` for tokens/s."""
+    `evaluate(engine, rows) -> metrics`; `count_tokens(batch) -> int` for tokens/s.
+
+    `count_loss_tokens(rows) -> int`, for a loss that is a mean over tokens: the loop counts the tokens of the whole
+    optimizer step over all micro-batches and ranks and calls `loss(engine, batch, token_denom=D)` with
+    D = tokens / (grad_accum * world), so the step's gradient is that of one token mean over every row it saw, however
+    the rows are cut into micro-batches and ranks (DeepSpeed averages micro-batch losses and ranks' gradients)."""
 
     name: str
     train_rows: list[dict]
     eval_rows: list[dict]
     collate: Callable[[list[dict]], Any]
-    loss: Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]
+    loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]  # (engine, batch[, token_denom=])
     evaluate: Callable[[Any, list[dict]], dict[str, float]]
     count_tokens: Callable[[Any], int]
+    count_loss_tokens: Callable[[list[dict]], int] | None = None
 
 
 @dataclass
@@ -144,11 +151,17 @@ def optimizer_step(task: TrainTask, engine: Any, s: LoopSettings, step: int, ste
     """Step 1 of the loop: the grad_accum micro-batches of optimizer step `step`; returns their mean metrics plus
     LR, tokens/s, epoch and bad_steps (skipped updates so far)."""
     t0, tokens, metrics = time.perf_counter(), 0, {}
-    for micro in range(s.optim.grad_accum):
-        idx = micro_batch_rows(len(task.train_rows), step, micro, steps_per_epoch=steps_per_epoch,
-                               optim=s.optim, seed=s.seed, rank=rank, world=world)
-        batch = task.collate([task.train_rows[i] for i in idx])
-        loss, micro_metrics = task.loss(engine, batch)
+    micro_rows = [[task.train_rows[i] for i in micro_batch_rows(len(task.train_rows), step, micro,
+                                                                steps_per_epoch=steps_per_epoch, optim=s.optim,
+                                                                seed=s.seed, rank=rank, world=world)]
+                  for micro in range(s.optim.grad_accum)]
+    kwargs = {}
+    if task.count_loss_tokens is not None:
+        step_tokens = global_sum(float(sum(task.count_loss_tokens(rows) for rows in micro_rows)))
+        kwargs["token_denom"] = max(step_tokens, 1.0) / (s.optim.grad_accum * world)
+    for rows in micro_rows:
+        batch = task.collate(rows)
+        loss, micro_metrics = task.loss(engine, batch, **kwargs)
         bad.backward_step(engine, loss)
         tokens += task.count_tokens(batch) * world
         for k, v in micro_metrics.items():
