@@ -202,7 +202,7 @@ def settings(out: Path, zero: int, max_bad: int, steps: int) -> LoopSettings:
     return LoopSettings(output_dir=str(out), seed=0, deepspeed=DeepSpeedConfig(zero_stage=zero),
                         optim=OptimConfig(lr=0.1, micro_batch_size=4, grad_accum=1, max_steps=steps,
                                           max_bad_steps=max_bad, scheduler="constant"),
-                        logging=LoggingConfig(tensorboard=False, progress=False),
+                        logging=LoggingConfig(report_to=[], progress=False),
                         checkpoint=CheckpointConfig(every=2, keep_last=5))
 
 

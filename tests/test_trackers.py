@@ -97,20 +97,15 @@ def test_metrics_land_in_every_tracker_offline(tmp_path: Path, monkeypatch: pyte
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2, 3]
 
 
-def test_trackers_follow_the_runs_config_and_the_tensorboard_switch(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_to_picks_the_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # callers that pass no report_to (the step loops) get the trackers of the run's config.yaml
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "config.yaml").write_text(yaml.safe_dump({"logging": {"report_to": ["mlflow"]}}))
-    _log_rows(tmp_path / "a")
+    _log_rows(tmp_path / "a", report_to=["mlflow"])
     assert (tmp_path / "a" / "mlflow" / "mlflow.db").exists() and not (tmp_path / "a" / "tensorboard").exists()
     _contains(_mlflow_metrics(tmp_path / "a")[0], EXPECTED)
-    # no config: tensorboard, as before; logging.tensorboard=false still turns it off
-    _log_rows(tmp_path / "b")
+    _log_rows(tmp_path / "b", report_to=["tensorboard"])
     assert _tensorboard_scalars(tmp_path / "b")["train/loss"] == pytest.approx({1: 2.0, 2: 1.5, 3: 1.0})
-    _log_rows(tmp_path / "c", tensorboard=False)
+    _log_rows(tmp_path / "c", report_to=[])
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["metrics.jsonl"]
 
 

@@ -94,11 +94,10 @@ class LoggingConfig:
 
     log_every: int = opt(1, "log metrics every N optimizer steps")
     eval_every: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)")
-    tensorboard: bool = opt(True, "also write tensorboard event files")
     progress: bool = opt(True, "show a progress bar")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = opt(
         ["tensorboard"], "experiment trackers, all local to the run dir: tensorboard, mlflow (SQLite store in "
-                         "mlflow/), wandb (offline unless WANDB_MODE is set); tensorboard=false drops tensorboard")
+                         "mlflow/), wandb (offline unless WANDB_MODE is set); [] = metrics.jsonl only")
 
 
 @dataclass

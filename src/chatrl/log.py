@@ -25,13 +25,11 @@ def _scalar(v: Any) -> Any:
 
 
 class MetricsLogger:
-    """`report_to`: the trackers (`logging.report_to`). When a caller passes None, they are read from the run's
-    `config.yaml` (written by every step before it logs), so every step's logger follows the config; without
-    one, tensorboard. `tensorboard=False` (the older switch `logging.tensorboard`) removes tensorboard."""
+    """`report_to`: the trackers (`logging.report_to`; [] = metrics.jsonl only). The run's `config.yaml`, when there
+    is one, goes to the trackers as the run's parameters."""
 
-    def __init__(self, out_dir: str | Path, *, rank: int, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, desc: str = "train",
-                 report_to: list[str] | None = None) -> None:
+    def __init__(self, out_dir: str | Path, *, rank: int, total_steps: int, report_to: list[str],
+                 start_step: int = 0, progress: bool = True, desc: str = "train") -> None:
         self.enabled = rank == 0
         self.out_dir = Path(out_dir)
         self.trackers: list[Tracker] = []
@@ -40,12 +38,7 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        config = _run_config(self.out_dir)
-        if report_to is None:
-            report_to = list(config.get("logging", {}).get("report_to", ["tensorboard"]))
-        if not tensorboard:
-            report_to = [t for t in report_to if t != "tensorboard"]
-        self.trackers = open_trackers(report_to, self.out_dir, name=desc, config=config)
+        self.trackers = open_trackers(report_to, self.out_dir, name=desc, config=_run_config(self.out_dir))
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 

@@ -205,7 +205,7 @@ def run_rft(cfg: RFTConfig) -> Path:
     rounds = range(1, cfg.rft.rounds + 1)
     finished = [k for k in rounds if (round_dir(cfg, k) / "round.json").is_file()]
     log = MetricsLogger(cfg.output_dir, rank=ctx.rank, total_steps=cfg.rft.rounds, start_step=len(finished),
-                        tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="rft")
+                        report_to=cfg.logging.report_to, progress=cfg.logging.progress, desc="rft")
     rows: list[Summary] = []
     # 1-4 for round 0: the starting model's held-out score, the line every round is compared with
     base = base_summary(cfg, ctx, scorer, log)

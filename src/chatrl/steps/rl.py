@@ -175,7 +175,7 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
     bad = BadSteps(cfg.actor_optim.max_bad_steps, setting="actor_optim.max_bad_steps")
     start, cursor = resume(m, cfg, kl_ctl, bad)
     log = MetricsLogger(cfg.output_dir, rank=ctx.rank, total_steps=p.iterations, start_step=start,
-                        tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc=name)
+                        report_to=cfg.logging.report_to, progress=cfg.logging.progress, desc=name)
     settings = GenerationSettings(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, do_sample=True,
                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
     with StopRequest() as stop:

@@ -108,7 +108,7 @@ def train(task: TrainTask, model: torch.nn.Module, s: LoopSettings, *, bf16: boo
     bad = BadSteps(s.optim.max_bad_steps)
     bad.load_state_dict(state.get("bad_steps", {}))
     log = MetricsLogger(s.output_dir, rank=rank, total_steps=total, start_step=start,
-                        tensorboard=s.logging.tensorboard, progress=s.logging.progress, desc=task.name)
+                        report_to=s.logging.report_to, progress=s.logging.progress, desc=task.name)
     if resume_from is not None:
         log.write(f"resumed from {resume_from} at step {start}/{total}")
     eval_metrics: dict[str, float] = {}
