@@ -35,6 +35,18 @@ def global_mean(value: float) -> float:
     return global_sum(value) / (dist.get_world_size() if distributed() else 1)
 
 
+def global_means(values: dict[str, float], sums: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Every value averaged over ranks (keys in `sums`: summed), in one all-reduce; every rank must pass the same
+    keys. The mean of ranks' means is the global mean when every rank holds the same number of items."""
+    if not distributed():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return {k: float(v) if k in sums else float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, unbiased var) of the counted entries of x over ALL ranks' batches (sums all-reduced), so every rank
     whitens with the same statistics."""

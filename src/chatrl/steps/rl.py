@@ -14,11 +14,10 @@ import torch
 from chatrl.algorithms.advantages import compute_advantages
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
 from chatrl.algorithms.kl import kl_penalty
-from chatrl.algorithms.masked import masked_count, masked_sum
 from chatrl.algorithms.rewards import shape_rewards
 from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, PPOOptions, RLStepConfig
 from chatrl.engine import checkpoint as ckpt
-from chatrl.engine.collectives import any_rank, global_mean, global_moments
+from chatrl.engine.collectives import any_rank, global_mean, global_means, global_moments
 from chatrl.engine.faults import BadSteps, StopRequest
 from chatrl.log import MetricsLogger
 from chatrl.rollout.episodes import Task, run_episodes
@@ -136,26 +135,26 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
 
 def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], sampling: dict[str, float],
                       times: dict[str, float], beta: float, world: int, g: int) -> dict[str, float]:
-    """Step 6: one row of metrics.jsonl (means over this process's rollout)."""
+    """Step 6: one row of metrics.jsonl, over ALL ranks' rollouts (every rank holds the same number of episodes, so
+    means of ranks' means are global means; counts are summed; times are rank 0's)."""
     ep = scored.episodes
     lengths = exp.rollout.response_mask.new_tensor([sum(a) for a in ep.action_mask])
     varied = varied_groups(scored.outcome, g)  # rows always come in whole groups
-    seq_kl = exp.kl.sum(-1).mean().item()
-    out = {"reward_mean": scored.outcome.mean().item(),
-           "reward_std": scored.outcome.std().item() if len(scored.outcome) > 1 else 0.0,
-           "success_rate": sum(ep.success) / len(ep), "env_return": sum(map(sum, ep.turn_rewards)) / len(ep),
-           "zero_variance_groups": varied.count(False) / len(varied),
-           "kl": seq_kl, "kl_coef": beta, "response_length": lengths.mean().item(),
-           "eos_rate": scored.has_eos.float().mean().item(), "truncation_rate": 1 - scored.has_eos.float().mean().item(),
-           "context_truncated": sum(ep.context_truncated), "turns": sum(map(len, ep.turn_rewards)) / len(ep),
-           "empty_responses": int((lengths == 0).sum()),
-           "advantage_mean": (masked_sum(exp.advantages, exp.rollout.action_mask)
-                              / masked_count(exp.advantages, exp.rollout.action_mask).clamp(min=1)).item(),
-           **{f"reward_fn/{k}": v.mean().item() for k, v in scored.by_function.items()},
-           **stats, **sampling, **{f"time_{k}": v for k, v in times.items()},
-           "generate_tokens_per_s": lengths.sum().item() * world / max(times["generate"], 1e-9)}
+    means = {"reward_mean": scored.outcome.mean().item(),
+             "success_rate": sum(ep.success) / len(ep), "env_return": sum(map(sum, ep.turn_rewards)) / len(ep),
+             "zero_variance_groups": varied.count(False) / len(varied),
+             "kl": exp.kl.sum(-1).mean().item(), "response_length": lengths.mean().item(),
+             "eos_rate": scored.has_eos.float().mean().item(), "turns": sum(map(len, ep.turn_rewards)) / len(ep),
+             "context_truncated": sum(ep.context_truncated), "empty_responses": int((lengths == 0).sum()),
+             **{f"reward_fn/{k}": v.mean().item() for k, v in scored.by_function.items()}, **stats}
     if scored.rm_score is not None:
-        out["rm_score_raw"] = scored.rm_score.mean().item()
+        means["rm_score_raw"] = scored.rm_score.mean().item()
+    out = global_means(means, sums=frozenset({"context_truncated", "empty_responses"}))
+    _, reward_var = global_moments(scored.outcome, torch.ones_like(scored.outcome))
+    adv_mean, _ = global_moments(exp.advantages, exp.rollout.action_mask)
+    out.update(reward_std=reward_var.sqrt().item(), truncation_rate=1 - out["eos_rate"], kl_coef=beta,
+               advantage_mean=adv_mean.item(), **sampling, **{f"time_{k}": v for k, v in times.items()},
+               generate_tokens_per_s=lengths.sum().item() * world / max(times["generate"], 1e-9))
     return out
 
 
