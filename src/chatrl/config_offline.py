@@ -61,6 +61,55 @@ class DPOConfig(SupervisedStepConfig):
 # (ILQLOptions, ILQLConfig: added below this line)
 
 
+@dataclass
+class ILQLOptions:
+    """Implicit Language Q-Learning (Snell et al. 2022): Q/V heads trained offline from scored replies."""
+
+    gamma: float = opt(0.99, "discount per token in the Bellman target r_t + gamma * V(s_t+1) (V = 0 after the end)")
+    tau: float = opt(0.7, "expectile of V's regression toward min(target Q1, Q2); > 0.5 leans toward the best "
+                          "actions the data took (0.5 = plain mean)")
+    cql_alpha: float = opt(0.1, "weight of the conservative (CQL) term logsumexp_v Q(s, v) - Q(s, a)")
+    awac_weight: float = opt(1.0, "weight of the LM loss (-log pi(a|s) of the data's tokens) kept alongside")
+    polyak_alpha: float = opt(0.01, "target heads follow the online Q heads by this share per optimizer step: "
+                                    "target <- (1 - alpha) target + alpha online")
+    two_q: bool = opt(True, "twin Q heads (the min of the two targets is V's target); false = one Q head")
+    beta: float = opt(1.0, "Q-guided decoding strength saved with the heads (logits + beta * (Q - V); 0 = the "
+                           "plain LM); chat/serve take --ilql-beta to change it")
+    chosen_reward: float = opt(1.0, "reward at the last token of a preference pair's chosen reply")
+    rejected_reward: float = opt(-1.0, "reward at the last token of a preference pair's rejected reply")
+    reward_key: str = opt("reward", "column of {prompt, response, <reward_key>} rows holding the reply's score "
+                                    "(read from the rlhf shard; pairs come from the reward shard)")
+    head_seed: int = opt(0, "seed of the heads' initialisation (new heads only; a model folder with "
+                            "ilql_heads.safetensors continues from them)")
+
+
+@dataclass
+class ILQLConfig(SupervisedStepConfig):
+    """Offline Q-learning for language: preference pairs (chosen / rejected rewards at the last token) and scored
+    replies train two Q heads, their Polyak targets and a V head beside the LM, then decoding is Q-guided."""
+
+    output_dir: str = opt("runs/ilql", "where checkpoints, metrics and the final HF model folder (+ heads) go")
+    ilql: ILQLOptions = sub(ILQLOptions)
+
+    def check(self) -> None:
+        super().check()
+        o = self.ilql
+        if not 0.0 <= o.gamma <= 1.0:
+            raise ChatrlError(f"ilql.gamma={o.gamma}: must be in [0, 1]")
+        if not 0.0 < o.tau < 1.0:
+            raise ChatrlError(f"ilql.tau={o.tau}: must be in (0, 1)")
+        if not 0.0 < o.polyak_alpha <= 1.0:
+            raise ChatrlError(f"ilql.polyak_alpha={o.polyak_alpha}: must be in (0, 1] (1 = targets copy the heads)")
+        for key in ("beta", "chosen_reward", "rejected_reward", "cql_alpha", "awac_weight"):
+            if not abs(getattr(o, key)) < float("inf"):  # also catches NaN, which compares False
+                raise ChatrlError(f"ilql.{key}={getattr(o, key)}: must be a finite number")
+        if o.cql_alpha < 0 or o.awac_weight < 0:
+            raise ChatrlError("ilql.cql_alpha and ilql.awac_weight must be >= 0")
+        if self.deepspeed.zero_stage == 3:
+            raise ChatrlError("chatrl ilql supports deepspeed.zero_stage 0-2: the Polyak update and Q-guided decoding "
+                              "read the heads in place, which ZeRO-3 partitions; use zero_stage=2")
+
+
 # ============================================================================ rft
 # (RFTOptions, RFTConfig: added below this line)
 

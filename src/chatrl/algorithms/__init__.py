@@ -21,6 +21,8 @@ losses       aggregate(per_token[B,R], mask, mode) (token_mean / seq_mean_token_
              policy_loss (clip-higher, GSPO sequence ratio), value_loss -> (loss, stats);
              entropy_from_logits, mean_entropy; pairwise_reward_loss -> (loss, stats); sft_loss; token_logprobs;
              LOSS_AGGREGATIONS, POLICY_LOSSES, VALUE_LOSSES, REWARD_LOSSES
+ilql         ILQL (Snell et al. 2022): next_action_values, bellman_targets, q_bellman_loss, expectile_loss,
+             cql_loss, awac_loss, ilql_loss -> (loss, stats), polyak_update, guided_logits, ILQL_LOSSES
 registry     lookup(table, name, what): table[name] or a ValueError listing the choices
 """
 
@@ -34,6 +36,18 @@ from chatrl.algorithms.advantages import (
     whiten_advantages,
 )
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
+from chatrl.algorithms.ilql import (
+    ILQL_LOSSES,
+    awac_loss,
+    bellman_targets,
+    cql_loss,
+    expectile_loss,
+    guided_logits,
+    ilql_loss,
+    next_action_values,
+    polyak_update,
+    q_bellman_loss,
+)
 from chatrl.algorithms.kl import KL_ESTIMATORS, kl_loss, kl_penalty
 from chatrl.algorithms.losses import (
     LOSS_AGGREGATIONS,
@@ -61,6 +75,7 @@ from chatrl.algorithms.rewards import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "ILQL_LOSSES",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
@@ -69,12 +84,18 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate",
+    "awac_loss",
+    "bellman_targets",
     "compute_advantages",
     "contains_eos",
+    "cql_loss",
     "entropy_from_logits",
     "eos_penalty",
+    "expectile_loss",
     "gae_advantages",
     "grpo_advantages",
+    "guided_logits",
+    "ilql_loss",
     "kl_loss",
     "kl_penalty",
     "last_token_index",
@@ -84,9 +105,12 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "mean_entropy",
+    "next_action_values",
     "overlong_penalty",
     "pairwise_reward_loss",
     "policy_loss",
+    "polyak_update",
+    "q_bellman_loss",
     "reinforce_returns",
     "rloo_advantages",
     "sft_loss",

@@ -16,6 +16,8 @@ INFERENCE COPY of its weights:
 With `compile_decode`, decode steps of Llama-architecture actors run a torch.compile'd step
 (`rollout.compiled_decode`; compiled once per process, the weights are its inputs).
 With `inference_dtype=None`, a plain (non-LoRA, non-ZeRO-3) actor is used as is: no copy at all.
+With `guidance` (ILQL heads and beta != 0, `rollout.guided`), every decode step's logits are shifted by
+beta * (Q - V) computed from the same forward; the compiled decode step is skipped then (eager decode).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from chatrl.paths import setup_extension_cache
 from chatrl.rollout.compiled_decode import CompiledDecoder, why_unsupported
 from chatrl.rollout.decode import GenerationSettings, generate
+from chatrl.rollout.guided import QGuidance
 
 
 def unwrap_actor(actor: nn.Module) -> nn.Module:
@@ -188,8 +191,9 @@ class HybridEngine:
 
     def __init__(self, actor: nn.Module, *, inference_dtype: torch.dtype | None,
                  release_after_rollout: bool = True, zero3: bool = False, pack_weights: bool = True,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, guidance: QGuidance | None = None):
         self.actor = actor
+        self.guidance = guidance  # ILQL Q-guided decoding; may be replaced between rollouts (e.g. another beta)
         self.module = unwrap_actor(actor)
         self.base = _base_model(self.module)
         self.zero3 = zero3 or any(hasattr(p, "ds_id") for p in self.module.parameters())
@@ -283,9 +287,14 @@ class HybridEngine:
         synced = self.zero3 if synced is None else synced
         if self._active is None:
             with self.inference_mode() as model:
-                return generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
-                                return_logprobs=return_logprobs, synced=synced, decoder=self._decoder_for(model),
-                                **kwargs)
-        return generate(self._active, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
-                        return_logprobs=return_logprobs, synced=synced, decoder=self._decoder_for(self._active),
-                        **kwargs)
+                return self._decode(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
+                                    return_logprobs=return_logprobs, synced=synced, **kwargs)
+        return self._decode(self._active, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id,
+                            return_logprobs=return_logprobs, synced=synced, **kwargs)
+
+    def _decode(self, model: nn.Module, *args, **kwargs):
+        """`generate` on the inference model, Q-guided when guidance is active (then without the compiled step,
+        whose graph has no heads; log-probs are then those of the guided distribution that was sampled)."""
+        if self.guidance is not None and self.guidance.active:
+            return generate(self.guidance.wrap(model), *args, decoder=None, **kwargs)
+        return generate(model, *args, decoder=self._decoder_for(model), **kwargs)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from chatrl.errors import ChatrlError
+
+if TYPE_CHECKING:  # the serve modules load torch; the CLI imports this file at start-up
+    from chatrl.serve.generation import ChatModel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +51,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="auto = bf16 if the CPU supports it natively, else fp32")
     parser.add_argument("--context-window", type=int, default=None,
                         help="token window (default and maximum: the model's max_position_embeddings)")
+    parser.add_argument("--ilql-beta", type=float, default=None,
+                        help="Q-guided decoding for a model trained with `chatrl ilql`: logits + beta * (Q - V); "
+                             "0 = the plain LM (default: the beta saved with the model's ILQL heads)")
 
 
 def _check_positive(**values: int | float | None) -> None:
@@ -63,13 +71,13 @@ def _quiet_loading() -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from chatrl.serve.chat import ChatSession, run_chat
-    from chatrl.serve.generation import ChatModel, SamplingSettings
+    from chatrl.serve.generation import SamplingSettings
 
     _check_positive(max_new_tokens=args.max_new_tokens, top_p=args.top_p, context_window=args.context_window)
     if args.temperature < 0 or args.top_p > 1:
         raise ChatrlError("--temperature must be >= 0 and --top-p in (0, 1]")
     _quiet_loading()
-    chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window)
+    chat = _load_chat_model(args)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     return run_chat(ChatSession(chat, settings, system=args.system), verbose=args.verbose)
@@ -89,9 +97,23 @@ def _run_serve(args: argparse.Namespace) -> int:
     _quiet_loading()
     app = create_app(args.model, api_key=args.api_key, dtype=args.dtype, context_window=args.context_window,
                      max_active=args.max_active, max_queue=args.max_queue,
-                     default_max_tokens=args.default_max_tokens, model_name=args.model_name)
+                     default_max_tokens=args.default_max_tokens, model_name=args.model_name,
+                     chat=_load_chat_model(args))
     run_server(app, host=args.host, port=args.port)
     return 0
+
+
+def _load_chat_model(args: argparse.Namespace) -> ChatModel:
+    """The model to chat with / serve; says on stderr when its ILQL heads guide decoding."""
+    from chatrl.serve.generation import ChatModel
+
+    if args.ilql_beta is not None and not math.isfinite(args.ilql_beta):
+        raise ChatrlError(f"--ilql-beta must be a finite number (got {args.ilql_beta})")
+    chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window, ilql_beta=args.ilql_beta)
+    if chat.guidance is not None:
+        print(f"chatrl: ILQL heads found: Q-guided decoding with beta={chat.guidance.beta:g} "
+              f"(--ilql-beta 0 for the plain LM)", file=sys.stderr)
+    return chat
 
 
 def _is_loopback(host: str) -> bool:

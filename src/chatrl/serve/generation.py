@@ -8,7 +8,8 @@ worker thread interleaves the `step()`s of many requests (see `worker.py`), so n
 Nothing here is chat-only that the rest of chatrl already has: the next token is chosen by the rollout
 sampler (`chatrl.rollout.sampling.pick_tokens`), the model and tokenizer are loaded by `chatrl.models.loading`
 (its `auto` dtype rule, pad-token rule and fallback chat template), and the cache is passed under the keyword
-`rollout.decode.cache_kwarg` finds.
+`rollout.decode.cache_kwarg` finds. A model folder with ILQL heads (`chatrl ilql`) decodes Q-guided: the model
+called is `rollout.guided.QGuidedLM`, whose logits are shifted by beta * (Q - V) before the same sampler.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from chatrl.errors import ChatrlError
 from chatrl.rollout.decode import cache_kwarg
+from chatrl.rollout.guided import QGuidance
 from chatrl.rollout.sampling import GenerationSettings, pick_tokens
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -48,22 +50,29 @@ class ChatModel:
 
     Loaded as every other chatrl step loads a model (`chatrl.models.loading`): `dtype="auto"` is `resolve_dtype`'s
     rule, built-in aliases and local folders resolve the same way, and a tokenizer without a chat template gets
-    chatrl's fallback template (the one chatrl trains base models with, so a served SFT model sees its format)."""
+    chatrl's fallback template (the one chatrl trains base models with, so a served SFT model sees its format).
 
-    def __init__(self, model_path: str, dtype: str = "auto", context_window: int | None = None):
+    ILQL: when the folder has heads (`ilql_heads.safetensors`), decoding is Q-guided with `ilql_beta` (None = the
+    beta saved with the heads; 0 = the plain LM). A non-zero `ilql_beta` for a folder without heads is an error."""
+
+    def __init__(self, model_path: str, dtype: str = "auto", context_window: int | None = None,
+                 ilql_beta: float | None = None):
         from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer, resolve_dtype, resolve_source
 
         torch_dtype = resolve_dtype(dtype)
         tokenizer = load_tokenizer(model_path)
         model = load_frozen_causal_lm(model_path, torch_dtype, tokenizer=tokenizer)
-        self._attach(model, tokenizer, resolve_source(model_path), context_window)
+        source = resolve_source(model_path)
+        self.guidance = load_guidance(source, model, ilql_beta)
+        self._attach(self.guidance.wrap(model) if self.guidance else model, tokenizer, source, context_window)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer, context_window: int | None = None,
-                   path: str = "(in memory)") -> ChatModel:
+                   path: str = "(in memory)", guidance: QGuidance | None = None) -> ChatModel:
         """Wrap an already loaded model and tokenizer (no loading; tests drive stub models through this)."""
         chat = cls.__new__(cls)
-        chat._attach(model, tokenizer, path, context_window)
+        chat.guidance = guidance
+        chat._attach(guidance.wrap(model) if guidance else model, tokenizer, path, context_window)
         return chat
 
     def _attach(self, model: torch.nn.Module, tokenizer, path: str, context_window: int | None) -> None:
@@ -102,6 +111,21 @@ class ChatModel:
             raise ChatrlError(f"the prompt has {len(prompt_ids)} tokens; the model's window is "
                               f"{self.context_window}: shorten the conversation")
         return Decoding(self, prompt_ids, settings, min(settings.max_new_tokens, room), seed_offset)
+
+
+def load_guidance(folder: str, model: torch.nn.Module, beta: float | None) -> QGuidance | None:
+    """The ILQL heads saved in `folder` with the beta to decode with, or None (no heads, or beta 0)."""
+    from chatrl.models.ilql_heads import check_fits, has_heads, load_heads
+
+    if not has_heads(folder):
+        if beta:
+            raise ChatrlError(f"--ilql-beta {beta}: {folder} has no ILQL heads (ilql_heads.safetensors); "
+                              "train them with `chatrl ilql`, or leave --ilql-beta out")
+        return None
+    heads, meta = load_heads(folder)
+    check_fits(heads, model, folder)
+    beta = meta.beta if beta is None else beta
+    return QGuidance(heads, beta) if beta != 0 else None
 
 
 class IncrementalDetokenizer:

@@ -21,6 +21,8 @@ STEPS: dict[str, tuple[str, str, str]] = {
             "offline alignment on preference pairs: DPO, cDPO, IPO, SimPO, ORPO"),
     "grpo": ("chatrl.config_rl:GRPOConfig", "chatrl.steps.rl:run_grpo",
              "critic-free RL (GRPO family) in an environment"),
+    "ilql": ("chatrl.config_offline:ILQLConfig", "chatrl.steps.ilql:run_ilql",
+             "offline Q-learning for language (ILQL): Q/V heads from scored data, Q-guided decoding"),
     "rft": ("chatrl.config_offline:RFTConfig", "chatrl.steps.rft:run_rft",
             "fine-tuning from evaluation: best-of-n sampling, scoring, SFT on the best; rounds"),
 }
