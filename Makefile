@@ -5,18 +5,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Pinned versions the suite passed with; `make install CONSTRAINTS=` installs the newest allowed by pyproject.toml
+CONSTRAINTS ?= constraints.txt
 export CHATRL_HOME ?= $(HOME)/.cache/chatrl
 export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 
-.PHONY: install demo demo-grpo test test-fast lint bench clean
+.PHONY: install demo demo-grpo demo-dpo test test-fast lint bench clean constraints
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 demo: install
@@ -25,6 +27,15 @@ demo: install
 # GRPO from a checkable reward: SmolLM2-135M-Instruct learns two-digit addition (configs/grpo-arithmetic.yaml)
 demo-grpo: install
 	$(VENV)/bin/chatrl pipeline --config configs/grpo-arithmetic.yaml
+
+# after a green `make test`: pin what it passed with (torch's local +cpu tag dropped: the pin must work anywhere)
+constraints: install
+	{ head -2 constraints.txt; $(PY) -m pip freeze | grep -v '^-e\|^#' | sed 's/+cpu$$//' | sort -f; } > constraints.new
+	mv constraints.new constraints.txt
+
+# DPO instead of reward model + PPO; its eval scores with `make demo`'s reward model (configs/demo-dpo.yaml)
+demo-dpo: install
+	$(VENV)/bin/chatrl pipeline --config configs/demo-dpo.yaml
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
