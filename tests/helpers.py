@@ -83,20 +83,28 @@ def sft_word_model(tmp: Path) -> Path:
     return out / "model"
 
 
-def kill_after_checkpoint(out: Path, step: int, args: list[str], timeout: float = 600) -> None:
-    """Start `chatrl ARGS`, SIGKILL its process group as soon as checkpoint `step` is complete."""
+def kill_after_checkpoint(out: Path, step: int, args: list[str], timeout: float = 600, jitter: float = 0.0,
+                          seed: int = 0) -> float:
+    """Start `chatrl ARGS`, SIGKILL its process group once checkpoint `step` is complete plus a random delay in
+    [0, jitter) seconds (seeded), so the kill lands anywhere in the following step(s): mid forward/backward, mid
+    optimizer step, or mid-write of the next checkpoint. Asserts the run was still going; returns the delay."""
     import signal
     import time
 
+    delay = random.Random(seed).uniform(0, jitter)
     proc = subprocess.Popen([sys.executable, "-m", "chatrl", *args], cwd=REPO, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = out / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
     deadline = time.time() + timeout
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(delay)
+    still_running = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert marker.exists(), "run ended before the checkpoint to kill at"
+    assert still_running, f"run finished within {delay:.2f} s after checkpoint {step}: nothing was interrupted"
+    return delay
 
 
 def same_weights(a: Path, b: Path) -> list[str]:

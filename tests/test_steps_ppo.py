@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import REPO, cli_env, load_with_plain_transformers, read_metrics, run_cli, sft_word_model
+from helpers import (
+    REPO,
+    cli_env,
+    kill_after_checkpoint,
+    load_with_plain_transformers,
+    read_metrics,
+    run_cli,
+    same_weights,
+    sft_word_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +110,20 @@ def test_ppo_two_process_zero3_matches_one_process(word_sft: Path, tmp_path: Pat
     for name, w in wa.items():
         assert (w.double() - wb[name].double()).norm() <= 2e-4 * w.double().norm(), name
     assert load_with_plain_transformers(two / "actor").startswith("OK")
+
+
+@pytest.mark.slow
+def test_ppo_killed_at_a_random_moment_and_resumed_gives_the_same_weights(word_sft: Path, tmp_path: Path) -> None:
+    common = ["ppo.iterations=4", "checkpoint.every=2"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    proc = run_cli(*ppo_args(word_sft, straight, *common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_after_checkpoint(cut, 2, ppo_args(word_sft, cut, *common), jitter=3.0, seed=3)
+    assert not (cut / "actor").exists()
+    proc = run_cli(*ppo_args(word_sft, cut, *common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert same_weights(straight / "actor", cut / "actor") == []  # bit-exact in fp32
+    assert same_weights(straight / "critic", cut / "critic") == []
 
 
 def test_ppo_ema_is_checkpointed_and_resumed(word_sft: Path, tmp_path: Path) -> None:

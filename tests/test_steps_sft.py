@@ -18,6 +18,7 @@ from helpers import (
     load_with_plain_transformers,
     read_metrics,
     run_cli,
+    same_weights,
 )
 
 TINY = "configs/tiny-sft.yaml"
@@ -63,16 +64,13 @@ def test_sft_help_lists_every_field() -> None:
 def test_sft_killed_and_resumed_matches_uninterrupted(tmp_path: Path, sft_run: Path) -> None:
     out = tmp_path / "resumed"
     args = ["sft", "--config", TINY, f"output_dir={out}"]
-    kill_after_checkpoint(out, 4, args)
+    kill_after_checkpoint(out, 4, args, jitter=1.5, seed=4)  # anywhere in steps 5-8 or the step-8 checkpoint write
     assert not (out / "model").exists()
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr + proc.stdout
-    full = final_by_step(read_metrics(sft_run), "loss")
-    resumed = final_by_step(read_metrics(out), "loss")
-    assert max(full) == max(resumed) == 12
-    assert resumed[12] == pytest.approx(full[12], rel=1e-4)
-    assert read_metrics(out, "eval")[-1]["loss"] == pytest.approx(read_metrics(sft_run, "eval")[-1]["loss"], rel=1e-4)
+    assert max(final_by_step(read_metrics(out), "loss")) == 12
+    assert same_weights(sft_run / "model", out / "model") == []  # bit-exact in fp32
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
