@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from chatrl.config_rl import BatchPlan, PPOConfig  # noqa: E402
 from chatrl.configbase import load_config  # noqa: E402
-from chatrl.data.pipeline import tokenized_rows  # noqa: E402
+from chatrl.data.prepare import tokenized_rows  # noqa: E402
 from chatrl.data.tokenize import collate_prompts  # noqa: E402
 from chatrl.rollout.sampling import GenerationSettings  # noqa: E402
 from chatrl.steps.common import start_step  # noqa: E402

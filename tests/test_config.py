@@ -52,7 +52,7 @@ def test_missing_or_broken_yaml(tmp_path: Path) -> None:
 
 def test_help_lists_every_field_once_with_defaults() -> None:
     lines = "\n".join(help_lines(RewardConfig))
-    assert "reward.center_coef (float, default 0.0)" in lines and "optim.lr (float, default 1e-05)" in lines
+    assert "rm_loss.center_coef (float, default 0.0)" in lines and "optim.lr (float, default 1e-05)" in lines
     assert lines.count("  output_dir (") == 1
     ppo = "\n".join(help_lines(PPOConfig))
     assert "critic.name_or_path (str, default '')" in ppo  # PPO's critic default differs from ModelConfig's

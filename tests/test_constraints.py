@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib.metadata import PackageNotFoundError, version
+
+import tomllib
 
 from helpers import REPO
 

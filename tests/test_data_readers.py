@@ -11,7 +11,7 @@ import pytest
 
 from chatrl.config import DataConfig
 from chatrl.data.clean import DataReport
-from chatrl.data.pipeline import read_examples
+from chatrl.data.prepare import read_examples
 from chatrl.errors import ChatrlError
 
 FIX = Path(__file__).parent / "fixtures" / "data"

@@ -10,7 +10,7 @@ import pytest
 from chatrl.config import DataConfig
 from chatrl.data.adapters import ADAPTERS
 from chatrl.data.clean import DataReport, clean_text
-from chatrl.data.pipeline import load_records, read_examples
+from chatrl.data.prepare import load_records, read_examples
 from chatrl.data.schemas import parse_row, parse_transcript
 from chatrl.data.types import Conversation, PreferencePair, Prompt
 from chatrl.errors import ChatrlError

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from chatrl.config import DataConfig
-from chatrl.data.pipeline import load_all_records, load_records
+from chatrl.data.prepare import load_all_records, load_records
 from chatrl.data.split import blend, eval_size, parse_split, shard_bounds, split_dataset
 from chatrl.errors import ChatrlError
 

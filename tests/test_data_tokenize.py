@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chatrl.config import DataConfig
-from chatrl.data import pipeline
+from chatrl.data import prepare
 from chatrl.data.tokenize import (
     IGNORE,
     collate_pairs,
@@ -139,27 +139,27 @@ def test_pack_rows_fills_without_splitting_rows():
 def test_tokenized_rows_per_step_and_cache_hit(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATRL_HOME", str(tmp_path / "home"))
     cfg = DataConfig(paths=[str(FIX / "preference.jsonl")], split="1,1,1", eval_fraction=0.0)
-    sft = pipeline.tokenized_rows(cfg, tok, "sft", "train")
+    sft = prepare.tokenized_rows(cfg, tok, "sft", "train")
     assert set(sft[0]) == {"input_ids", "labels", "source"}
-    reward = pipeline.tokenized_rows(cfg, tok, "reward", "train")
+    reward = prepare.tokenized_rows(cfg, tok, "reward", "train")
     assert set(reward[0]) == {"chosen_ids", "rejected_ids", "chosen_prompt_len", "rejected_prompt_len", "margin",
                               "source"}
-    rlhf = pipeline.tokenized_rows(cfg, tok, "rlhf", "train")
+    rlhf = prepare.tokenized_rows(cfg, tok, "rlhf", "train")
     assert set(rlhf[0]) == {"prompt_ids", "messages", "reference", "extra", "source"}
     assert len(list((tmp_path / "home" / "tokenized").glob("*.json"))) == 3
     data = tmp_path / "p.jsonl"
     data.write_text((FIX / "preference.jsonl").read_text())
     copy_cfg = DataConfig(**{**cfg.__dict__, "paths": [str(data)]})
-    copied = pipeline.tokenized_rows(copy_cfg, tok, "reward", "train")
+    copied = prepare.tokenized_rows(copy_cfg, tok, "reward", "train")
 
     def boom(*a, **k):
         raise AssertionError("cache miss: data was read again")
 
-    monkeypatch.setattr(pipeline, "load_records", boom)
-    assert pipeline.tokenized_rows(cfg, tok, "reward", "train") == reward
-    assert pipeline.tokenized_rows(copy_cfg, tok, "reward", "train") == copied
+    monkeypatch.setattr(prepare, "load_records", boom)
+    assert prepare.tokenized_rows(cfg, tok, "reward", "train") == reward
+    assert prepare.tokenized_rows(copy_cfg, tok, "reward", "train") == copied
     with pytest.raises(AssertionError, match="cache miss"):  # other settings -> another key
-        pipeline.tokenized_rows(DataConfig(**{**cfg.__dict__, "max_length": 64}), tok, "reward", "train")
+        prepare.tokenized_rows(DataConfig(**{**cfg.__dict__, "max_length": 64}), tok, "reward", "train")
     with pytest.raises(AssertionError, match="cache miss"):  # same path, new content -> another key
         data.write_text(data.read_text() + json.dumps({"prompt": "new", "chosen": "a", "rejected": "b"}) + "\n")
-        pipeline.tokenized_rows(copy_cfg, tok, "reward", "train")
+        prepare.tokenized_rows(copy_cfg, tok, "reward", "train")

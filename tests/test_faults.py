@@ -22,7 +22,7 @@ from chatrl.config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, Opti
 from chatrl.engine import checkpoint as ckpt
 from chatrl.engine.faults import StopRequest
 from chatrl.errors import ChatrlError
-from chatrl.steps.trainer import LoopSettings, TrainTask, train
+from chatrl.steps.supervised import LoopSettings, TrainTask, train
 from helpers import REPO, cli_env, read_metrics, run_cli, same_weights
 from test_checkpoint_manifest import FakeEngine
 

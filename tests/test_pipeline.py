@@ -48,22 +48,42 @@ def test_pipeline_skips_finished_steps(pipeline_run: Path) -> None:
     assert (pipeline_run / "report.html").stat().st_mtime >= started
 
 
-def test_pipeline_dpo_runs_sft_then_dpo_and_scores_with_another_runs_reward_model(pipeline_run: Path,
-                                                                                   tmp_path: Path) -> None:
+@pytest.mark.parametrize(("algorithm", "extra", "title"), [
+    ("dpo", ["dpo.optim.max_steps=3", "dpo.optim.micro_batch_size=2"], "DPO (offline, on preference pairs)"),
+    ("ilql", ["ilql.optim.max_steps=3", "ilql.optim.micro_batch_size=2"], "ILQL (offline Q-learning)")])
+def test_pipeline_offline_runs_sft_then_step_3_and_scores_with_another_runs_reward_model(
+        pipeline_run: Path, tmp_path: Path, algorithm: str, extra: list[str], title: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(pipeline_run / "sft", run / "sft")  # step 1 finished: skipped
-    proc = run_cli("pipeline", "--config", TINY, f"run_dir={run}", "algorithm=dpo",
-                   "dpo.optim.max_steps=3", "dpo.optim.micro_batch_size=2", "dpo.logging.progress=false",
-                   f"eval.reward_model={pipeline_run / 'reward' / 'model'}")
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={run}", f"algorithm={algorithm}", *extra,
+                   f"{algorithm}.logging.progress=false", f"eval.reward_model={pipeline_run / 'reward' / 'model'}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step 1: " in proc.stdout and "already finished, skipping" in proc.stdout
-    assert (run / "dpo" / "model" / "config.json").exists() and not (run / "reward").exists()
-    assert str(run / "sft" / "model") in (run / "dpo" / "config.yaml").read_text()  # DPO starts from SFT
-    assert {"rewards/accuracy", "loss"} <= set(read_metrics(run / "dpo", "eval")[-1])
+    assert (run / algorithm / "model" / "config.json").exists() and not (run / "reward").exists()
+    assert str(run / "sft" / "model") in (run / algorithm / "config.yaml").read_text()  # starts from SFT
+    assert read_metrics(run / algorithm, "eval")
     result = json.loads((run / "eval" / "eval.json").read_text())
-    assert list(result["models"]) == ["base", "sft", "dpo"]
+    assert list(result["models"]) == ["base", "sft", algorithm]
     assert all(result["metrics"][m]["reward_mean"] is not None for m in result["models"])
-    assert "DPO (offline, on preference pairs)" in (run / "report.html").read_text()
+    assert title in (run / "report.html").read_text()
+
+
+def test_pipeline_rft_samples_from_sft_with_the_runs_reward_model(pipeline_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step in ("sft", "reward"):
+        shutil.copytree(pipeline_run / step, run / step)  # steps 1-2 finished: skipped
+    proc = run_cli("pipeline", "--config", TINY, f"run_dir={run}", "algorithm=rft", "rft.rft.rounds=1",
+                   "rft.rollout.prompts_per_rollout=4", "rft.rollout.samples_per_prompt=2",
+                   "rft.rollout.max_new_tokens=8", "rft.rollout.inference_dtype=fp32", "rft.rft.eval_prompts=4",
+                   "rft.optim.max_steps=2", "rft.optim.micro_batch_size=1", "rft.logging.progress=false")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("already finished, skipping") == 2
+    rft_cfg = (run / "rft" / "config.yaml").read_text()
+    assert str(run / "sft" / "model") in rft_cfg and str(run / "reward" / "model") in rft_cfg
+    assert (run / "rft" / "round-01" / "sft" / "model" / "config.json").exists()
+    result = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(result["models"]) == ["base", "sft", "rft"]
+    assert all(result["metrics"][m]["reward_mean"] is not None for m in result["models"])
 
 
 def test_pipeline_fails_fast_on_missing_data(tmp_path: Path) -> None:

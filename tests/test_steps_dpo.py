@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chatrl.config import DataConfig
-from chatrl.data.pipeline import tokenized_rows
+from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_pairs
 from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer
 from chatrl.steps.dpo_reference import cache_path, cached_reference_logps, reply_logps

@@ -15,7 +15,7 @@ import pytest
 from chatrl.config import DataConfig
 from chatrl.config_offline import RFTConfig
 from chatrl.configbase import load_config
-from chatrl.data.pipeline import read_all
+from chatrl.data.prepare import read_all
 from chatrl.errors import ChatrlError
 from chatrl.steps.rft_samples import Sample, read_samples, round_stats, select_samples, write_jsonl_atomic
 from helpers import kill_after_checkpoint, load_with_plain_transformers, read_metrics, run_cli, sft_word_model

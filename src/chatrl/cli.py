@@ -7,35 +7,35 @@ Each feature module exposes `register(subparsers)` that adds its sub-command(s);
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 # OpenMP's wait policy is left to the user: libgomp's default (spin briefly, then sleep) makes decoding ~2x
 # faster than OMP_WAIT_POLICY=PASSIVE on an idle machine (bench/README.md); on cores shared with other busy
 # processes, spinning threads can stall every op (40x measured here), and PASSIVE is the fix (README).
+from chatrl.data import commands as data_commands
+from chatrl.envs import commands as env_commands
 from chatrl.errors import ChatrlError
+from chatrl.eval import commands as eval_commands
+from chatrl.export import commands as export_commands
+from chatrl.serve import commands as serve_commands
+from chatrl.steps import commands as step_commands
 
 # Modules that add sub-commands; each has `register(subparsers)`.
 COMMAND_MODULES = [
-    "chatrl.steps.commands",     # sft, reward, ppo, pipeline, demo
-    "chatrl.data.commands",      # data inspect, data prepare
-    "chatrl.eval.commands",      # eval, compare, report, score
-    "chatrl.serve.commands",     # chat, serve
-    "chatrl.envs.commands",      # env check (text environments for RL)
-    "chatrl.export.commands",    # export --format gguf (llama.cpp, ollama)
+    step_commands,     # sft, reward, ppo, grpo, rft, dpo, ilql, pipeline, demo
+    data_commands,     # data inspect, data prepare
+    eval_commands,     # eval, compare, report, score
+    serve_commands,    # chat, serve
+    env_commands,      # env check (text environments for RL)
+    export_commands,   # export --format gguf (llama.cpp, ollama)
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatrl", description="RLHF for chat models: SFT -> reward model -> PPO.")
+    parser = argparse.ArgumentParser(prog="chatrl", description="Chat models by RL: SFT -> reward model -> "
+                                                                "PPO/GRPO/RFT, or DPO/ILQL offline.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # feature not built yet
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(subparsers)
     return parser
 

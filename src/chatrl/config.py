@@ -169,8 +169,9 @@ class SFTConfig(SupervisedStepConfig):
 
 
 @dataclass
-class RewardOptions:
-    """Options specific to reward-model training."""
+class RewardLossOptions:
+    """The reward model's pairwise (Bradley-Terry) loss. (Named rm_loss, not reward: in the RL steps `reward` is
+    where rewards come from.)"""
 
     center_coef: float = opt(0.0, "reward centring: adds coef * mean((r_chosen + r_rejected)^2) to keep scores near 0")
     use_margin: bool = opt(True, "subtract the data's margin column (when present) inside the Bradley-Terry loss")
@@ -181,12 +182,12 @@ class RewardConfig(SupervisedStepConfig):
     """Step 2: reward model on preference pairs (Bradley-Terry)."""
 
     output_dir: str = opt("runs/reward", "where checkpoints, metrics and the final reward-model folder go")
-    reward: RewardOptions = sub(RewardOptions)
+    rm_loss: RewardLossOptions = sub(RewardLossOptions)
 
     def check(self) -> None:
         super().check()
-        if self.reward.center_coef < 0:
-            raise ChatrlError("reward.center_coef must be >= 0")
+        if self.rm_loss.center_coef < 0:
+            raise ChatrlError("rm_loss.center_coef must be >= 0")
 
 
 @dataclass
@@ -206,19 +207,20 @@ class EvalOptions:
 
 @dataclass
 class PipelineConfig:
-    """SFT -> reward model -> RL (PPO or GRPO) -> eval -> report in one run directory; or SFT -> DPO -> eval ->
-    report (algorithm=dpo: the preference pairs train the policy directly, no reward model step).
+    """SFT -> reward model -> PPO | GRPO | RFT -> eval -> report in one run directory; or SFT -> DPO | ILQL -> eval
+    -> report (the preference pairs train the policy directly, no reward model step).
 
     `model`, `data`, `deepspeed` and `seed` are set once here and passed to every step; the sections
-    `sft`, `reward`, `ppo`, `grpo` and `dpo` hold the rest of each step's config (same keys as
-    `chatrl sft|reward|ppo|grpo|dpo --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the
-    pipeline. With algorithm=grpo and an environment that rewards by itself (grpo.env.name), the default is step 3
-    alone on the base model; with algorithm=dpo, steps 1 and 3."""
+    `sft`, `reward` and the one of `algorithm` hold the rest of each step's config (same keys as `chatrl sft|reward|
+    ppo|grpo|rft|dpo|ilql --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline.
+    With algorithm=grpo|rft and an environment that rewards by itself (grpo.env.name), the default is step 3 alone
+    on the base model; with algorithm=dpo|ilql, steps 1 and 3."""
 
-    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|dpo, eval, report.html")
+    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|rft|dpo|ilql, eval, report.html")
     seed: int = opt(42, "seed passed to every step")
-    algorithm: Literal["ppo", "grpo", "dpo"] = opt("ppo", "step 3: ppo (actor + critic + reward model), grpo, or "
-                                                          "dpo (on the preference pairs; step 2 is not run)")
+    algorithm: Literal["ppo", "grpo", "rft", "dpo", "ilql"] = opt(
+        "ppo", "step 3: ppo (actor + critic + reward model), grpo, rft (best-of-n + SFT rounds), or the offline dpo "
+               "and ilql (on the preference pairs; step 2 is not run)")
     model: ModelConfig = sub(ModelConfig)
     data: DataConfig = sub(DataConfig)
     deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
@@ -226,5 +228,7 @@ class PipelineConfig:
     reward: dict = opt({}, "step 2 settings (see `chatrl reward --help`)")
     ppo: dict = opt({}, "step 3 settings with algorithm=ppo (see `chatrl ppo --help`)")
     grpo: dict = opt({}, "step 3 settings with algorithm=grpo (see `chatrl grpo --help`)")
+    rft: dict = opt({}, "step 3 settings with algorithm=rft (see `chatrl rft --help`)")
     dpo: dict = opt({}, "step 3 settings with algorithm=dpo (see `chatrl dpo --help`)")
+    ilql: dict = opt({}, "step 3 settings with algorithm=ilql (see `chatrl ilql --help`)")
     eval: EvalOptions = sub(EvalOptions)

@@ -8,12 +8,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer
+
 from chatrl.config import DataConfig, SFTConfig
+from chatrl.configbase import load_config
 from chatrl.data.clean import DataReport
-from chatrl.data.pipeline import Dataset, load_all_records, read_examples, write_json_atomic
+from chatrl.data.prepare import Dataset, load_all_records, read_examples, write_json_atomic
 from chatrl.data.schemas import SCHEMAS
 from chatrl.data.templates import render
 from chatrl.errors import ChatrlError
+from chatrl.models.builtin import resolve_model_path
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -44,9 +50,7 @@ def load_tokenizer(name: str) -> Any:
     """A tokenizer from a model alias or folder (offline); None for 'none'."""
     if name.lower() == "none":
         return None
-    from transformers import AutoTokenizer
 
-    from chatrl.models.builtin import resolve_model_path
 
     path = resolve_model_path(name)
     try:
@@ -75,8 +79,6 @@ def histogram(values: list[int], bins: int = HIST_BINS) -> list[tuple[int, int, 
 
 
 def _print_dataset(console: Any, ds: Dataset, report: DataReport, lengths: list[int] | None) -> None:
-    from rich.table import Table
-
     pairs = sum(e.is_pair for e in ds.examples)
     replies = sum(e.response is not None for e in ds.examples)
     table = Table(title=f"{ds.spec}", show_header=True)
@@ -105,8 +107,6 @@ def _print_dataset(console: Any, ds: Dataset, report: DataReport, lengths: list[
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     console = Console()
     tokenizer = load_tokenizer(args.tokenizer)
     for spec in args.files:
@@ -124,8 +124,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from chatrl.configbase import load_config
-
     cfg = load_config(SFTConfig, args.config, args.overrides).data
     shards, report = load_all_records(cfg)
     out = Path(args.out)

@@ -223,7 +223,7 @@ def _maybe_json(value: str) -> Any:
 
 
 def _read_parquet(path: Path, label: str) -> list[RawRow]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: only .parquet files need pyarrow
 
     try:
         table = pq.read_table(path)
@@ -250,7 +250,7 @@ def _read_folder(src: Source, report: DataReport, skip: bool) -> list[RawRow]:
 
 def _pick_split(obj: Any, split: str | None, where: str) -> tuple[Any, str]:
     """From a DatasetDict take `split` (default train, else the only/first split)."""
-    from datasets import DatasetDict
+    from datasets import DatasetDict  # lazy: `datasets` is slow to import; only saved datasets / hub names need it
 
     if not isinstance(obj, DatasetDict):
         return obj, ""
@@ -262,7 +262,7 @@ def _pick_split(obj: Any, split: str | None, where: str) -> tuple[Any, str]:
 
 
 def _read_saved_dataset(src: Source) -> list[RawRow]:
-    from datasets import load_from_disk
+    from datasets import load_from_disk  # lazy: `datasets` is slow to import
 
     try:
         loaded = load_from_disk(str(src.path))
@@ -275,7 +275,7 @@ def _read_saved_dataset(src: Source) -> list[RawRow]:
 
 def _read_hub(src: Source) -> list[RawRow]:
     """Load a hub dataset by name (internet needed unless `datasets` has it cached)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: `datasets` is slow to import
 
     name = src.hub_name
     try:

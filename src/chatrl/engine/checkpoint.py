@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from chatrl.errors import ChatrlError
 
@@ -33,15 +35,11 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -173,7 +171,6 @@ def _write_checkpoint(tmp: Path, step: int, engines: dict[str, Any], state: dict
     torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        from safetensors.torch import save_file
 
         for name, tensor_dict in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / f"{name}.safetensors"))
@@ -245,6 +242,5 @@ def load_checkpoint_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | 
     file = path / f"{name}.safetensors"
     if not file.exists():
         return None
-    from safetensors.torch import load_file
 
     return load_file(str(file))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from chatrl.config import DeepSpeedConfig, OptimConfig
 from chatrl.configbase import deep_merge
@@ -42,8 +43,7 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # lazy: deepspeed takes seconds to import; only training needs it
 
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
@@ -52,15 +52,13 @@ def init_distributed() -> tuple[int, int]:
 
 def shutdown_distributed() -> None:
     """End cleanly (torchrun may abort at exit otherwise)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # lazy: see init_distributed
 
     acc = get_accelerator()
     if acc.device_name() == "cpu":
@@ -125,7 +123,7 @@ def build_ds_config(optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool, worl
 def initialize(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool,
                total_steps: int, world_size: int):
     """Wrap `model` in a DeepSpeed engine with our optimizer, LR schedule and precision. Returns the engine."""
-    import deepspeed
+    import deepspeed  # lazy: deepspeed takes seconds to import; only training needs it
 
     config = build_ds_config(optim, ds, bf16=bf16, world_size=world_size)
     params = [p for p in model.parameters() if p.requires_grad]

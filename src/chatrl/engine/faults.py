@@ -1,4 +1,4 @@
-"""What both training loops (`steps/trainer.py`, `steps/rl.py`) do when a run meets a fault.
+"""What both training loops (`steps/supervised.py`, `steps/rl.py`) do when a run meets a fault.
 
 - SIGTERM / SIGINT (`StopRequest`, a context manager around the loop): the loop finishes its current optimizer
   step (RL: iteration), writes a checkpoint and exits 0 with a line saying how to resume. Every rank stops at the
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from chatrl.engine.collectives import any_rank
+from chatrl.engine.deepspeed import shutdown_distributed
 from chatrl.errors import ChatrlError
 
 
@@ -50,7 +51,6 @@ def resume_command() -> str:
 
 class StopRequest:
     """`with StopRequest() as stop:` around a training loop; `stop.agreed()` once per step on every rank."""
-
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
@@ -82,8 +82,6 @@ class StopRequest:
 
     def exit(self, step: int, total: int, checkpoint: Path) -> NoReturn:
         """Say how to resume, end the process group, exit 0 (SystemExit, so the step's final save never runs)."""
-        from chatrl.engine.deepspeed import shutdown_distributed
-
         if _rank() == 0:
             by = self.signal_name or "a signal to another process"
             print(f"chatrl: stopped by {by} after step {step}/{total}; checkpoint: {checkpoint}\n"
@@ -138,7 +136,6 @@ def boundary_step(engine: Any, loss_finite: bool) -> bool:
 @dataclass
 class BadSteps:
     """Counts skipped updates; `limit` (optim.max_bad_steps) in a row stop the run (0 = never)."""
-
     limit: int
     in_a_row: int = 0
     total: int = 0

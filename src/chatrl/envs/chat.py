@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from chatrl.config import DataConfig
-from chatrl.data.pipeline import load_records
+from chatrl.data.prepare import load_records
 from chatrl.data.types import Message, Prompt
 from chatrl.envs.base import TextEnv, user
 from chatrl.errors import ChatrlError

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from rich.console import Console
+
+from chatrl.envs.commands import parse_kwargs
 from chatrl.errors import ChatrlError
+from chatrl.eval.compare import compare_models, print_comparison
+from chatrl.eval.env_eval import evaluate_env, save_env_result
+from chatrl.eval.evaluate import evaluate_models
+from chatrl.eval.records import as_prompts, read_records
+from chatrl.eval.report import write_report
+from chatrl.eval.responses import load_reward
+from chatrl.eval.results import rich_table, save_result
+from chatrl.eval.score import print_scores, score_records, write_jsonl
 
 
 def register(subparsers) -> None:
@@ -83,15 +95,12 @@ def _parse_models(specs: list[str]) -> dict[str, str]:
 
 def _read_records(args, path: str):
     """The records of `path` under the command's --limit and --skip-bad-rows."""
-    from chatrl.eval.records import read_records
-
     if args.limit is not None and args.limit < 1:
         raise ChatrlError("--limit must be at least 1")
     return read_records(path, args.limit, skip_bad=args.skip_bad_rows, log=_log)
 
 
 def _load_prompts(args):
-    from chatrl.eval.records import as_prompts
 
     return as_prompts(_read_records(args, args.prompts))
 
@@ -101,10 +110,6 @@ def _log(msg: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from rich.console import Console
-
-    from chatrl.eval.evaluate import evaluate_models
-    from chatrl.eval.results import rich_table, save_result
 
     models = _parse_models(args.model)
     if args.env:
@@ -123,10 +128,6 @@ def cmd_eval(args) -> int:
 
 
 def _eval_env(args, models: dict[str, str]) -> int:
-    from pathlib import Path
-
-    from chatrl.envs.commands import parse_kwargs
-    from chatrl.eval.env_eval import evaluate_env, save_env_result
 
     results = evaluate_env(models, args.env, parse_kwargs(args.env_kwargs, "--env-kwargs"), n_tasks=args.tasks, k=args.k,
                            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
@@ -137,8 +138,6 @@ def _eval_env(args, models: dict[str, str]) -> int:
 
 
 def cmd_compare(args) -> int:
-    from chatrl.eval.compare import compare_models, print_comparison
-
     prompts = _load_prompts(args)
     rows = compare_models(args.baseline, args.model, prompts, max_new_tokens=args.max_new_tokens,
                           greedy=not args.sample, temperature=args.temperature, top_p=args.top_p,
@@ -148,9 +147,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from chatrl.eval.responses import load_reward
-    from chatrl.eval.score import print_scores, score_records, write_jsonl
-
     records = _read_records(args, args.data)
     rm, tok = load_reward(args.model)
     rows = score_records(rm, tok, records, batch_size=args.batch_size)
@@ -161,7 +157,5 @@ def cmd_score(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from chatrl.eval.report import write_report
-
     print(f"wrote {write_report(args.run_dir)}")
     return 0

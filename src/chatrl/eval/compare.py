@@ -9,6 +9,10 @@ import shutil
 import textwrap
 from collections.abc import Sequence
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from chatrl.data.types import Prompt
 from chatrl.eval import responses as R
 from chatrl.eval.results import prompt_text
@@ -60,9 +64,6 @@ def print_comparison(rows: Sequence[dict], names: tuple[str, str], mode: str, pl
     if plain:
         print(format_plain(rows, names, mode))
         return
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text  # plain Text: model output may contain [brackets] that rich would parse
 
     table = Table(title=Text(f"{names[0]} vs {names[1]} ({mode})"), show_lines=True)
     table.add_column("#", justify="right")

@@ -87,7 +87,7 @@ def distinct_n(sequences: Sequence[Sequence[object]], n: int) -> float:
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (0-100) of hypotheses against one reference each, with sacrebleu's default settings."""
-    import sacrebleu
+    import sacrebleu  # lazy: only when references are given
 
     if len(hypotheses) != len(references):
         raise ValueError("bleu needs one reference per hypothesis")
@@ -101,7 +101,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure (0-1) over pairs, from Google's rouge-score (with the Porter stemmer)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # lazy: only when references are given
 
     if len(hypotheses) != len(references):
         raise ValueError("rouge needs one reference per hypothesis")

@@ -195,7 +195,7 @@ def group_keys(keys: list[str]) -> dict[str, list[str]]:
 
 def plot_group(series: dict[str, dict[str, tuple[list[float], list[float]]]]) -> bytes:
     """PNG bytes: one subplot per metric (up to 3 per row), one line per split (train first, same colours)."""
-    import matplotlib
+    import matplotlib  # lazy: plotting only when a report is written
 
     matplotlib.use("Agg")  # no display; safe to call repeatedly
     import matplotlib.pyplot as plt

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from chatrl.algorithms.losses import token_logprobs
+from chatrl.data.tokenize import assistant_spans, encode_prompt
 from chatrl.data.types import Message
+from chatrl.eval.metrics import position_kl
+from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer
+from chatrl.models.reward import load_reward_model, sequence_scores
+from chatrl.rollout.decode import generate as engine_generate
+from chatrl.rollout.guided import load_guidance
+from chatrl.rollout.sampling import GenerationSettings
 
 
 @dataclass
 class Generation:
     """Responses to a list of prompts; `response_ids` end with the EOS token when the model emitted one."""
-
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     texts: list[str]
@@ -33,20 +40,18 @@ class Generation:
 
 def load_policy(path: str, dtype: str | torch.dtype = "fp32"):
     """A frozen causal LM and its tokenizer (pad != eos, chat template present); aliases like `tiny-random` work.
+    A folder with ILQL heads is the Q-guided policy at its saved beta (what `chatrl chat` decodes with).
 
     fp32 by default: KL and greedy decoding should not depend on bf16 rounding. Returns (model, tokenizer).
     """
-    from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer
-
     tok = load_tokenizer(path)
-    return load_frozen_causal_lm(path, dtype=dtype, tokenizer=tok), tok
+    model = load_frozen_causal_lm(path, dtype=dtype, tokenizer=tok)
+    guidance = load_guidance(path, model, beta=None) if Path(path).is_dir() else None
+    return (guidance.wrap(model) if guidance else model), tok
 
 
 def load_reward(path: str, dtype: str | torch.dtype = "fp32"):
     """A frozen reward model (one-label sequence classifier) and its tokenizer; returns (model, tokenizer)."""
-    from chatrl.models.loading import load_tokenizer
-    from chatrl.models.reward import load_reward_model
-
     tok = load_tokenizer(path)
     return load_reward_model(path, dtype=dtype, tokenizer=tok, trainable=False), tok
 
@@ -57,16 +62,12 @@ def _max_positions(model) -> int:
 
 def encode_prompts(tok, prompts: Sequence[Sequence[Message]], max_tokens: int) -> list[list[int]]:
     """Token ids of each rendered prompt (ending with the generation prompt), keeping the last `max_tokens`."""
-    from chatrl.data.tokenize import encode_prompt
-
     return [encode_prompt(tok, list(m), max_tokens) for m in prompts]
 
 
 def reward_ids(tok, prompt: Sequence[Message], reply: str, max_tokens: int) -> list[int]:
     """Ids of prompt + reply ending exactly at the reply's end-of-turn token (as the reward step trains),
     keeping the last `max_tokens`: the score is read at the final token."""
-    from chatrl.data.tokenize import assistant_spans
-
     text, spans = assistant_spans(tok, list(prompt) + [{"role": "assistant", "content": reply}])
     return tok(text[:spans[-1][1]], add_special_tokens=False)["input_ids"][-max_tokens:]
 
@@ -76,9 +77,6 @@ def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
              max_prompt_tokens: int | None = None) -> Generation:
     """One response per prompt with the engine's batched decoder (left-padded B x P prompts)."""
-    from chatrl.rollout.decode import generate as engine_generate
-    from chatrl.rollout.sampling import GenerationSettings
-
     limit = max(1, _max_positions(model) - max_new_tokens)
     prompt_ids = encode_prompts(tok, prompts, min(limit, max_prompt_tokens or limit))  # keeps the last tokens
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -139,8 +137,6 @@ def response_logprobs(model, prompt_ids: Sequence[list[int]], response_ids: Sequ
 def response_kl(model, ref_model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
                 pad_id: int, batch_size: int = 8) -> list[float]:
     """Exact KL(model || ref) summed over each response's positions (full next-token distributions)."""
-    from chatrl.eval.metrics import position_kl
-
     out = [0.0] * len(response_ids)
     ref_rows = response_step_logits(ref_model, prompt_ids, response_ids, pad_id, batch_size)
     for (b, logits), (_, ref_logits) in zip(response_step_logits(model, prompt_ids, response_ids, pad_id,
@@ -153,8 +149,6 @@ def response_kl(model, ref_model, prompt_ids: Sequence[list[int]], response_ids:
 def reward_scores(model, tok, prompts: Sequence[Sequence[Message]], replies: Sequence[str],
                   batch_size: int = 8) -> list[float]:
     """Reward-model score of each (prompt, reply): the value at the last real token of right-padded rows."""
-    from chatrl.models.reward import sequence_scores
-
     max_len = min(_max_positions(model), tok.model_max_length)
     pad = tok.pad_token_id
     scores: list[float] = []

@@ -16,6 +16,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.table import Table
+from rich.text import Text
+
 from chatrl.errors import ChatrlError
 
 # metric key -> (column title, format); the order is the table order
@@ -114,9 +117,6 @@ def _quote(text: str) -> str:
 
 def rich_table(result: EvalResult):
     """Terminal table with one row per metric and one column per model (fits 80 columns for a few models)."""
-    from rich.table import Table
-    from rich.text import Text
-
     header, rows = table_rows(result)
     table = Table(title=Text(f"Evaluation on {result.settings.get('num_prompts', '?')} prompts "
                              f"(win rate vs {result.baseline})"))

@@ -11,6 +11,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from chatrl.data.types import Conversation, PreferencePair
 from chatrl.errors import ChatrlError
 from chatrl.eval import responses as R
@@ -69,10 +73,6 @@ def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
 
 
 def print_scores(rows: Sequence[dict], max_rows: int = 50) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     pairs = any("correct" in r for r in rows)
     table = Table(title=f"Reward scores ({len(rows)} rows)")
     table.add_column("source")

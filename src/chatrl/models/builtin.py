@@ -16,7 +16,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from chatrl.errors import ChatrlError
+from chatrl.models.saving import replace_dir_atomically
 from chatrl.paths import cache_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -41,7 +45,6 @@ def resolve_model_path(name_or_path: str) -> str:
 def _atomic_dir(final: Path, build) -> Path:
     """The folder `final`, built once (atomically, so a killed build leaves nothing half-made)."""
     if not (final / "config.json").exists():
-        from chatrl.models.saving import replace_dir_atomically
 
         replace_dir_atomically(final, build)
     return final
@@ -74,9 +77,6 @@ def _download_gguf() -> Path:
 
 def _ensure_smollm2() -> Path:
     def build(out: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
         gguf = _download_gguf()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -97,9 +97,6 @@ def _ensure_smollm2() -> Path:
 
 def build_tiny_model(out: Path, seed: int = 0) -> None:
     """Write a random-init tiny Llama with the SmolLM2 tokenizer and chat template into `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     tok = AutoTokenizer.from_pretrained(_ASSETS)
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=True, rms_norm_eps=1e-5,

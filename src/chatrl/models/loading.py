@@ -19,6 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from chatrl.config import LoraConfig, ModelConfig
 from chatrl.errors import ChatrlError
 from chatrl.models.builtin import ALIASES, resolve_model_path
+from chatrl.models.lora import apply_lora
 
 NEW_PAD_TOKEN = "<|pad|>"
 
@@ -187,7 +188,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 # ============================================================================ models
 
 
-def load_config(source: str, tokenizer: PreTrainedTokenizerBase, **overrides) -> PretrainedConfig:
+def load_model_config(source: str, tokenizer: PreTrainedTokenizerBase, **overrides) -> PretrainedConfig:
     """The model config with pad_token_id set to the tokenizer's (so embeddings get the right padding_idx)."""
     try:
         config = AutoConfig.from_pretrained(source, **overrides)
@@ -262,7 +263,6 @@ def prepare_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
     if trainable_layers is not None:
         freeze_lower_layers(model, trainable_layers)
     if lora is not None and lora.r > 0:
-        from chatrl.models.lora import apply_lora
 
         model = apply_lora(model, lora, keep_trainable=keep_trainable)
     model.train()
@@ -281,7 +281,7 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype | None = None, tokeni
     weights = weights_kwargs(source, cfg.allow_pickle)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.name_or_path)
     dtype = dtype if dtype is not None else resolve_dtype(cfg.dtype)
-    config = load_config(source, tokenizer)
+    config = load_model_config(source, tokenizer)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **weights)
     except (OSError, ValueError) as err:

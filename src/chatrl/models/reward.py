@@ -19,7 +19,7 @@ from chatrl.config import LoraConfig
 from chatrl.errors import ChatrlError
 from chatrl.models.loading import (
     _hub_error,
-    load_config,
+    load_model_config,
     load_tokenizer,
     prepare_model,
     resolve_dtype,
@@ -47,7 +47,7 @@ def load_reward_model(name_or_path: str, *, dtype: torch.dtype | str = "auto",
     source = resolve_source(name_or_path)
     weights = weights_kwargs(source, allow_pickle, auto_class="AutoModelForSequenceClassification")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
-    config = load_config(source, tokenizer, num_labels=1)
+    config = load_model_config(source, tokenizer, num_labels=1)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, config=config, dtype=resolve_dtype(dtype),

@@ -22,7 +22,11 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.models.loading import last_positions
@@ -42,8 +46,6 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     (a third of a decode step); this costs a fraction. Prefill (several query tokens) goes to transformers' SDPA.
     query: [b, H, 1, D], key/value: [b, Hkv, T, D], mask: bool [b, 1, 1, T] (True = attend) or additive or None.
     Returns [b, 1, H, D] like the other attention functions."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.shape[2] != 1 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -63,9 +65,6 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 @contextlib.contextmanager
 def decode_attention_enabled(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
     """While inside, an SDPA model uses `decode_attention` (same masks as SDPA); restored after."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     config = getattr(model, "config", None)
     if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
@@ -87,7 +86,6 @@ class _SlabLayer(DynamicLayer):
     Values are [B, H, capacity, D]. `transposed_keys=False` keeps keys [B, H, capacity, D] (what SDPA prefers:
     its CPU kernel gives bit-identical results to transformers' own cache only with that layout).
     `zeroed`: allocate the buffers filled with zeros instead of uninitialised (see `make_cache`)."""
-
     def __init__(self, capacity: int, transposed_keys: bool = True, zeroed: bool = False):
         super().__init__()
         self.capacity = capacity
@@ -157,8 +155,6 @@ def make_cache(model: torch.nn.Module, capacity: int, transposed_keys: bool = Tr
 
 
 def _library_cache_kwarg() -> str:
-    from transformers import LlamaForCausalLM
-
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 

@@ -18,7 +18,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from chatrl.algorithms.ilql import guided_logits
-from chatrl.models.ilql_heads import ILQLHeads
+from chatrl.errors import ChatrlError
+from chatrl.models.ilql_heads import ILQLHeads, check_fits, has_heads, load_heads
 
 
 def _hf_model(lm: nn.Module) -> nn.Module:
@@ -88,3 +89,16 @@ class QGuidance:
             return lm
         device = next(lm.parameters()).device
         return QGuidedLM(lm, self.heads.to(device), self.beta)
+
+
+def load_guidance(folder: str, model: torch.nn.Module, beta: float | None) -> QGuidance | None:
+    """The ILQL heads saved in `folder` with the beta to decode with, or None (no heads, or beta 0)."""
+    if not has_heads(folder):
+        if beta:
+            raise ChatrlError(f"--ilql-beta {beta}: {folder} has no ILQL heads (ilql_heads.safetensors); "
+                              "train them with `chatrl ilql`, or leave --ilql-beta out")
+        return None
+    heads, meta = load_heads(folder)
+    check_fits(heads, model, folder)
+    beta = meta.beta if beta is None else beta
+    return QGuidance(heads, beta) if beta != 0 else None

@@ -226,7 +226,7 @@ class HybridEngine:
     def _gathered(self) -> contextlib.AbstractContextManager:
         if not self.zero3:
             return contextlib.nullcontext()
-        import deepspeed
+        import deepspeed  # lazy: deepspeed takes seconds to import; only training needs it
 
         # All parameters at once, one gather for the whole refresh (modifier_rank=None: read only).
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)

@@ -7,12 +7,13 @@ import ipaddress
 import math
 import os
 import sys
-from typing import TYPE_CHECKING
+
+from transformers.utils import logging as hf_logging
 
 from chatrl.errors import ChatrlError
-
-if TYPE_CHECKING:  # the serve modules load torch; the CLI imports this file at start-up
-    from chatrl.serve.generation import ChatModel
+from chatrl.serve.chat import ChatSession, run_chat
+from chatrl.serve.generation import ChatModel, SamplingSettings
+from chatrl.serve.server import create_app, run_server
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,15 +65,10 @@ def _check_positive(**values: int | float | None) -> None:
 
 def _quiet_loading() -> None:
     """No weight-loading progress bar in a terminal chat or a server log."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from chatrl.serve.chat import ChatSession, run_chat
-    from chatrl.serve.generation import SamplingSettings
-
     _check_positive(max_new_tokens=args.max_new_tokens, top_p=args.top_p, context_window=args.context_window)
     if args.temperature < 0 or args.top_p > 1:
         raise ChatrlError("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -84,8 +80,6 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from chatrl.serve.server import create_app, run_server
-
     _check_positive(max_active=args.max_active, max_queue=args.max_queue,
                     default_max_tokens=args.default_max_tokens, context_window=args.context_window)
     if not 0 <= args.port <= 65535:
@@ -105,8 +99,6 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _load_chat_model(args: argparse.Namespace) -> ChatModel:
     """The model to chat with / serve; says on stderr when its ILQL heads guide decoding."""
-    from chatrl.serve.generation import ChatModel
-
     if args.ilql_beta is not None and not math.isfinite(args.ilql_beta):
         raise ChatrlError(f"--ilql-beta must be a finite number (got {args.ilql_beta})")
     chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window, ilql_beta=args.ilql_beta)

@@ -19,10 +19,12 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from chatrl.errors import ChatrlError
+from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer, resolve_dtype, resolve_source
 from chatrl.rollout.decode import cache_kwarg
-from chatrl.rollout.guided import QGuidance
+from chatrl.rollout.guided import QGuidance, load_guidance
 from chatrl.rollout.sampling import GenerationSettings, pick_tokens
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -57,7 +59,6 @@ class ChatModel:
 
     def __init__(self, model_path: str, dtype: str = "auto", context_window: int | None = None,
                  ilql_beta: float | None = None):
-        from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer, resolve_dtype, resolve_source
 
         torch_dtype = resolve_dtype(dtype)
         tokenizer = load_tokenizer(model_path)
@@ -111,21 +112,6 @@ class ChatModel:
             raise ChatrlError(f"the prompt has {len(prompt_ids)} tokens; the model's window is "
                               f"{self.context_window}: shorten the conversation")
         return Decoding(self, prompt_ids, settings, min(settings.max_new_tokens, room), seed_offset)
-
-
-def load_guidance(folder: str, model: torch.nn.Module, beta: float | None) -> QGuidance | None:
-    """The ILQL heads saved in `folder` with the beta to decode with, or None (no heads, or beta 0)."""
-    from chatrl.models.ilql_heads import check_fits, has_heads, load_heads
-
-    if not has_heads(folder):
-        if beta:
-            raise ChatrlError(f"--ilql-beta {beta}: {folder} has no ILQL heads (ilql_heads.safetensors); "
-                              "train them with `chatrl ilql`, or leave --ilql-beta out")
-        return None
-    heads, meta = load_heads(folder)
-    check_fits(heads, model, folder)
-    beta = meta.beta if beta is None else beta
-    return QGuidance(heads, beta) if beta != 0 else None
 
 
 class IncrementalDetokenizer:
@@ -200,7 +186,6 @@ class Decoding:
 
     def __init__(self, chat: ChatModel, prompt_ids: list[int], settings: SamplingSettings, max_new_tokens: int,
                  seed_offset: int = 0):
-        from transformers import DynamicCache
 
         self.chat = chat
         self.settings = settings

@@ -308,7 +308,7 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
 
     Port 0 picks a free port. Stop with `server.should_exit = True; thread.join()`.
     """
-    import uvicorn
+    import uvicorn  # lazy: only `chatrl serve` needs the server
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
                             lifespan="on")
@@ -332,7 +332,7 @@ def _bound_url(server, host: str) -> str:
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve in the foreground (Ctrl-C stops); prints the page and API URLs once listening."""
-    import uvicorn
+    import uvicorn  # lazy: only `chatrl serve` needs the server
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3))
 

@@ -1,45 +1,58 @@
-"""CLI sub-commands of the training steps: `chatrl sft|reward|ppo --config FILE [section.field=value ...]`.
+"""CLI sub-commands of the training steps: `chatrl sft|reward|ppo|grpo|rft|dpo|ilql --config FILE [k=v ...]`,
+`chatrl pipeline` and `chatrl demo`.
 
-Each step is registered once from the table `STEPS`; `--help` lists every config field with its type,
-default and help text (taken from the config dataclasses, written once).
+Each step is registered once from the table `STEPS` (config class, runner, description); `--help` lists every config
+field with its type, default and help text (taken from the config dataclasses, written once).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
+from chatrl.config_offline import DPOConfig, ILQLConfig, RFTConfig
+from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import help_lines, load_config
+from chatrl.engine.deepspeed import shutdown_distributed
+from chatrl.errors import ChatrlError
+from chatrl.paths import REPO_ROOT
+from chatrl.steps.dpo import run_dpo
+from chatrl.steps.ilql import run_ilql
+from chatrl.steps.pipeline import run_pipeline
+from chatrl.steps.reward import run_reward
+from chatrl.steps.rft import run_rft
+from chatrl.steps.rl import run_grpo, run_ppo
+from chatrl.steps.sft import run_sft
 
-# command -> (config class path, runner path, one-line description)
-STEPS: dict[str, tuple[str, str, str]] = {
-    "sft": ("chatrl.config:SFTConfig", "chatrl.steps.sft:run_sft", "step 1: supervised fine-tuning"),
-    "reward": ("chatrl.config:RewardConfig", "chatrl.steps.reward:run_reward", "step 2: train a reward model"),
-    "ppo": ("chatrl.config_rl:PPOConfig", "chatrl.steps.rl:run_ppo", "step 3: RLHF with PPO"),
-    "dpo": ("chatrl.config_offline:DPOConfig", "chatrl.steps.dpo:run_dpo",
-            "offline alignment on preference pairs: DPO, cDPO, IPO, SimPO, ORPO"),
-    "grpo": ("chatrl.config_rl:GRPOConfig", "chatrl.steps.rl:run_grpo",
-             "critic-free RL (GRPO family) in an environment"),
-    "ilql": ("chatrl.config_offline:ILQLConfig", "chatrl.steps.ilql:run_ilql",
-             "offline Q-learning for language (ILQL): Q/V heads from scored data, Q-guided decoding"),
-    "rft": ("chatrl.config_offline:RFTConfig", "chatrl.steps.rft:run_rft",
-            "fine-tuning from evaluation: best-of-n sampling, scoring, SFT on the best; rounds"),
+
+@dataclass(frozen=True)
+class Step:
+    config: type
+    run: Callable[[Any], Path]
+    help: str
+
+
+STEPS: dict[str, Step] = {
+    "sft": Step(SFTConfig, run_sft, "step 1: supervised fine-tuning"),
+    "reward": Step(RewardConfig, run_reward, "step 2: train a reward model"),
+    "ppo": Step(PPOConfig, run_ppo, "step 3: RLHF with PPO"),
+    "grpo": Step(GRPOConfig, run_grpo, "critic-free RL (GRPO family) in an environment"),
+    "rft": Step(RFTConfig, run_rft, "fine-tuning from evaluation: best-of-n sampling, scoring, SFT on the best; "
+                                    "rounds"),
+    "dpo": Step(DPOConfig, run_dpo, "offline alignment on preference pairs: DPO, cDPO, IPO, SimPO, ORPO"),
+    "ilql": Step(ILQLConfig, run_ilql, "offline Q-learning for language (ILQL): Q/V heads from scored data, "
+                                       "Q-guided decoding"),
 }
 
 
-def _load(path: str) -> Any:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _run_step(args: argparse.Namespace) -> int:
-    cfg = load_config(_load(args.config_class), args.config, args.overrides)
-    runner = _load(args.runner)
-    result = runner(cfg)
+    step: Step = args.step
+    result = step.run(load_config(step.config, args.config, args.overrides))
     try:
-        from chatrl.engine.deepspeed import shutdown_distributed
-
         shutdown_distributed()
     finally:
         if result is not None:
@@ -48,24 +61,18 @@ def _run_step(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    for name, (config_path, runner, desc) in STEPS.items():
-        try:
-            config_cls = _load(config_path)
-        except AttributeError:  # step not built yet
-            continue
-        p = subparsers.add_parser(name, help=desc, description=desc,
+    for name, step in STEPS.items():
+        p = subparsers.add_parser(name, help=step.help, description=step.help,
                                   formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="config fields (set in YAML or as section.field=value):\n" +
-                                         "\n".join(help_lines(config_cls)))
+                                         "\n".join(help_lines(step.config)))
         p.add_argument("--config", help="YAML config file (fields below); omitted = defaults")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, applied after the YAML")
-        p.set_defaults(func=_run_step, config_class=config_path, runner=runner)
+        p.set_defaults(func=_run_step, step=step)
     _register_pipeline(subparsers)
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
-    from chatrl.errors import ChatrlError
-
     if text is None:  # the algorithm's default
         return None
     try:
@@ -73,20 +80,12 @@ def _parse_steps(text: str | None) -> list[int] | None:
     except ValueError:
         steps = []
     if not steps or any(s not in (1, 2, 3) for s in steps):
-        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (ppo, grpo or dpo)")
+        raise ChatrlError(f"--steps {text!r}: expected a comma list of 1 (sft), 2 (reward), 3 (the algorithm's step)")
     return steps
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
-    from chatrl.config import PipelineConfig
-    from chatrl.engine.deepspeed import shutdown_distributed
-    from chatrl.steps.pipeline import run_pipeline
-
-    config = args.config
-    if args.command == "demo":
-        from chatrl.paths import REPO_ROOT
-
-        config = str(REPO_ROOT / "configs" / "demo.yaml")
+    config = str(REPO_ROOT / "configs" / "demo.yaml") if args.command == "demo" else args.config
     cfg = load_config(PipelineConfig, config, args.overrides)
     run_pipeline(cfg, _parse_steps(args.steps), force=args.force)
     shutdown_distributed()
@@ -94,9 +93,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _register_pipeline(subparsers: argparse._SubParsersAction) -> None:
-    from chatrl.config import PipelineConfig
-
-    for name, desc in (("pipeline", "SFT -> reward model -> PPO -> eval -> report in one run directory"),
+    for name, desc in (("pipeline", "SFT -> reward model -> PPO|GRPO|RFT (or SFT -> DPO|ILQL) -> eval -> report"),
                        ("demo", "the built-in demo: the pipeline on SmolLM2-135M-Instruct and hh-rlhf harmless")):
         p = subparsers.add_parser(name, help=desc, description=desc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,8 +101,8 @@ def _register_pipeline(subparsers: argparse._SubParsersAction) -> None:
         if name == "pipeline":
             p.add_argument("--config", help="pipeline YAML (e.g. configs/demo.yaml)")
         p.add_argument("--steps", default=None, help="which steps to run, e.g. 2,3 (default 1,2,3; 1,3 for "
-                                                      "algorithm=dpo; 3 alone for algorithm=grpo in an environment "
-                                                      "that rewards by itself)")
+                                                      "algorithm=dpo|ilql; 3 alone for algorithm=grpo|rft in an "
+                                                      "environment that rewards by itself)")
         p.add_argument("--force", action="store_true", help="re-run steps whose output already exists")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. sft.optim.lr=2e-5")
         p.set_defaults(func=_run_pipeline, config=None)

@@ -20,7 +20,7 @@ from chatrl.models.loading import load_tokenizer, resolve_dtype
 from chatrl.models.lora import unwrap
 from chatrl.models.model_card import ModelCard, base_model_of, data_source, final_metrics, render
 from chatrl.models.saving import save_hf_folder
-from chatrl.steps.trainer import LoopSettings, full_state_dict, save_config
+from chatrl.steps.supervised import LoopSettings, full_state_dict, save_config
 from chatrl.trackers import check_available, flatten
 
 # The settings a model card lists besides the step's own section (when the step's config has them).

@@ -1,4 +1,4 @@
-"""`chatrl dpo`: the DPO family on preference pairs through the supervised loop (`steps/trainer.py`).
+"""`chatrl dpo`: the DPO family on preference pairs through the supervised loop (`steps/supervised.py`).
 
 Each batch holds B pairs as [2B, T] rows (chosen then rejected, `PairBatch`); one policy forward gives the summed
 reply log-probs of both halves (prompt tokens masked), the frozen reference's come from a one-pass cache
@@ -17,13 +17,13 @@ import torch
 from chatrl.algorithms.preference import PREFERENCE_LOSSES, PairLogps
 from chatrl.batches import PairBatch
 from chatrl.config_offline import DPOConfig
-from chatrl.data.pipeline import tokenized_rows
+from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_pairs
 from chatrl.errors import ChatrlError
 from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype, resolve_source
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
 from chatrl.steps.dpo_reference import Rows, attach, cached_reference_logps, reply_logps
-from chatrl.steps.trainer import TrainTask, train
+from chatrl.steps.supervised import TrainTask, train
 
 Metrics = dict[str, float]
 

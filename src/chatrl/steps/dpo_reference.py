@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.batches import PairBatch
-from chatrl.data.pipeline import write_json_atomic
+from chatrl.data.prepare import write_json_atomic
 from chatrl.models.loading import last_positions, resolve_source
 from chatrl.paths import cache_dir
 
@@ -67,10 +68,10 @@ def cache_path(reference: str, dtype: str, rows: Rows) -> Path:
 @torch.no_grad()
 def compute_reference_logps(model: torch.nn.Module, rows: Rows, collate: Callable[[Rows], PairBatch],
                             batch_size: int) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed reply log-probs of every row under `model` (eval mode)."""
+    """(chosen, rejected) summed reply log-probs of every row under `model` (eval mode), with a progress bar."""
     model.eval()
     out: list[tuple[float, float]] = []
-    for i in range(0, len(rows), batch_size):
+    for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", dynamic_ncols=True):
         part = rows[i:i + batch_size]
         sums, _ = reply_logps(model, collate(part))
         out.extend(zip(sums[:len(part)].tolist(), sums[len(part):].tolist(), strict=True))

@@ -20,13 +20,14 @@ from transformers import PreTrainedTokenizerBase
 from chatrl.algorithms.ilql import ilql_loss
 from chatrl.config import DataConfig
 from chatrl.config_offline import ILQLConfig, ILQLOptions
-from chatrl.data.pipeline import load_all_records
+from chatrl.data.prepare import load_all_records
 from chatrl.data.tokenize import IGNORE, collate_sft, encode_conversation
 from chatrl.data.types import Message, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
 from chatrl.models.ilql_heads import ILQLModel, check_fits, has_heads, heads_for, load_heads, save_heads
+from chatrl.models.loading import load_causal_lm, resolve_source
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
-from chatrl.steps.trainer import TrainTask, train
+from chatrl.steps.supervised import TrainTask, train
 
 Row = dict[str, object]  # {"input_ids": [T], "labels": [T], "reward": float, "source": "file:line"}
 
@@ -122,7 +123,6 @@ class ILQLBatch:
     cost): positions [B, R] = the window's columns in T (clamped to T - 1, which is never an action);
     actions [B, R]: a_t = input_ids[:, t + 1]; action_mask [B, R]: 1 where a_t is a reply token;
     rewards [B, R]: each row's reward at its last action."""
-
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     positions: torch.Tensor
@@ -202,8 +202,6 @@ def eval_ilql(engine, rows: list[Row], collate, micro_batch: int, o: ILQLOptions
 def build_model(cfg: ILQLConfig, ctx: StepContext) -> ILQLModel:
     """The LM (with LoRA / trainable_layers as configured) + heads: continued from the starting folder when it
     has them, new otherwise."""
-    from chatrl.models.loading import load_causal_lm, resolve_source
-
     lm = load_causal_lm(cfg.model, dtype=ctx.weights_dtype, tokenizer=ctx.tokenizer)
     source = resolve_source(cfg.model.name_or_path)
     if has_heads(source):

@@ -9,21 +9,51 @@ import dataclasses
 import gc
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
-from chatrl.config_offline import DPOConfig
+from chatrl.config_offline import DPOConfig, ILQLConfig, RFTConfig
 from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import deep_merge, load_config
+from chatrl.data.prepare import load_records
 from chatrl.errors import ChatrlError
 from chatrl.eval.env_eval import evaluate_env, save_env_result
+from chatrl.eval.evaluate import evaluate_models
 from chatrl.eval.report import write_report
+from chatrl.eval.results import rich_table, save_result
+from chatrl.models.builtin import ALIASES
 from chatrl.steps.dpo import run_dpo
+from chatrl.steps.ilql import run_ilql
 from chatrl.steps.reward import run_reward
+from chatrl.steps.rft import round_model, run_rft
 from chatrl.steps.rl import run_grpo, run_ppo
 from chatrl.steps.sft import run_sft
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """How the pipeline runs step 3 with one algorithm."""
+    config: type
+    runner: Callable[[Any], Path]
+    model_key: str      # the config section holding the trained policy's ModelConfig
+    needs_rm: bool      # scores with step 2's reward model (unless it plays an environment that rewards by itself)
+    env_capable: bool   # can play an environment that rewards by itself (then step 3 alone is the default)
+    data: str           # the data shard step 3 trains on: "rlhf" prompts or "reward" preference pairs
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "ppo": Algorithm(PPOConfig, run_ppo, "actor", needs_rm=True, env_capable=False, data="rlhf"),
+    "grpo": Algorithm(GRPOConfig, run_grpo, "actor", needs_rm=True, env_capable=True, data="rlhf"),
+    "rft": Algorithm(RFTConfig, run_rft, "model", needs_rm=True, env_capable=True, data="rlhf"),
+    "dpo": Algorithm(DPOConfig, run_dpo, "model", needs_rm=False, env_capable=False, data="reward"),
+    "ilql": Algorithm(ILQLConfig, run_ilql, "model", needs_rm=False, env_capable=False, data="reward"),
+}
+Step3Config = PPOConfig | GRPOConfig | RFTConfig | DPOConfig | ILQLConfig
 
 
 @dataclass
@@ -31,29 +61,34 @@ class Plan:
     run: Path
     sft: SFTConfig
     reward: RewardConfig
-    rl: PPOConfig | GRPOConfig | DPOConfig
+    rl: Step3Config
     algorithm: str
+
+    @property
+    def spec(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm]
 
     def outputs(self) -> dict[int, Path]:
         """The folder whose presence means step N finished (written atomically as each step's last act)."""
-        policy = "model" if self.algorithm == "dpo" else "actor"
-        return {1: self.run / "sft" / "model", 2: self.run / "reward" / "model",
-                3: self.run / self.algorithm / policy}
+        if isinstance(self.rl, RFTConfig):
+            policy = round_model(self.rl, self.rl.rft.rounds)
+        else:
+            policy = Path(self.rl.output_dir) / ("actor" if self.spec.model_key == "actor" else "model")
+        return {1: self.run / "sft" / "model", 2: self.run / "reward" / "model", 3: policy}
 
     def env_rewards(self) -> bool:
-        """GRPO in an environment that rewards by itself: no SFT or reward model needed."""
-        return isinstance(self.rl, GRPOConfig) and self.rl.env.name != "chat"
-
+        """Step 3 plays an environment that rewards by itself (GRPO, RFT): no SFT or reward model needed."""
+        return self.spec.env_capable and self.rl.env.name != "chat"  # type: ignore[union-attr]
 
     def inputs(self) -> dict[int, int | None]:
         """Which earlier step's output step N reads (None: none)."""
-        return {2: 1, 3: None if self.env_rewards() else 1 if self.algorithm == "dpo" else 2}
+        return {2: 1, 3: None if self.env_rewards() else 2 if self.spec.needs_rm else 1}
 
 
 def default_steps(plan: Plan) -> list[int]:
     if plan.env_rewards():
         return [3]
-    return [1, 3] if plan.algorithm == "dpo" else [1, 2, 3]
+    return [1, 2, 3] if plan.spec.needs_rm else [1, 3]
 
 
 def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str, Any]) -> Any:
@@ -64,8 +99,9 @@ def _step_config(cls: type, section: str, raw: dict[str, Any], forced: dict[str,
 
 
 def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
-    """Derive the three step configs: shared sections copied in, each step's input = the previous output (for GRPO
-    in a rewarding environment, the base model unless step 1 runs or ran)."""
+    """Derive the three step configs: shared sections copied in, each step's input = the previous output (in an
+    environment that rewards by itself, the base model unless step 1 runs or ran, and no reward model unless step 2
+    runs or ran)."""
     run = Path(cfg.run_dir)
     shared = {"seed": cfg.seed, "data": dataclasses.asdict(cfg.data), "deepspeed": dataclasses.asdict(cfg.deepspeed)}
     base_model = dataclasses.asdict(cfg.model)
@@ -80,35 +116,24 @@ def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
                                                    "model": model_of(cfg.sft, "model", base_model["name_or_path"])})
     reward = _step_config(RewardConfig, "reward", cfg.reward, {**shared, "output_dir": str(run / "reward"),
                                                                "model": model_of(cfg.reward, "model", sft_model)})
-    if cfg.algorithm == "ppo":
-        rl = _step_config(PPOConfig, "ppo", cfg.ppo,
-                          {**shared, "output_dir": str(run / "ppo"), "actor": model_of(cfg.ppo, "actor", sft_model),
-                           "reward": {**cfg.ppo.get("reward", {}), "model": rm_model}})
-        return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="ppo")
-    if cfg.algorithm == "dpo":
-        rl = _step_config(DPOConfig, "dpo", cfg.dpo, {**shared, "output_dir": str(run / "dpo"),
-                                                      "model": model_of(cfg.dpo, "model", sft_model)})
-        return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="dpo")
-    own_env = cfg.grpo.get("env", {}).get("name", "chat") != "chat"
+    alg, section = ALGORITHMS[cfg.algorithm], getattr(cfg, cfg.algorithm)
+    own_env = alg.env_capable and section.get("env", {}).get("name", "chat") != "chat"
     use_sft = not own_env or (steps is not None and 1 in steps) or Path(sft_model).is_dir()
-    use_rm = not own_env or (steps is not None and 2 in steps) or Path(rm_model).is_dir()
-    reward_section = {**cfg.grpo.get("reward", {}), **({"model": rm_model} if use_rm else {})}
-    rl = _step_config(GRPOConfig, "grpo", cfg.grpo,
-                      {**shared, "output_dir": str(run / "grpo"),
-                       "actor": model_of(cfg.grpo, "actor", sft_model if use_sft else base_model["name_or_path"]),
-                       "reward": reward_section})
-    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm="grpo")
+    use_rm = alg.needs_rm and (not own_env or (steps is not None and 2 in steps) or Path(rm_model).is_dir())
+    forced = {**shared, "output_dir": str(run / cfg.algorithm),
+              alg.model_key: model_of(section, alg.model_key, sft_model if use_sft else base_model["name_or_path"])}
+    if use_rm:
+        forced["reward"] = {**section.get("reward", {}), "model": rm_model}
+    rl = _step_config(alg.config, cfg.algorithm, section, forced)
+    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm=cfg.algorithm)
 
 
 def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
     """Fail in seconds on what would otherwise fail after step 2: models, data, disk space."""
-    from chatrl.data.pipeline import load_records
-    from chatrl.models.builtin import ALIASES
-
     name = cfg.model.name_or_path
     if 1 in steps and name not in ALIASES and not Path(name).is_dir() and "/" not in name:
         raise ChatrlError(f"model.name_or_path={name}: no such folder and not a built-in alias {list(ALIASES)}")
-    for step, kind in ((1, "sft"), (2, "reward"), (3, "reward" if plan.algorithm == "dpo" else "rlhf")):
+    for step, kind in ((1, "sft"), (2, "reward"), (3, plan.spec.data)):
         if step in steps and not (step == 3 and plan.env_rewards()):
             records, _ = load_records(cfg.data, kind, "train")
             if not records:
@@ -126,19 +151,19 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: bool = False) -> Path:
-    """Run `steps` (default: the algorithm's: 1,2,3, or 3 alone for GRPO in a rewarding environment)."""
+    """Run `steps` (default: the algorithm's: 1,2,3; 1,3 without a reward model; 3 alone in a rewarding
+    environment)."""
     plan = build_plan(cfg, steps)
     steps = steps or default_steps(plan)
     preflight(cfg, plan, steps)
-    rl_runner = {"ppo": run_ppo, "grpo": run_grpo, "dpo": run_dpo}[plan.algorithm]
-    runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (rl_runner, plan.rl)}
+    runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (plan.spec.runner, plan.rl)}
     for step in steps:
         out = plan.outputs()[step]
         if out.is_dir() and not force:
             print(f"[pipeline] step {step}: {out} already finished, skipping (use --force to re-run)")
             continue
         if force:
-            shutil.rmtree(out.parent, ignore_errors=True)
+            shutil.rmtree(runners[step][1].output_dir, ignore_errors=True)
         print(f"[pipeline] step {step}: {runners[step][0].__name__} -> {out.parent}")
         runners[step][0](runners[step][1])
         release_freed_memory()
@@ -162,8 +187,8 @@ def release_freed_memory() -> None:
 
 
 def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
-    """Base (and SFT, when it ran) vs the GRPO actor on the environment's held-out tasks."""
-    assert isinstance(plan.rl, GRPOConfig)
+    """Base (and SFT, when it ran) vs the step-3 policy on the environment's held-out tasks."""
+    assert isinstance(plan.rl, (GRPOConfig, RFTConfig))
     actor = plan.outputs()[3]
     if not actor.is_dir():
         print("[pipeline] eval skipped: step 3 has not finished")
@@ -171,7 +196,7 @@ def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
     models = {"base": cfg.model.name_or_path} if cfg.eval.include_base else {}
     if plan.outputs()[1].is_dir():
         models["sft"] = str(plan.outputs()[1])
-    models["grpo"] = str(actor)
+    models[plan.algorithm] = str(actor)
     env, r = plan.rl.env, plan.rl.rollout
     results = evaluate_env(models, env.name, env.kwargs, n_tasks=cfg.eval.env_tasks, k=cfg.eval.pass_k,
                            temperature=r.temperature, max_new_tokens=cfg.eval.max_new_tokens,
@@ -182,10 +207,6 @@ def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
 
 def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
     """Base vs SFT vs the step-3 policy on held-out prompts: reward-model score, win rate, KL to the SFT model, ..."""
-    from chatrl.data.pipeline import load_records
-    from chatrl.eval.evaluate import evaluate_models
-    from chatrl.eval.results import rich_table, save_result
-
     outs = plan.outputs()
     if not all(outs[step].is_dir() for step in default_steps(plan)):
         print("[pipeline] eval skipped: not all steps have finished")
@@ -201,6 +222,5 @@ def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
                              log=lambda msg: print(f"[eval] {msg}"))
     save_result(result, plan.run / "eval")
     (plan.run / "eval" / "summary.json").write_text(json.dumps(result.metrics, indent=1))
-    from rich.console import Console
 
     Console().print(rich_table(result))

@@ -8,28 +8,29 @@ from pathlib import Path
 
 import torch
 
+from chatrl.algorithms.losses import pairwise_reward_loss
 from chatrl.batches import PairBatch
 from chatrl.config import RewardConfig
+from chatrl.data.prepare import tokenized_rows
+from chatrl.data.tokenize import collate_pairs
+from chatrl.models.reward import TokenValueModel, load_reward_model, sequence_scores
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
-from chatrl.steps.trainer import TrainTask, train
+from chatrl.steps.supervised import TrainTask, train
 
 
 def pair_scores(engine, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [B] of the chosen and the rejected replies, from one forward over the [2B, T] batch."""
-    from chatrl.models.reward import sequence_scores
-
     scores = sequence_scores(engine, batch.input_ids, batch.attention_mask).float()
     half = batch.input_ids.shape[0] // 2
     return scores[:half], scores[half:]
 
 
 def make_loss(cfg: RewardConfig):
-    from chatrl.algorithms.losses import pairwise_reward_loss
 
     def loss_fn(engine, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = pair_scores(engine, batch)
-        margin = batch.margin.float() if cfg.reward.use_margin else None
-        loss, stats = pairwise_reward_loss(chosen, rejected, margin=margin, center_coef=cfg.reward.center_coef)
+        margin = batch.margin.float() if cfg.rm_loss.use_margin else None
+        loss, stats = pairwise_reward_loss(chosen, rejected, margin=margin, center_coef=cfg.rm_loss.center_coef)
         return loss, {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 
     return loss_fn
@@ -57,9 +58,6 @@ def eval_pairs(engine, rows: list[dict], collate, micro_batch: int) -> dict[str,
 def run_reward(cfg: RewardConfig) -> Path:
     """Train and save `<output_dir>/model` (an AutoModelForSequenceClassification folder). Returns that path."""
     ctx: StepContext = start_step(cfg, "reward")
-    from chatrl.data.pipeline import tokenized_rows
-    from chatrl.data.tokenize import collate_pairs
-    from chatrl.models.reward import TokenValueModel, load_reward_model
 
     tok = ctx.tokenizer
     train_rows = tokenized_rows(cfg.data, tok, "reward", "train")

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from chatrl.batches import TokenBatch
 from chatrl.config_rl import BatchPlan, PPOConfig, RLStepConfig
-from chatrl.data.pipeline import tokenized_rows
+from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_sft
 from chatrl.engine.deepspeed import initialize
 from chatrl.envs.registry import make_env

@@ -9,8 +9,11 @@ import torch
 
 from chatrl.batches import TokenBatch
 from chatrl.config import SFTConfig
+from chatrl.data.prepare import tokenized_rows
+from chatrl.data.tokenize import collate_sft, pack_rows
+from chatrl.models.loading import load_causal_lm
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
-from chatrl.steps.trainer import TrainTask, train
+from chatrl.steps.supervised import TrainTask, train
 
 
 def loss_tokens(rows: list[dict]) -> int:
@@ -50,9 +53,6 @@ def eval_lm(engine, rows: list[dict], collate, micro_batch: int) -> dict[str, fl
 def run_sft(cfg: SFTConfig) -> Path:
     """Train and save `<output_dir>/model` (a plain HF folder). Returns that path."""
     ctx: StepContext = start_step(cfg, "sft")
-    from chatrl.data.pipeline import tokenized_rows
-    from chatrl.data.tokenize import collate_sft, pack_rows
-    from chatrl.models.loading import load_causal_lm
 
     tok = ctx.tokenizer
     train_rows = tokenized_rows(cfg.data, tok, "sft", "train", train_on_prompt=cfg.sft.train_on_prompt)

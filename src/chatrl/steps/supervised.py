@@ -41,7 +41,6 @@ class TrainTask:
     optimizer step over all micro-batches and ranks and calls `loss(engine, batch, token_denom=D)` with
     D = tokens / (grad_accum * world), so the step's gradient is that of one token mean over every row it saw, however
     the rows are cut into micro-batches and ranks (DeepSpeed averages micro-batch losses and ranks' gradients)."""
-
     name: str
     train_rows: list[dict]
     eval_rows: list[dict]

@@ -39,7 +39,6 @@ _HASH_LIMIT = 256 * 2**20  # files up to this size are hashed by content, bigger
 @dataclasses.dataclass
 class Dataset:
     """One cleaned dataset of `data.paths`."""
-
     spec: str
     schema: str
     examples: list[Example]
