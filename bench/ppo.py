@@ -57,7 +57,7 @@ def make_config(args: argparse.Namespace, out_dir: str) -> PPOConfig:
         f"reward.model={args.model}", "deepspeed.zero_stage=1", f"rollout.prompts_per_rollout={args.prompts}",
         f"rollout.max_new_tokens={args.new}", f"rollout.min_new_tokens={args.new}",
         f"ppo.micro_batch_size={args.batch}", f"data.max_prompt_length={args.prompt_len}",
-        f"data.max_rows={max(4 * args.prompts, 200)}", "logging.tensorboard=false", "logging.progress=false"])
+        f"data.max_rows={max(4 * args.prompts, 200)}", "logging.report_to=[]", "logging.progress=false"])
 
 
 def settings_for(cfg: PPOConfig, new: int, seed: int = 0) -> GenerationSettings:
