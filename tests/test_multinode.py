@@ -62,7 +62,9 @@ def run_two_nodes(hosts: list[tuple[str, str, str]], args: list[str], port: int)
         cmd = ["ip", "netns", "exec", ns, _torchrun(), "--nnodes", "2", "--node_rank", str(rank),
                "--nproc_per_node", "1", "--master_addr", hosts[0][2], "--master_port", str(port),
                "-m", "chatrl", *args]
-        env = cli_env(GLOO_SOCKET_IFNAME=dev)  # the veth link, as on a host with several interfaces
+        # the veth link, as on a host with several interfaces; one thread per process on both layouts (torchrun sets
+        # OMP_NUM_THREADS=1 only when it starts several processes per node, and thread count changes fp32 sums)
+        env = cli_env(GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = [p.communicate(timeout=900)[0] for p in procs]
@@ -72,7 +74,8 @@ def run_two_nodes(hosts: list[tuple[str, str, str]], args: list[str], port: int)
 
 def run_one_node(args: list[str], port: int) -> None:
     cmd = [_torchrun(), "--nproc_per_node", "2", "--master_port", str(port), "-m", "chatrl", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
