@@ -17,7 +17,7 @@ from chatrl.config import ModelConfig
 from chatrl.errors import ChatrlError
 from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, weights_kwargs
 from chatrl.models.reward import load_reward_model
-from helpers import cli_env, run_cli
+from helpers import REPO, cli_env, run_cli
 
 HUB_ID = "chatrl-test/pickle-only"
 
@@ -140,3 +140,8 @@ def test_chat_cli_refuses_pickle_only_folder(pickle_folder):
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("chatrl: error:")]
     assert len(error_lines) == 1
     _assert_refusal(error_lines[0], folder)
+    assert "--allow-pickle" in error_lines[0]
+    out = subprocess.run([sys.executable, "-m", "chatrl", "chat", "--model", str(folder), "--dtype", "fp32",
+                          "--allow-pickle", "--max-new-tokens", "3", "--temperature", "0"], input="Hi\n",
+                         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]  # the opt-in loads the pickle and answers

@@ -128,7 +128,7 @@ def weights_kwargs(source: str, allow_pickle: bool = False,
     raise ChatrlError(
         f"{folder / pickles[0]}: this model folder has only pickle weights ({', '.join(pickles[:3])}), and loading "
         f"a pickle can run arbitrary code, so chatrl loads only safetensors. If you trust the file, opt in with "
-        f"model.allow_pickle=true; or convert the folder once: python -c \"from transformers import {auto_class} "
+        f"model.allow_pickle=true (chatrl chat/serve: --allow-pickle); or convert the folder once: python -c \"from transformers import {auto_class} "
         f"as M; M.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}', "
         f"safe_serialization=True)\"")
 

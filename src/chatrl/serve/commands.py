@@ -52,6 +52,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="auto = bf16 if the CPU supports it natively, else fp32")
     parser.add_argument("--context-window", type=int, default=None,
                         help="token window (default and maximum: the model's max_position_embeddings)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a folder whose only weights are pickle files (pytorch_model.bin): they can run "
+                             "code when loaded, so only for files you trust")
     parser.add_argument("--ilql-beta", type=float, default=None,
                         help="Q-guided decoding for a model trained with `chatrl ilql`: logits + beta * (Q - V); "
                              "0 = the plain LM (default: the beta saved with the model's ILQL heads)")
@@ -101,7 +104,8 @@ def _load_chat_model(args: argparse.Namespace) -> ChatModel:
     """The model to chat with / serve; says on stderr when its ILQL heads guide decoding."""
     if args.ilql_beta is not None and not math.isfinite(args.ilql_beta):
         raise ChatrlError(f"--ilql-beta must be a finite number (got {args.ilql_beta})")
-    chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window, ilql_beta=args.ilql_beta)
+    chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window, ilql_beta=args.ilql_beta,
+                     allow_pickle=args.allow_pickle)
     if chat.guidance is not None:
         print(f"chatrl: ILQL heads found: Q-guided decoding with beta={chat.guidance.beta:g} "
               f"(--ilql-beta 0 for the plain LM)", file=sys.stderr)

@@ -55,14 +55,14 @@ class ChatModel:
     chatrl's fallback template (the one chatrl trains base models with, so a served SFT model sees its format).
 
     ILQL: when the folder has heads (`ilql_heads.safetensors`), decoding is Q-guided with `ilql_beta` (None = the
-    beta saved with the heads; 0 = the plain LM). A non-zero `ilql_beta` for a folder without heads is an error."""
+    beta saved with the heads; 0 = the plain LM). A non-zero `ilql_beta` for a folder without heads is an error.
+    Pickle-only weights (`pytorch_model.bin`) load only with `allow_pickle` (`--allow-pickle`)."""
 
     def __init__(self, model_path: str, dtype: str = "auto", context_window: int | None = None,
-                 ilql_beta: float | None = None):
-
+                 ilql_beta: float | None = None, allow_pickle: bool = False):
         torch_dtype = resolve_dtype(dtype)
         tokenizer = load_tokenizer(model_path)
-        model = load_frozen_causal_lm(model_path, torch_dtype, tokenizer=tokenizer)
+        model = load_frozen_causal_lm(model_path, torch_dtype, tokenizer=tokenizer, allow_pickle=allow_pickle)
         source = resolve_source(model_path)
         self.guidance = load_guidance(source, model, ilql_beta)
         self._attach(self.guidance.wrap(model) if self.guidance else model, tokenizer, source, context_window)

@@ -119,7 +119,8 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
                        total_steps=total_steps, world_size=ctx.world)
     reference = None
     if cfg.needs_reference():
-        reference = load_frozen_causal_lm(cfg.actor.name_or_path, dtype=cfg.reference.dtype, tokenizer=tok)
+        reference = load_frozen_causal_lm(cfg.actor.name_or_path, dtype=cfg.reference.dtype, tokenizer=tok,
+                                          allow_pickle=cfg.actor.allow_pickle)
         reference = Offloaded(reference, dev) if cfg.reference.offload else reference.to(dev)
     critic = None
     if isinstance(cfg, PPOConfig) and cfg.needs_critic():
@@ -130,7 +131,8 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
         critic_model = TokenValueModel(load_reward_model(critic_path, dtype=ctx.weights_dtype, lora_cfg=lora,
                                                          tokenizer=tok,
                                                          gradient_checkpointing=cfg.critic.gradient_checkpointing,
-                                                         trainable_layers=cfg.critic.trainable_layers))
+                                                         trainable_layers=cfg.critic.trainable_layers,
+                                                         allow_pickle=cfg.critic.allow_pickle))
         critic = initialize(critic_model, optim_for(cfg.critic_optim), cfg.deepspeed, bf16=ctx.bf16,
                             total_steps=total_steps, world_size=ctx.world)
     reward_model = None
