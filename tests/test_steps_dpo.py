@@ -109,7 +109,7 @@ def test_dpo_kill_and_resume_gives_the_same_weights(tmp_path: Path, tiny_model_d
     full = tmp_path / "full"
     assert run_cli("dpo", *args, f"output_dir={full}").returncode == 0
     cut = tmp_path / "cut"
-    kill_after_checkpoint(cut, 10, ["dpo", *args, f"output_dir={cut}"], jitter=2.0, seed=6)
+    kill_after_checkpoint(cut, 10, ["dpo", *args, f"output_dir={cut}"], jitter=1.0, seed=6)
     proc = run_cli("dpo", *args, f"output_dir={cut}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr + proc.stdout

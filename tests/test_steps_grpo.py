@@ -69,12 +69,12 @@ def test_bad_environment_stops_with_one_line(word_sft: Path, tmp_path: Path, env
 
 @pytest.mark.slow
 def test_grpo_killed_and_resumed_ends_with_the_same_weights(word_sft: Path, tmp_path: Path) -> None:
-    common = ["grpo.iterations=4", "checkpoint.every=2", "grpo.dynamic_sampling=true"]
+    common = ["grpo.iterations=6", "checkpoint.every=2", "grpo.dynamic_sampling=true"]
     straight = tmp_path / "straight"
     proc = run_cli(*grpo_args(word_sft, straight, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = tmp_path / "resumed"
-    kill_after_checkpoint(resumed, 2, grpo_args(word_sft, resumed, *common), jitter=2.0, seed=5)
+    kill_after_checkpoint(resumed, 2, grpo_args(word_sft, resumed, *common), jitter=1.0, seed=5)
     assert not (resumed / "actor").exists()
     proc = run_cli(*grpo_args(word_sft, resumed, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -118,7 +118,7 @@ def test_ppo_killed_at_a_random_moment_and_resumed_gives_the_same_weights(word_s
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     proc = run_cli(*ppo_args(word_sft, straight, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    kill_after_checkpoint(cut, 2, ppo_args(word_sft, cut, *common), jitter=3.0, seed=3)
+    kill_after_checkpoint(cut, 2, ppo_args(word_sft, cut, *common), jitter=1.5, seed=3)
     assert not (cut / "actor").exists()
     proc = run_cli(*ppo_args(word_sft, cut, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -85,10 +85,10 @@ def test_bad_pairs_fail_clearly_or_are_skipped(tmp_path: Path, tiny_model_dir, r
 def test_reward_killed_at_a_random_moment_and_resumed_gives_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:
     data = write_marker_pairs(tmp_path / "pairs.jsonl", 200)
     args = ["reward", "--config", "configs/tiny-reward.yaml", f"data.paths=[{data}]", "data.split=0,1,0",
-            "optim.max_steps=40", "checkpoint.every=10", "logging.eval_every=0"]
+            "optim.max_steps=80", "checkpoint.every=10", "logging.eval_every=0"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert run_cli(*args, f"output_dir={straight}").returncode == 0
-    kill_after_checkpoint(cut, 10, [*args, f"output_dir={cut}"], jitter=1.0, seed=2)
+    kill_after_checkpoint(cut, 10, [*args, f"output_dir={cut}"], jitter=0.5, seed=2)
     proc = run_cli(*args, f"output_dir={cut}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr + proc.stdout
