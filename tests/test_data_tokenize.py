@@ -19,6 +19,7 @@ from chatrl.data.tokenize import (
     encode_conversation,
     encode_pair,
     encode_prompt,
+    length_batches,
     pack_rows,
 )
 from chatrl.data.types import Conversation, PreferencePair, Prompt
@@ -163,3 +164,14 @@ def test_tokenized_rows_per_step_and_cache_hit(tok, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="cache miss"):  # same path, new content -> another key
         data.write_text(data.read_text() + json.dumps({"prompt": "new", "chosen": "a", "rejected": "b"}) + "\n")
         prepare.tokenized_rows(copy_cfg, tok, "reward", "train")
+
+
+def test_length_batches_group_similar_lengths_and_cover_every_row_once() -> None:
+    lengths = [5, 40, 7, 39, 6, 41, 8]
+    batches = length_batches(lengths, 3)
+    # longest first: [41, 40, 39], then [8, 7, 6], then [5]
+    assert batches == [[5, 1, 3], [6, 2, 4], [0]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    # padded tokens: sorted batches pad 41+40+39 -> 3x41 and 8+7+6 -> 3x8; data order would pad to 40/41/8
+    assert sum(len(b) * max(lengths[i] for i in b) for b in batches) == 3 * 41 + 3 * 8 + 5
+    assert length_batches([], 4) == []

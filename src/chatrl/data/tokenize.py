@@ -153,6 +153,16 @@ def encode_prompt(tokenizer: Any, prompt: Prompt | list[Message], max_prompt_len
 # ----------------------------------------------------------------------------- collators
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of rows of similar length (longest first), for inference over many rows of mixed
+    lengths: each batch is padded only to its own longest row, not to the longest of a random draw (hh-rlhf
+    conversations run from ~20 to ~1,000 tokens, so data order padded most rows several times over). Longest
+    first: a batch that does not fit in memory fails at once. Callers put the results back in row order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), max(1, batch_size))]
+
+
+
 def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
     """Pad lists of ints to one [B, T] long tensor."""
     width = max((len(s) for s in seqs), default=0)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from chatrl.algorithms.losses import token_logprobs
-from chatrl.data.tokenize import assistant_spans, encode_prompt
+from chatrl.data.tokenize import assistant_spans, encode_prompt, length_batches
 from chatrl.data.types import Message
 from chatrl.eval.metrics import position_kl
-from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer
+from chatrl.models.loading import last_positions, load_frozen_causal_lm, load_tokenizer
 from chatrl.models.reward import load_reward_model, sequence_scores
 from chatrl.rollout.decode import generate as engine_generate
 from chatrl.rollout.guided import load_guidance
@@ -82,18 +82,16 @@ def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens
     eos, pad = tok.eos_token_id, tok.pad_token_id
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
                                   top_p=top_p, generator=torch.Generator().manual_seed(seed))
-    responses: list[list[int]] = []
-    ended: list[bool] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start:start + batch_size]
+    responses: list[list[int]] = [[] for _ in prompt_ids]
+    for rows in length_batches([len(p) for p in prompt_ids], batch_size):  # prompts of similar length together
+        chunk = [prompt_ids[i] for i in rows]
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         out, out_mask = engine_generate(model, input_ids, mask, settings, eos, pad)
-        for row, n in zip(out.tolist(), out_mask.sum(-1).tolist(), strict=True):
-            row = row[:n]  # up to and including the first EOS
-            responses.append(row)
-            ended.append(bool(row) and row[-1] == eos)
+        for i, row, n in zip(rows, out.tolist(), out_mask.sum(-1).tolist(), strict=True):
+            responses[i] = row[:n]  # up to and including the first EOS
+    ended = [bool(r) and r[-1] == eos for r in responses]
     texts = [tok.decode(r[:len(r) - int(e)], skip_special_tokens=True).strip()
              for r, e in zip(responses, ended, strict=True)]
     return Generation(prompt_ids, responses, texts, ended)
@@ -101,17 +99,19 @@ def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens
 
 def response_step_logits(model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
                          pad_id: int, batch_size: int = 8):
-    """Yield (row, logits [r_len, V] fp32) predicting each response token of each row (rows right-padded)."""
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = [list(p) + list(r) for p, r in zip(prompt_ids[start:start + batch_size],
-                                                  response_ids[start:start + batch_size], strict=True)]
+    """Yield (row, logits [r_len, V] fp32) predicting each response token of each row (rows right-padded), in
+    batches of similar total length; only positions from the batch's shortest prompt on go through the LM head."""
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    for batch in length_batches(lengths, batch_size):
+        rows = [list(prompt_ids[b]) + list(response_ids[b]) for b in batch]
         width = max(len(x) for x in rows)
         ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in rows])
         attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
-        logits = model(input_ids=ids, attention_mask=attn).logits  # B x T x V
-        for j in range(len(rows)):
-            b = start + j
-            p_len, r_len = len(prompt_ids[b]), len(response_ids[b])
+        first = max(0, min(len(prompt_ids[b]) for b in batch) - 1)  # no prompt logits are ever read before this
+        logits = model(input_ids=ids, attention_mask=attn,
+                       logits_to_keep=last_positions(width, width - first)).logits  # B x (T - first) x V
+        for j, b in enumerate(batch):
+            p_len, r_len = len(prompt_ids[b]) - first, len(response_ids[b])
             if r_len:  # logits at position t predict token t + 1
                 yield b, logits[j, p_len - 1:p_len - 1 + r_len].float()
 
@@ -151,12 +151,12 @@ def reward_scores(model, tok, prompts: Sequence[Sequence[Message]], replies: Seq
     """Reward-model score of each (prompt, reply): the value at the last real token of right-padded rows."""
     max_len = min(_max_positions(model), tok.model_max_length)
     pad = tok.pad_token_id
-    scores: list[float] = []
-    for start in range(0, len(replies), batch_size):
-        encoded = [reward_ids(tok, m, r, max_len) for m, r in zip(prompts[start:start + batch_size],
-                                                                    replies[start:start + batch_size], strict=True)]
-        width = max(len(e) for e in encoded)
-        ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded])
-        attn = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
-        scores.extend(sequence_scores(model, ids, attn).tolist())
+    encoded = [reward_ids(tok, m, r, max_len) for m, r in zip(prompts, replies, strict=True)]
+    scores = [0.0] * len(encoded)
+    for batch in length_batches([len(e) for e in encoded], batch_size):  # similar lengths: little padding
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.tensor([encoded[i] + [pad] * (width - len(encoded[i])) for i in batch])
+        attn = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
+        for i, s in zip(batch, sequence_scores(model, ids, attn).tolist(), strict=True):
+            scores[i] = s
     return scores
