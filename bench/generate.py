@@ -1,143 +1,161 @@
-"""Rollout generation speed: HF `generate()` vs our Hybrid Engine, on a random-init model of SmolLM2-135M's
-shape (bf16, CPU, 2 threads; no download needed).
+"""Rollout generation: the Hybrid Engine (eager and compiled decode step) vs `generate()` on the same weights.
 
-    .venv/bin/python bench/generate.py [--prompts 64] [--prompt-len 64] [--new 64] [--repeats 2]
+    .venv/bin/python bench/generate.py            # ~8 min on 2 cores; writes bench/results/generate.json
+    .venv/bin/python bench/generate.py --quick    # tiny model, batch 1/8, 8 tokens: ~30 s
 
-Cases (all in one run, same weights, same sampling settings):
-  hf-8     HF generate(), batches of 8 prompts
-  hf-64    HF generate(), one batch of 64 prompts
-  ours-64  HybridEngine rollout of all 64 prompts decoded together
-  ours-8   HybridEngine, batches of 8 prompts
-Every case generates exactly `--new` tokens per prompt (min_new_tokens = max_new_tokens), so tokens/s compare
-like for like. Results: a table on stdout and bench/results/generate.json.
+The model is the built-in SmolLM2-135M-Instruct (`--model`; `--quick` uses tiny-random) loaded as chatrl loads an
+actor, in the dtype `auto` picks on this machine. Prompts: `--prompt-len` random token ids per row (no padding, so
+every path does identical work), every case generates exactly N new tokens (min = max new tokens), sampling at
+temperature 1 with no top-k / top-p (the PPO rollout's setting) on all paths. Cases, for each batch size and N:
+  hybrid           the Hybrid Engine as `chatrl ppo` runs it (eager decode step; inference-copy refresh included)
+  hybrid-compiled  the same with `rollout.compile=true` (its one-time compilation is in the warm-up, reported)
+  hf-generate      `model.generate()` on the training model
+Each case also reports its fraction of the machine's floor (`common.decode_floor_tokens_per_s`: the prefill's FLOPs
+at the matmul peak + every decode step at max(bytes / bandwidth, FLOPs / peak)).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import (
+    DTYPE_NAMES,
+    RESULTS,
+    Shape,
+    decode_floor_tokens_per_s,
+    load_limits,
+    machine,
+    pct,
+    peak_flops,
+    table,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from chatrl.models.loading import load_frozen_causal_lm, resolve_dtype
+from chatrl.rollout.hybrid import HybridEngine
+from chatrl.rollout.sampling import GenerationSettings
 
-from chatrl.rollout.decode import GenerationSettings  # noqa: E402
-from chatrl.rollout.hybrid import HybridEngine  # noqa: E402
-
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
-TOP_K = 50  # HF's default sampling setting, used by both sides
-
-
-def build_model(dtype: torch.dtype) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype).eval()
-    model.generation_config.pad_token_id = 2
-    return model
+PATHS = ("hybrid", "hybrid-compiled", "hf-generate")
 
 
-def make_prompts(n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n left-padded prompts whose real lengths vary in [length/2, length]. -> ids, mask [n, length]."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (n, length), generator=gen)
-    mask = torch.ones(n, length, dtype=torch.long)
-    lens = torch.randint(length // 2, length + 1, (n,), generator=gen)
-    for i, n_real in enumerate(lens.tolist()):
-        mask[i, : length - n_real] = 0
-        ids[i, : length - n_real] = SMOLLM2_135M["pad_token_id"]
-    return ids, mask
+def make_prompts(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, length] token ids (ids 100.. to stay clear of special tokens) and an all-ones mask."""
+    gen = torch.Generator().manual_seed(batch * 1000 + length)
+    ids = torch.randint(100, vocab, (batch, length), generator=gen)
+    return ids, torch.ones_like(ids)
 
 
-def run_hf(model, ids, mask, batch: int, new: int) -> int:
-    n = 0
-    for s in range(0, ids.shape[0], batch):
-        out = model.generate(input_ids=ids[s:s + batch], attention_mask=mask[s:s + batch], do_sample=True,
-                             top_k=TOP_K, top_p=1.0, temperature=1.0, max_new_tokens=new, min_new_tokens=new,
-                             eos_token_id=2, pad_token_id=2)
-        n += out[:, ids.shape[1]:].numel()
-    return n
-
-
-def run_ours(engine: HybridEngine, ids, mask, batch: int, new: int) -> int:
-    settings = GenerationSettings(max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=TOP_K,
-                                  top_p=1.0, temperature=1.0, seed=0)
-    n = 0
+def run_hybrid(engine: HybridEngine, ids, mask, new: int, compiled: bool) -> int:
+    """One rollout as a PPO iteration runs it: weights marked updated first, so the refresh is paid."""
+    engine.compile_decode = compiled
+    engine.mark_weights_updated()
+    settings = GenerationSettings(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, seed=0)
     with engine.inference_mode():
-        for s in range(0, ids.shape[0], batch):
-            _, rmask = engine.generate(ids[s:s + batch], mask[s:s + batch], settings, eos_token_id=2, pad_token_id=2)
-            n += int(rmask.sum())
-    return n
+        _, rmask = engine.generate(ids, mask, settings, eos_token_id=0, pad_token_id=0)
+    return int(rmask.sum())
 
 
-def timed(fn, repeats: int) -> tuple[float, int]:
-    """Best wall time of `repeats` runs (the machine is shared: best-of is the least noisy)."""
-    best, tokens = float("inf"), 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, tokens
+@torch.no_grad()
+def run_hf(model, ids, mask, new: int) -> int:
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                         max_new_tokens=new, min_new_tokens=new, eos_token_id=0, pad_token_id=0)
+    return out[:, ids.shape[1]:].numel()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=64)
+def floor_seconds(shape: Shape, batch: int, prompt: int, new: int, itemsize: int, limits: dict, dtype: str) -> float:
+    """The least time this case can take here: prefill FLOPs at peak + (new - 1) decode steps at their floor."""
+    prefill = shape.forward_flops(batch * prompt, prompt / 2, lm_head_tokens=batch) / peak_flops(limits, dtype)
+    step = batch / decode_floor_tokens_per_s(shape, batch, prompt + new / 2, itemsize, limits, dtype)["floor"]
+    return prefill + (new - 1) * step
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="built-in alias or HF folder")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny-random model, batch 1 and 8, 8 new tokens, no compiled path (smoke run)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the hybrid-compiled path")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--new", default="64,256", help="new tokens per row (comma-separated cases)")
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(RESULTS / "generate.json"))
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.quick:
+        args.model, args.batches, args.new, args.prompt_len, args.no_compile = "tiny-random", "1,8", "8", 16, True
     torch.set_num_threads(args.threads)
+    limits = load_limits()
+    dtype = resolve_dtype(args.dtype)
+    dname = DTYPE_NAMES[dtype]
+    model = load_frozen_causal_lm(args.model, dtype)
+    shape = Shape.of(model.config)
+    engine = HybridEngine(model, inference_dtype=dtype, release_after_rollout=False)
+    batches = [int(b) for b in args.batches.split(",")]
+    news = [int(n) for n in args.new.split(",")]
 
-    model = build_model(torch.bfloat16)
-    engine = HybridEngine(model, inference_dtype=torch.bfloat16, release_after_rollout=False)
-    ids, mask = make_prompts(args.prompts, args.prompt_len)
-    cases = {
-        "hf-8": lambda: run_hf(model, ids, mask, 8, args.new),
-        "hf-64": lambda: run_hf(model, ids, mask, args.prompts, args.new),
-        "ours-64": lambda: run_ours(engine, ids, mask, args.prompts, args.new),
-        "ours-8": lambda: run_ours(engine, ids, mask, 8, args.new),
-    }
-    # Warm-up: one small run of each path (allocator, oneDNN primitive caches, engine's inference copy).
-    run_hf(model, ids[:8], mask[:8], 8, 4)
-    run_ours(engine, ids[:8], mask[:8], 8, 4)
-    run_ours(engine, ids, mask, args.prompts, 4)
+    paths = [p for p in PATHS if not (args.no_compile and p == "hybrid-compiled")]
 
-    results = {}
-    for name, fn in cases.items():
-        secs, tokens = timed(fn, args.repeats)
-        batch = int(name.split("-")[1])
-        steps = args.new * -(-args.prompts // batch)  # decode steps run in total
-        results[name] = dict(seconds=round(secs, 3), tokens=tokens, tokens_per_s=round(tokens / secs, 1),
-                             ms_per_step=round(secs / steps * 1e3, 2), batch=batch)
-    ratios = {
-        "ours-64 / hf-8": results["ours-64"]["tokens_per_s"] / results["hf-8"]["tokens_per_s"],
-        "ours-8 / hf-8": results["ours-8"]["tokens_per_s"] / results["hf-8"]["tokens_per_s"],
-        "ours-64 / hf-64": results["ours-64"]["tokens_per_s"] / results["hf-64"]["tokens_per_s"],
-    }
-    print(f"{'case':<9} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8}")
-    for name, r in results.items():
-        print(f"{name:<9} {r['batch']:>5} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['ms_per_step']:>8.2f}")
-    for k, v in ratios.items():
-        print(f"{k:<16} {v:5.2f}x")
-    payload = dict(config=dict(vars(args) | {"out": os.path.relpath(args.out, ROOT)}, model="random SmolLM2-135M shape", dtype="bfloat16", top_k=TOP_K,
-                               torch=torch.__version__, machine=platform.processor() or platform.machine()),
-                   results=results, ratios={k: round(v, 2) for k, v in ratios.items()})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    # Warm-up of every path; the compiled path's first call compiles the decode step (timed, reported).
+    ids, mask = make_prompts(batches[-1], args.prompt_len, shape.vocab)
+    run_hf(model, ids[:2], mask[:2], 2)
+    run_hybrid(engine, ids[:2], mask[:2], 2, compiled=False)
+    compile_seconds = None
+    if "hybrid-compiled" in paths:
+        t0 = time.perf_counter()
+        run_hybrid(engine, ids, mask, 3, compiled=True)
+        compile_seconds = round(time.perf_counter() - t0, 1)
+        for b in batches[:-1]:  # the compiled step specialises per batch size: compile those outside the timing too
+            run_hybrid(engine, ids[:b], mask[:b], 3, compiled=True)
+
+    cases: list[dict] = []
+    for new in news:
+        for batch in batches:
+            ids, mask = make_prompts(batch, args.prompt_len, shape.vocab)
+            floor = floor_seconds(shape, batch, args.prompt_len, new, dtype.itemsize, limits, dname) if limits else None
+            for path in paths:
+                t0 = time.perf_counter()
+                tokens = (run_hf(model, ids, mask, new) if path == "hf-generate"
+                          else run_hybrid(engine, ids, mask, new, compiled=path == "hybrid-compiled"))
+                secs = time.perf_counter() - t0
+                case = dict(path=path, batch=batch, new=new, tokens=tokens, seconds=round(secs, 3),
+                            tokens_per_s=round(tokens / secs, 1), of_floor=None if floor is None else floor / secs)
+                cases.append(case)
+                print(f"{path:<16} batch {batch:>3} x {new:>3}: {case['tokens_per_s']:>8.1f} tok/s "
+                      f"({secs:.2f} s, {pct(case['of_floor'])} of the floor)", flush=True)
+    payload = dict(cases=cases, ratios=ratios(cases), compile_seconds=compile_seconds,
+                   config=dict(model=args.model, dtype=dname, prompt_len=args.prompt_len, batches=batches, new=news,
+                               sampling="temperature 1, no top-k/top-p"),
+                   limits=limits, machine=machine())
+    print(report(payload))
+    write_json(args.out, payload)
+    return payload
+
+
+def ratios(cases: list[dict]) -> dict[str, float]:
+    """hybrid / hf-generate and hybrid-compiled / hf-generate at each (batch, new) — same work, one run."""
+    tps = {(c["path"], c["batch"], c["new"]): c["tokens_per_s"] for c in cases}
+    out = {}
+    for (path, batch, new), v in tps.items():
+        if path != "hf-generate" and ("hf-generate", batch, new) in tps:
+            out[f"{path} / hf-generate @ {batch}x{new}"] = round(v / tps[("hf-generate", batch, new)], 2)
+    return out
+
+
+def report(payload: dict) -> str:
+    rows = [[c["path"], c["batch"], c["new"], f"{c['tokens_per_s']:.1f}", f"{c['seconds']:.2f}", pct(c["of_floor"])]
+            for c in payload["cases"]]
+    out = table(["path", "batch", "new tokens", "tok/s", "seconds", "of floor"], rows)
+    out += "\n" + "\n".join(f"{k}: {v:.2f}x" for k, v in payload["ratios"].items())
+    if payload["compile_seconds"] is not None:
+        out += f"\n(one-time compilation of the decode step: {payload['compile_seconds']:.1f} s, not in the cases)"
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args())
