@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chatrl.rollout.decode import GenerationSettings
-from chatrl.rollout.hybrid import HybridEngine, _PackedLinear, can_pack
+from chatrl.rollout.hybrid import HybridEngine, PackedLinear, can_pack
 from test_hybrid_generate import PAD, assert_bf16_greedy_within_rounding, hf_greedy, left_padded, pick_eos, tiny_model
 
 NEW = 10
@@ -117,7 +117,7 @@ def test_bf16_copy_of_fp32_actor_uses_packed_weights(tiny_model_dir):
     ids, mask = left_padded()
     he = HybridEngine(model, inference_dtype=torch.bfloat16)
     with he.inference_mode() as inf:
-        packed = [m for m in inf.modules() if isinstance(m, _PackedLinear)]
+        packed = [m for m in inf.modules() if isinstance(m, PackedLinear)]
         assert len(packed) == 2 * 7 + 1  # 7 per layer + lm_head
         assert inf.model.embed_tokens.weight.dtype == torch.bfloat16
         got = he.generate(ids, mask, greedy(), eos_token_id=-1, pad_token_id=PAD, fast_attention=False)[0]

@@ -1,7 +1,7 @@
 """A compiled decode step (torch.compile / inductor) for Llama-architecture models.
 
 Why: at rollout batch sizes a decode step of a 135M model on CPU is ~1/3 GEMMs and ~2/3 small ops (RMSNorm's
-eight ops, rotary, casts, residual adds, softmax, mask: ~2k tiny kernels per step, profiled in bench/README.md).
+eight ops, rotary, casts, residual adds, softmax, mask: ~2k tiny kernels per step, profiled in bench/NOTES.md).
 Inductor fuses those into a few dozen C++ loops. The GEMMs stay oneDNN's pre-packed bf16 kernels, called through
 an opaque custom op so the weights are INPUTS of the compiled graph, not constants baked into it: the Hybrid
 Engine refreshes them after every optimizer step without recompiling. Shapes are dynamic (rows are dropped as
@@ -54,7 +54,7 @@ def why_unsupported(model: nn.Module) -> str | None:
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    packed = getattr(module, "packed", None)  # hybrid._PackedLinear
+    packed = getattr(module, "packed", None)  # hybrid.PackedLinear
     return packed if packed is not None else module.weight
 
 

@@ -1,9 +1,10 @@
 """Token-by-token generation for chat: incremental detokenisation, stop strings, one KV cache per sequence.
 
-One `Decoding` is one sequence being generated with its own KV cache; `step()` runs one forward
-pass and returns the text it added. The terminal chat loops over `step()` directly; the server's
-worker thread interleaves the `step()`s of many requests (see `worker.py`), so neither needs
-`model.generate` and both get stop strings, seeds and cancellation in the same way.
+One `Decoding` is one sequence being generated: its sampler settings, RNG, detokeniser, stop matcher and budget.
+`step()` runs one forward pass on the sequence's own KV cache and returns the text it added; `accept(logits)` is the
+same without the forward. The terminal chat loops over `step()` directly; the server's worker thread decodes many
+requests with continuous batching (`batching.py`: one forward for all active sequences, then `accept` on each row's
+logits), so neither needs `model.generate` and both get stop strings, seeds and cancellation in the same way.
 
 Nothing here is chat-only that the rest of chatrl already has: the next token is chosen by the rollout
 sampler (`chatrl.rollout.sampling.pick_tokens`), the model and tokenizer are loaded by `chatrl.models.loading`
@@ -191,7 +192,7 @@ class Decoding:
         self.settings = settings
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
-        self.cache = DynamicCache(config=chat.model.config)
+        self.cache: DynamicCache | None = None  # made by the first `step()`; rows of a batch use the batch's cache
         self._cache_key = cache_kwarg(chat.model)
         self.token_settings = settings.token_settings()
         seed = settings.seed if settings.seed is not None else random.getrandbits(62)
@@ -200,7 +201,7 @@ class Decoding:
         self.stopper = StopMatcher(settings.stop)
         self.completion_ids: list[int] = []
         self.finish_reason: str | None = None
-        self._next_input = torch.tensor([prompt_ids], dtype=torch.long)  # 1 x T (prefill), then 1 x 1
+        self.last_token: int | None = None  # the token fed to the next forward (not kept when it is EOS)
 
     @property
     def prompt_tokens(self) -> int:
@@ -212,14 +213,25 @@ class Decoding:
 
     @torch.inference_mode()
     def step(self) -> str:
-        """One forward pass + one sampled token; returns the text to show (may be empty)."""
+        """One forward pass on this sequence's own KV cache + one sampled token; returns the text to show (may be
+        empty). The server batches many sequences into one forward instead (`serve.batching`) and calls `accept`."""
         if self.finish_reason is not None:
             return ""
         if self.max_new_tokens <= 0:
             return self._finish("length")
-        out = self.chat.model(input_ids=self._next_input, use_cache=True, **{self._cache_key: self.cache})
-        token = int(pick_tokens(out.logits[:, -1].float(), self.token_settings, self.generator)[0])
-        self._next_input = torch.tensor([[token]], dtype=torch.long)
+        if self.cache is None:  # prefill: the whole prompt [1, T]
+            self.cache = DynamicCache(config=self.chat.model.config)
+            inputs = torch.tensor([self.prompt_ids], dtype=torch.long)
+        else:  # [1, 1]
+            inputs = torch.tensor([[self.last_token]], dtype=torch.long)
+        out = self.chat.model(input_ids=inputs, use_cache=True, **{self._cache_key: self.cache})
+        return self.accept(out.logits[:, -1].float())
+
+    def accept(self, logits: torch.Tensor) -> str:
+        """Choose the next token from this sequence's next-token logits [1, V] float32 (its own sampler settings
+        and generator), account for it, and return the text to show (may be empty)."""
+        token = int(pick_tokens(logits, self.token_settings, self.generator)[0])
+        self.last_token = token
         if token in self.chat.eos_ids:
             return self._finish("stop")
         self.completion_ids.append(token)
