@@ -88,8 +88,10 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, p.clip_eps,
                                     clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
                                     agg=p.loss_agg, max_len=max_len, token_denom=token_denom)
-    entropy = mean_entropy(logits, mask)
-    loss = pg_loss - p.entropy_coef * entropy
+    # logged always, a loss term only with a bonus: without one, no graph keeps its [B, R, V] softmax for backward
+    with torch.set_grad_enabled(p.entropy_coef != 0 and torch.is_grad_enabled()):
+        entropy = mean_entropy(logits, mask)
+    loss = pg_loss - p.entropy_coef * entropy if p.entropy_coef else pg_loss
     stats = {"policy_loss": pg_loss.item(), "entropy": entropy.item(),
              **{f"policy_{k}": float(v) for k, v in pg_stats.items()}}
     if p.kl_in == "loss" and m.reference is not None:
