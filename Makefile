@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints.txt
 export CHATRL_HOME ?= $(HOME)/.cache/chatrl
 export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 
-.PHONY: install demo demo-grpo demo-dpo test test-fast lint bench clean constraints
+.PHONY: install demo demo-grpo demo-dpo test test-fast lint bench bench-quick clean constraints
 
 install: $(STAMP)
 
@@ -46,8 +46,13 @@ test: install lint
 test-fast: install lint
 	$(VENV)/bin/pytest -q -m "not slow" tests
 
+# the speed suite (bench/run.py): limits, generate, ppo, grpo, vs-trl, score, serve; ~1 h on 2 cores, writes
+# bench/results/*.json and the README's results table. `make bench-quick`: the tiny-model smoke run CI does.
 bench: install
-	$(PY) bench/generate.py
+	$(PY) bench/run.py --readme
+
+bench-quick: install
+	$(PY) bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,7 @@ two matmuls (QK^T and PV). Element-wise work, norms and softmax are not counted 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -26,6 +27,14 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+# Where the parts run: the GPU when there is one (bench/gpu_check.sh), otherwise the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work before reading a clock (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ def mfu(flops: float, seconds: float, limits: dict | None, dtype: str) -> float 
 
 def load_limits(path: str | os.PathLike | None = None) -> dict | None:
     """The limits measured by this suite run (bench/results/limits.json), or None when not measured yet."""
-    p = Path(path) if path else RESULTS / "limits.json"
+    p = Path(path or os.environ.get("CHATRL_BENCH_LIMITS") or RESULTS / "limits.json")  # run.py sets the variable
     return json.loads(p.read_text())["limits"] if p.exists() else None
 
 
@@ -106,7 +115,8 @@ def peak_rss_gib() -> float:
 
 def machine() -> dict:
     """What the numbers depend on, recorded with every result file."""
-    return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+    gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None
+    return dict(measured=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(), gpu=gpu,
                 cores=os.cpu_count(), load_avg_1min=round(os.getloadavg()[0], 2),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default)"))
 

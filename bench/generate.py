@@ -21,6 +21,7 @@ import time
 
 import torch
 from common import (
+    DEVICE,
     DTYPE_NAMES,
     RESULTS,
     Shape,
@@ -29,6 +30,7 @@ from common import (
     machine,
     pct,
     peak_flops,
+    sync,
     table,
     write_json,
 )
@@ -43,7 +45,7 @@ PATHS = ("hybrid", "hybrid-compiled", "hf-generate")
 def make_prompts(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, length] token ids (ids 100.. to stay clear of special tokens) and an all-ones mask."""
     gen = torch.Generator().manual_seed(batch * 1000 + length)
-    ids = torch.randint(100, vocab, (batch, length), generator=gen)
+    ids = torch.randint(100, vocab, (batch, length), generator=gen).to(DEVICE)
     return ids, torch.ones_like(ids)
 
 
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     limits = load_limits()
     dtype = resolve_dtype(args.dtype)
     dname = DTYPE_NAMES[dtype]
-    model = load_frozen_causal_lm(args.model, dtype)
+    model = load_frozen_causal_lm(args.model, dtype).to(DEVICE)
     shape = Shape.of(model.config)
     engine = HybridEngine(model, inference_dtype=dtype, release_after_rollout=False)
     batches = [int(b) for b in args.batches.split(",")]
@@ -120,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 tokens = (run_hf(model, ids, mask, new) if path == "hf-generate"
                           else run_hybrid(engine, ids, mask, new, compiled=path == "hybrid-compiled"))
+                sync()
                 secs = time.perf_counter() - t0
                 case = dict(path=path, batch=batch, new=new, tokens=tokens, seconds=round(secs, 3),
                             tokens_per_s=round(tokens / secs, 1), of_floor=None if floor is None else floor / secs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU readiness in one command: greedy == generate() on cuda, the tiny pipeline end to end on cuda, and the
-# generate / PPO benchmarks on cuda. Results (JSON + logs) under $OUT (default bench/results/gpu-<date>).
+# benchmark suite's generate / ppo / grpo / score parts on cuda. Results (JSON + logs) under $OUT (default bench/results/gpu-<date>).
 #   bench/gpu_check.sh            # full (~10 min on one GPU)
 #   QUICK=1 bench/gpu_check.sh    # greedy check + tiny pipeline + tiny PPO bench (~3 min)
 set -euo pipefail
@@ -19,10 +19,10 @@ echo "== 2. the tiny pipeline (SFT -> reward -> PPO -> eval -> report) on cuda, 
 "$PY" -m chatrl pipeline --config configs/tiny-pipeline.yaml run_dir="$OUT/tiny-pipeline" model.dtype=auto \
     2>&1 | tee "$OUT/pipeline.log" | tail -5
 test -f "$OUT/tiny-pipeline/report.html"
-echo "== 3. benchmarks"
-"$PY" bench/ppo.py --quick --tiny --out "$OUT/ppo-tiny.json" 2>&1 | tail -15 | tee "$OUT/ppo-tiny.log"
-if [[ -z "${QUICK:-}" ]]; then
-  "$PY" bench/generate.py --out "$OUT/generate.json" 2>&1 | tail -20 | tee "$OUT/generate.log"
-  "$PY" bench/ppo.py --out "$OUT/ppo.json" 2>&1 | tail -20 | tee "$OUT/ppo.log"
+echo "== 3. benchmarks (the suite's parts pick the GPU when there is one)"
+if [[ -n "${QUICK:-}" ]]; then
+  "$PY" bench/run.py --quick --out-dir "$OUT/bench-quick" generate ppo 2>&1 | tee "$OUT/bench-quick.log" | tail -20
+else
+  "$PY" bench/run.py --out-dir "$OUT/bench" generate ppo grpo score 2>&1 | tee "$OUT/bench.log" | tail -30
 fi
 echo "gpu_check: all passed; results in $OUT"

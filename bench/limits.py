@@ -16,29 +16,31 @@ import argparse
 import time
 
 import torch
-from common import RESULTS, machine, table, write_json
+from common import DEVICE, RESULTS, machine, sync, table, write_json
 
 
 def best_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: thread pool, page faults, oneDNN/MKL kernel selection
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 def matmul_gflop_s(n: int, dtype: torch.dtype, repeats: int) -> float:
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a = torch.randn(n, n).to(DEVICE, dtype)
+    b = torch.randn(n, n).to(DEVICE, dtype)
+    out = torch.empty(n, n, dtype=dtype, device=DEVICE)
     return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=out), repeats) / 1e9
 
 
 def bandwidth_gb_s(mib: int, repeats: int) -> tuple[float, float]:
     """(read GB/s, copy GB/s counting read + write)."""
-    a = torch.ones(mib * 2**20 // 4)
+    a = torch.ones(mib * 2**20 // 4, device=DEVICE)
     b = torch.empty_like(a)
     read = a.numel() * 4 / best_seconds(lambda: a.sum(), repeats) / 1e9
     copy = 2 * a.numel() * 4 / best_seconds(lambda: b.copy_(a), repeats) / 1e9

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 # OpenMP's wait policy is left to the user: libgomp's default (spin briefly, then sleep) makes decoding ~2x
-# faster than OMP_WAIT_POLICY=PASSIVE on an idle machine (bench/README.md); on cores shared with other busy
+# faster than OMP_WAIT_POLICY=PASSIVE on an idle machine (bench/README.md, machine note); on cores shared with other busy
 # processes, spinning threads can stall every op (40x measured here), and PASSIVE is the fix (README).
 from chatrl.data import commands as data_commands
 from chatrl.envs import commands as env_commands

@@ -61,7 +61,7 @@ class RolloutConfig:
     inference_dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the actor's inference copy")
     release_memory: bool = opt(True, "free the inference copy after each rollout (bounded peak memory)")
     compile: bool = opt(False, "torch.compile the decode step (Llama-architecture actors): ~1.3-1.5x faster "
-                               "rollouts on CPU after a one-time ~45 s compilation per process (bench/README.md)")
+                               "rollouts on CPU after a one-time ~45 s compilation per process (bench/NOTES.md)")
 
 
 @dataclass

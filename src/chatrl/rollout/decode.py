@@ -2,7 +2,7 @@
 
 B = batch, P = prompt length (left padded), R = response length (<= max_new_tokens), V = vocab.
 
-What makes it faster than `model.generate()` on small models (see bench/README.md for numbers):
+What makes it faster than `model.generate()` on small models (see bench/NOTES.md for numbers):
 - a preallocated ("slab") KV cache written in place, instead of `DynamicCache` re-concatenating every
   layer's keys and values at every step;
 - finished rows are DROPPED from the batch (KV cache, mask and positions index-selected), so no compute
@@ -237,7 +237,7 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
       are done) until all ranks are done, so per-forward collectives stay matched; R is then equal on all ranks.
     check_every: steps between "finished rows?" checks (each is one host sync); default 1 on CPU, 8 on GPU.
     fast_attention: decode steps of SDPA models use `decode_attention` (fp32: same tokens as HF in the tests;
-      bf16: a different kernel, so rare greedy near-ties can resolve differently — see bench/README.md).
+      bf16: a different kernel, so rare greedy near-ties can resolve differently — see bench/NOTES.md).
     decoder: a `CompiledDecoder` for `model` runs the decode steps (the prefill stays the model's forward).
     """
     with decode_attention_enabled(model, fast_attention or decoder is not None):

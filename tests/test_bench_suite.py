@@ -1,0 +1,99 @@
+"""The benchmark suite's smoke run (`bench/run.py --quick`, tiny model): every part runs, writes its JSON, and the
+headline table is built from them — so the suite cannot rot. Speed itself is never asserted here (bench/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, cli_env
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402  (bench/common.py: FLOP and floor arithmetic, checked by hand below)
+import run as suite  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench-quick")
+    proc = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out-dir", str(out),
+                           "generate", "ppo", "grpo", "score", "serve"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def test_every_part_writes_its_figures(quick_suite: Path) -> None:
+    limits = json.loads((quick_suite / "limits.json").read_text())["limits"]
+    assert limits["matmul_fp32_gflop_s"] > 0 and limits["bandwidth_gb_s"] > 0
+    gen = json.loads((quick_suite / "generate.json").read_text())
+    # --quick: batch 1 and 8, 8 new tokens, the eager Hybrid Engine and generate(); every token generated
+    assert {(c["path"], c["batch"]) for c in gen["cases"]} == {(p, b) for p in ("hybrid", "hf-generate") for b in (1, 8)}
+    assert all(c["tokens"] == c["batch"] * 8 and 0 < c["of_floor"] for c in gen["cases"])
+    hyb = {c["batch"]: c["tokens_per_s"] for c in gen["cases"] if c["path"] == "hybrid"}
+    hf = {c["batch"]: c["tokens_per_s"] for c in gen["cases"] if c["path"] == "hf-generate"}
+    assert gen["ratios"]["hybrid / hf-generate @ 8x8"] == pytest.approx(hyb[8] / hf[8], rel=0.02)
+    for algo, rows in (("ppo", 8), ("grpo", 32)):  # grpo: 8 prompts x 4 samples
+        d = json.loads((quick_suite / f"{algo}.json").read_text())
+        assert set(d["phases"]) == {"generate", "score", "train"} and d["rows"] == rows
+        assert d["new_tokens"] == rows * 8  # min = max new tokens
+        assert d["seconds"] == pytest.approx(sum(p["seconds"] for p in d["phases"].values()), abs=0.01)
+        assert d["phases"]["train"]["of_limit"] > 0 and d["peak_rss_gib"] > d["rss_budget_gib"] > 0
+    score = json.loads((quick_suite / "score.json").read_text())
+    assert score["cases"]["length-sorted"]["sequences"] == 32  # 16 pairs, both replies
+    assert score["max_score_difference"] < 1e-4  # the batching order must not change a score
+
+
+def test_serve_part_measures_both_cases(quick_suite: Path) -> None:
+    """`bench/serve.py --quick` (tiny model): both cases measured, the ratio is the ratio of their rates."""
+    data = json.loads((quick_suite / "serve.json").read_text())
+    cases = data["cases"]
+    assert set(cases) == {"1-stream", "8-streams"}
+    assert cases["8-streams"]["requests"] == 8 and cases["1-stream"]["streams"] == 1
+    for case in cases.values():
+        assert 0 < case["tokens"] <= case["requests"] * 8  # --quick: max_tokens 8
+        assert case["tokens_per_s"] > 0 and case["seconds"] > 0
+        assert 0 < case["ttft_p50"] <= case["ttft_p90"] and case["ttft_mean"] > 0
+    assert data["ratio_name"] == "8-streams / 1-stream"
+    assert abs(data["ratio"] - cases["8-streams"]["tokens_per_s"] / cases["1-stream"]["tokens_per_s"]) < 0.01
+    assert data["target"] == 4.0 and data["met"] == (data["ratio"] >= 4.0)
+    assert data["config"]["model"] == "tiny-random" and "8-streams / 1-stream" in (quick_suite / "stdout.txt").read_text()
+
+
+def test_headline_table_reads_the_parts(quick_suite: Path) -> None:
+    summary = json.loads((quick_suite / "summary.json").read_text())
+    rows = {r["what"]: r for r in summary["headline"]}
+    train = next(r for k, r in rows.items() if k.startswith("PPO train phase"))
+    ppo = json.loads((quick_suite / "ppo.json").read_text())
+    assert train["value"] == ppo["phases"]["train"]["of_limit"] and train["met"] == (train["value"] >= 0.5)
+    rss = rows["PPO peak RSS / what models + grads + Adam hold"]
+    assert rss["value"] == ppo["rss_over_budget"] and rss["met"] == (rss["value"] <= 1.3)
+    assert "| measure | this run | target | met |" in (quick_suite / "summary.md").read_text()
+    assert "=== ppo" in (quick_suite / "stdout.txt").read_text()
+
+
+def test_flop_and_floor_arithmetic_by_hand() -> None:
+    # one layer, hidden 4, 2 heads of 2, 1 KV head, MLP 8, vocab 10
+    s = common.Shape(layers=1, hidden=4, intermediate=8, heads=2, kv_heads=1, head_dim=2, vocab=10)
+    assert s.body_params == 4 * 2 * (2 * 2 + 2 * 1) + 3 * 4 * 8  # q,o: 4x4 each; k,v: 4x2 each; MLP 3 x 4x8
+    # 3 tokens, context 5: 2 x 144 x 3 + attention 4 x 1 x 2 x 2 x 5 x 3 + LM head 2 x 40 x 1
+    assert s.forward_flops(3, 5, lm_head_tokens=1) == 2 * 144 * 3 + 240 + 80
+    limits = {"bandwidth_gb_s": 1e-9 * 184 * 4, "matmul_fp32_gflop_s": 1e-9 * 1e6}  # 1 s per weight read
+    f = common.decode_floor_tokens_per_s(s, batch=2, context=0, itemsize=4, limits=limits, dtype="fp32")
+    assert f["bound"] == "bandwidth" and f["floor"] == pytest.approx(2.0)  # 2 rows per 1 s step
+
+
+def test_readme_block_is_replaced_in_place(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{suite.README_START}\nold table\n{suite.README_END}\nrest\n")
+    suite.update_readme("| new |", readme)
+    assert readme.read_text() == f"intro\n{suite.README_START}\n| new |\n{suite.README_END}\nrest\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="bench:start"):
+        suite.update_readme("| new |", readme)
