@@ -10,9 +10,10 @@ reward model (PPO; GRPO: actor + a rule reward, KL off as in both systems' defau
 1 mini-batch, micro-batch 8, in the dtype `auto` picks here. The models and the loop are `chatrl ppo`'s own
 (`build_models`, `collect`, `make_experience`, `policy_update`); one warm-up iteration, then the median of
 `--iterations`. FLOPs per phase (matmuls; `common.Shape`):
-  generate  the floor of `generate.py` (prefill at peak + decode steps at max(bytes/bandwidth, FLOPs/peak))
+  generate  the floor of `generate.py` (prefill at peak + decode steps at max(bytes/bandwidth, FLOPs/peak)), plus
+            the reward model's forward at peak: `collect` scores each episode as it ends, so it is in this phase
   score     one forward over prompt + response per model that scores: reference and actor (LM head on the
-            response only), critic and reward model (no LM head); the actor is skipped where chatrl skips it
+            response only), critic (no LM head); the actor is skipped where chatrl skips it
   train     3 x forward (forward + backward) of the actor and, for PPO, the critic
 RSS budget: what the models must hold — 4 bytes x parameters x (1 frozen | 4 trained: weights, gradients, Adam's
 two moments) in fp32 (bf16 weights: 2 bytes + an fp32 master copy).
@@ -28,7 +29,20 @@ import time
 from pathlib import Path
 
 import torch
-from common import DTYPE_NAMES, RESULTS, ROOT, Shape, load_limits, machine, mfu, pct, peak_rss_gib, table, write_json
+from common import (
+    DTYPE_NAMES,
+    RESULTS,
+    ROOT,
+    Shape,
+    load_limits,
+    machine,
+    mfu,
+    pct,
+    peak_flops,
+    peak_rss_gib,
+    table,
+    write_json,
+)
 from generate import floor_seconds
 
 from chatrl.config_rl import GRPOConfig, PPOConfig, RLStepConfig
@@ -92,8 +106,9 @@ def phase_flops(m: RLModels, cfg: RLStepConfig, shape: Shape, rows: int, prompt:
     lm = shape.forward_flops(t, ctx, lm_head_tokens=rows * (new + 1))  # LM head on the response positions only
     body = shape.forward_flops(t, ctx, lm_head_tokens=0)
     skip_actor = single_on_policy_step(cfg, m.reference is not None, m.critic is not None)
-    score = lm * ((m.reference is not None) + (not skip_actor)) + body * ((m.critic is not None) + (m.reward_model is not None))
-    return dict(score=score, train=3 * lm + 3 * body * (m.critic is not None))
+    score = lm * ((m.reference is not None) + (not skip_actor)) + body * (m.critic is not None)
+    return dict(score=score, train=3 * lm + 3 * body * (m.critic is not None),
+                reward_model=body * (m.reward_model is not None))  # in the generate phase (see the docstring)
 
 
 def rss_budget_gib(m: RLModels) -> float:
@@ -142,8 +157,8 @@ def run(args: argparse.Namespace) -> dict:
         flops = phase_flops(m, cfg, shape, rows, args.prompt_len, args.new)
         budget = rss_budget_gib(m)
     med = {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "new_tokens", "tokens")}
-    floor = floor_seconds(shape, rows, args.prompt_len, args.new, 4 if dtype == "fp32" else 2, limits, dtype) \
-        if limits else None
+    floor = (floor_seconds(shape, rows, args.prompt_len, args.new, 4 if dtype == "fp32" else 2, limits, dtype)
+             + flops["reward_model"] / peak_flops(limits, dtype)) if limits else None
     phases = {p: dict(seconds=round(med[p], 3),
                       tokens_per_s=round((med["new_tokens"] if p == "generate" else med["tokens"]) / med[p], 1),
                       of_limit=(floor / med[p] if floor else None) if p == "generate" else mfu(flops[p], med[p], limits, dtype))

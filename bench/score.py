@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     rm.to(DEVICE)
     dtype = DTYPE_NAMES[next(rm.parameters()).dtype]
     shape = Shape.of(rm.config)
-    records = read_records(args.data, args.pairs)
+    records = read_records(args.data, args.pairs, skip_bad=True)  # the sample has a few pairs with an empty reply
     prompts = [r.prompt_messages for r in records for _ in (0, 1)]
     replies = [x for r in records for x in (r.chosen, r.rejected)]
     max_len = min(int(rm.config.max_position_embeddings), tok.model_max_length)
