@@ -129,13 +129,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="every part's smoke run (tiny model); results in quick/")
     ap.add_argument("--out-dir", default=None, help="default bench/results (bench/results/quick with --quick)")
     ap.add_argument("--readme", action="store_true", help="write the headline table into README.md")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: rebuild the table from the JSONs there")
     args = ap.parse_args()
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         ap.error(f"unknown part {unknown[0]!r}: expected one of {', '.join(PARTS)}")
     out_dir = Path(args.out_dir or (RESULTS / "quick" if args.quick else RESULTS))
     parts = ["limits"] + [p for p in (args.parts or PARTS) if p != "limits"]
-    seconds = {p: round(run_part(p, out_dir, args.quick), 1) for p in parts}
+    seconds = {} if args.table_only else {p: round(run_part(p, out_dir, args.quick), 1) for p in parts}
     rows = headline(out_dir)
     text = render(rows, out_dir, args.quick)
     print("\n" + text)
