@@ -3,7 +3,7 @@
     .venv/bin/python bench/score.py              # ~5 min on 2 cores; writes bench/results/score.json
     .venv/bin/python bench/score.py --quick      # tiny model, 16 pairs: ~15 s
 
-Rows: the first `--pairs` pairs of /work/shared/data's hh-rlhf harmless sample (or `--data`), both replies scored,
+Rows: the first `--pairs` pairs of the shipped hh-rlhf harmless sample (data/, or `--data`), both replies scored,
 so 2 x pairs sequences. Reward model: SmolLM2-135M-Instruct with a fresh score head (the compute is the same as a
 trained one). Cases, in one run on the same sequences:
   length-sorted  `chatrl.eval.responses.reward_scores`: batches of similar length (what `chatrl score` runs)
@@ -15,9 +15,7 @@ padding shows up as lost utilisation.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import torch
 from common import DEVICE, DTYPE_NAMES, RESULTS, ROOT, Shape, load_limits, machine, mfu, pct, table, write_json
@@ -26,8 +24,7 @@ from chatrl.eval.records import read_records
 from chatrl.eval.responses import load_reward, reward_ids, reward_scores
 from chatrl.models.reward import sequence_scores
 
-DATA = Path(os.environ.get("CHATRL_SHARED", ROOT.parent / "shared")) / "data" / "hh-rlhf-harmless" / \
-    "harmless-base-sample.jsonl"
+DATA = ROOT / "data" / "hh-rlhf-harmless" / "harmless-base-sample.jsonl"  # the sample the repository ships
 
 
 @torch.inference_mode()
