@@ -12,9 +12,12 @@ from safetensors.torch import load_file
 
 from helpers import (
     REPO,
+    ROUNDING_EPS,
+    SAME_UP_TO_ROUNDING,
     cli_env,
     kill_after_checkpoint,
     load_with_plain_transformers,
+    max_rel_diff,
     read_metrics,
     run_cli,
     same_weights,
@@ -88,10 +91,11 @@ def test_ppo_bad_reward_function_is_a_clear_error(word_sft: Path, tmp_path: Path
 def test_ppo_two_process_zero3_matches_one_process(word_sft: Path, tmp_path: Path) -> None:
     """2 processes under ZeRO-3 == 1 process under ZeRO-0 (fp32). Rollouts are made comparable by top_k=1 (sampling
     from one token is greedy, whatever the per-rank random streams), and one epoch of one mini-batch makes the update
-    a single token mean over all 16 episodes on both sides; scores, KL, lengths and advantages of every iteration must
-    agree, and the final actors be the same weights up to fp32 rounding amplified by Adam."""
+    a single token mean over all 16 episodes on both sides; scores, KL and lengths of every iteration must agree, and
+    the final actors and critics be the same weights up to fp32 rounding (see ROUNDING_EPS)."""
     same = ["ppo.iterations=3", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "ppo.mini_batches=1",
-            "rollout.top_k=1", "checkpoint.every=0"]
+            "rollout.top_k=1", "checkpoint.every=0", f"actor_optim.eps={ROUNDING_EPS}",
+            f"critic_optim.eps={ROUNDING_EPS}"]
     one, two = tmp_path / "one", tmp_path / "z3"
     proc = run_cli(*ppo_args(word_sft, one, "deepspeed.zero_stage=0", *same))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,13 +106,13 @@ def test_ppo_two_process_zero3_matches_one_process(word_sft: Path, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows_one, rows_two = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2, 3]
+    # (not advantage_mean: whitened advantages have mean 0 by construction, the logged value is rounding noise ~1e-6)
     for a, b in zip(rows_one, rows_two, strict=True):
-        for key in ("reward_mean", "response_length", "kl", "advantage_mean"):
+        for key in ("reward_mean", "reward_std", "response_length", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert abs(rows_one[-1]["kl"]) > 1e-3  # the actor moved away from the reference: updates are being compared
-    wa, wb = (load_file(d / "actor" / "model.safetensors") for d in (one, two))
-    for name, w in wa.items():
-        assert (w.double() - wb[name].double()).norm() <= 2e-4 * w.double().norm(), name
+    for model in ("actor", "critic"):
+        assert max_rel_diff(one / model, two / model) < SAME_UP_TO_ROUNDING, model
     assert load_with_plain_transformers(two / "actor").startswith("OK")
 
 
@@ -127,8 +131,6 @@ def test_ppo_killed_at_a_random_moment_and_resumed_gives_the_same_weights(word_s
 
 
 def test_ppo_ema_is_checkpointed_and_resumed(word_sft: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     out = tmp_path / "ema"
     # keep_final_state: the second run continues the finished first one from its last checkpoint
     args = ppo_args(word_sft, out, "ppo.ema_decay=0.5", "checkpoint.every=2", "checkpoint.keep_last=5",

@@ -67,6 +67,7 @@ class OptimConfig:
     lr: float = opt(1e-5, "peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon: added to sqrt(v); larger damps the steps of near-zero gradients")
     scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "LR schedule after warmup")
     warmup_steps: int = opt(0, "linear warmup steps")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")

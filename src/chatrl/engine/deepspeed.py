@@ -109,7 +109,7 @@ def build_ds_config(optim: OptimConfig, ds: DeepSpeedConfig, *, bf16: bool, worl
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if ds.offload_optimizer:  # DeepSpeed builds its CPU Adam from this entry
         config["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),
-                                                          "weight_decay": optim.weight_decay}}
+                                                          "eps": optim.eps, "weight_decay": optim.weight_decay}}
     if ds.raw_config:
         path = Path(ds.raw_config)
         try:
@@ -133,7 +133,8 @@ def initialize(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, 
     if "optimizer" not in config:
         # Not fused: torch's fused CPU AdamW is ~6x faster per step (bench/NOTES.md) but failed four exactness tests on
         # a clean clone (1x2b == 2xb, ZeRO-3 == ZeRO-0, ILQL outcomes) that passed here: not reproducible enough yet.
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
 
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
