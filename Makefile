@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 
 test: install lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=30 tests
 
 test-fast: install lint
 	$(VENV)/bin/pytest -q -m "not slow" tests
