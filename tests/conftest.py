@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import sft_word_model
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CHATRL_HOME", str(REPO / ".cache" / "test-home"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["CHATRL_HOME"]) / "torch_extensions"))
@@ -22,6 +24,13 @@ def tiny_model_dir() -> str:
     from chatrl.models.builtin import TINY, resolve_model_path
 
     return resolve_model_path(TINY)
+
+
+@pytest.fixture(scope="session")
+def word_sft(tmp_path_factory) -> Path:
+    """The tiny model fine-tuned on the 18-word language (helpers.sft_word_model), made once per session and shared
+    read-only by the RL tests (PPO, GRPO, RFT, two hosts); its data file is `word_sft.parent.parent / "words.jsonl"`."""
+    return sft_word_model(tmp_path_factory.mktemp("word-sft"))
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,25 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert c[("sft", "train")] != a[("sft", "train")]  # the seed matters
 
 
+def test_a_files_split_does_not_depend_on_its_folder(tmp_path):
+    """The split is seeded by the file's own name: the same file in two folders (another checkout, pytest's numbered
+    temporary folders) gives the same shards; another name gives another shuffle."""
+    rows = [json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) for i in range(60)]
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+    paths = [tmp_path / "a" / "pairs.jsonl", tmp_path / "b" / "pairs.jsonl", tmp_path / "c" / "other.jsonl"]
+    for path in paths:
+        path.write_text("\n".join(rows) + "\n")
+
+    def prompts(path, part):
+        records, _ = load_records(DataConfig(paths=[str(path)], split="0,1,0", eval_fraction=0.2), "reward", part)
+        return [r.prompt_messages[-1]["content"] for r in records]
+
+    assert prompts(paths[0], "train") == prompts(paths[1], "train")
+    assert prompts(paths[0], "eval") == prompts(paths[1], "eval") and len(prompts(paths[0], "eval")) == 12
+    assert prompts(paths[0], "train") != prompts(paths[2], "train")
+
+
 def test_eval_size_rules():
     assert eval_size(100, 0.05) == 5
     assert eval_size(10, 0.01) == 1  # at least one eval row when asked for

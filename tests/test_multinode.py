@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, cli_env, same_weights, sft_word_model
+from helpers import REPO, cli_env, same_weights
 
 pytestmark = pytest.mark.slow
 SUBNET = "10.231.77"
@@ -87,9 +87,7 @@ def test_sft_on_two_hosts_equals_one_host(two_hosts, tmp_path: Path, tiny_model_
     assert same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model") == []
 
 
-def test_ppo_on_two_hosts_equals_one_host(two_hosts, tmp_path: Path) -> None:
-    (tmp_path / "sft").mkdir()
-    word_sft = sft_word_model(tmp_path / "sft")
+def test_ppo_on_two_hosts_equals_one_host(two_hosts, word_sft: Path, tmp_path: Path) -> None:
     data = word_sft.parent.parent / "words.jsonl"
     args = ["ppo", "--config", "configs/tiny-ppo.yaml", f"actor.name_or_path={word_sft}",
             f"critic.name_or_path={word_sft}", "reward.functions=[reward_fns:banana_share]", f"data.paths=[{data}]",

@@ -42,7 +42,8 @@ def dpo_run(tmp_path_factory, tiny_model_dir, pairs: Path) -> tuple[Path, str]:
 def test_dpo_learns_marker_preference_on_held_out_pairs(dpo_run: tuple[Path, str]) -> None:
     out, log = dpo_run
     evals = read_metrics(out, "eval")
-    assert evals[0]["rewards/accuracy"] >= 0.9 and evals[-1]["rewards/accuracy"] >= 0.95
+    # halfway (step 15) 0.80-1.0 was seen over different splits of the pairs; chance is 0.5
+    assert evals[0]["rewards/accuracy"] >= 0.75 and evals[-1]["rewards/accuracy"] >= 0.95
     assert evals[-1]["rewards/margin"] > 1.0  # beta * log-ratio margin: chosen well above rejected
     assert evals[-1]["loss"] < 0.5 < 0.6931  # log 2 = the loss of a policy equal to its reference
     train = read_metrics(out)

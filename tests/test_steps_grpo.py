@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import kill_after_checkpoint, read_metrics, run_cli, same_weights, sft_word_model
-
-
-@pytest.fixture(scope="module")
-def word_sft(tmp_path_factory) -> Path:
-    return sft_word_model(tmp_path_factory.mktemp("grpo-sft"))
+from helpers import kill_after_checkpoint, read_metrics, run_cli, same_weights
 
 
 def grpo_args(word_sft: Path, out: Path, *extra: str) -> list[str]:

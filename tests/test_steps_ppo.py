@@ -21,13 +21,7 @@ from helpers import (
     read_metrics,
     run_cli,
     same_weights,
-    sft_word_model,
 )
-
-
-@pytest.fixture(scope="module")
-def word_sft(tmp_path_factory) -> Path:
-    return sft_word_model(tmp_path_factory.mktemp("ppo-sft"))
 
 
 def ppo_args(word_sft: Path, out: Path, *extra: str) -> list[str]:

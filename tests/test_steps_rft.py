@@ -18,7 +18,7 @@ from chatrl.configbase import load_config
 from chatrl.data.prepare import read_all
 from chatrl.errors import ChatrlError
 from chatrl.steps.rft_samples import Sample, read_samples, round_stats, select_samples, write_jsonl_atomic
-from helpers import kill_after_checkpoint, load_with_plain_transformers, read_metrics, run_cli, sft_word_model
+from helpers import kill_after_checkpoint, load_with_plain_transformers, read_metrics, run_cli
 
 CONFIG = "configs/tiny-rft.yaml"
 
@@ -84,11 +84,6 @@ def test_bad_config_fails_before_any_work(overrides: list[str], needle: str) -> 
 
 
 # ----------------------------------------------------------------------------- the CLI
-
-
-@pytest.fixture(scope="module")
-def word_sft(tmp_path_factory) -> Path:
-    return sft_word_model(tmp_path_factory.mktemp("rft-sft"))
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ log = logging.getLogger("chatrl.data")
 Step = Literal["sft", "reward", "rlhf"]
 Part = Literal["train", "eval"]
 Record = Union[Conversation, PreferencePair, Prompt]
-CACHE_VERSION = "2"  # bump when tokenization changes so old caches are not reused
+CACHE_VERSION = "3"  # bump when tokenization or the split changes so old caches are not reused
 _HASH_LIMIT = 256 * 2**20  # files up to this size are hashed by content, bigger ones by size+mtime
 
 
@@ -40,6 +40,7 @@ _HASH_LIMIT = 256 * 2**20  # files up to this size are hashed by content, bigger
 class Dataset:
     """One cleaned dataset of `data.paths`."""
     spec: str
+    seed_name: str  # Source.seed_name: what its split is seeded by
     schema: str
     examples: list[Example]
 
@@ -108,7 +109,7 @@ def read_examples(spec: str, cfg: DataConfig, report: DataReport) -> Dataset:
     report.read[spec], report.schemas[spec], report.kept[spec] = len(raw), schema, len(examples)
     if not examples:
         raise ChatrlError(f"{spec}: no usable rows left after filtering.\n{report.summary()}\n{SCHEMA_HELP}")
-    return Dataset(spec, schema, examples)
+    return Dataset(spec, src.seed_name, schema, examples)
 
 
 def read_all(cfg: DataConfig) -> tuple[list[Dataset], DataReport]:
@@ -149,8 +150,8 @@ def select_records(datasets: list[Dataset], cfg: DataConfig, step: str, part: st
         raise ChatrlError(f"unknown data step/part {step}/{part}; steps: {', '.join(STEPS)}, parts: train, eval")
     per_dataset = []
     for d in datasets:
-        shard = split_dataset(d.examples, d.spec, cfg.split, cfg.eval_fraction, cfg.seed)[(step, part)]
-        per_dataset.append((d.spec, _to_records(shard, step)))
+        shard = split_dataset(d.examples, d.seed_name, cfg.split, cfg.eval_fraction, cfg.seed)[(step, part)]
+        per_dataset.append((d.seed_name, _to_records(shard, step)))
     if part == "train":
         records = blend(per_dataset, cfg.weights, cfg.seed)
     else:

@@ -43,6 +43,15 @@ class Source:
     split: str | None = None
     builtin: bool = False
 
+    @property
+    def seed_name(self) -> str:
+        """What the dataset's split and blend shuffles are seeded by (data/split.py): a local file's or folder's own
+        name, not the folder it lies in, so the same data gives the same split wherever it is (another checkout, a
+        temporary folder); hub and built-in names as written."""
+        if self.path is None or self.builtin:
+            return self.spec
+        return self.path.name + (f"#{self.split}" if self.split else "")
+
 
 def resolve_source(spec: str) -> Source:
     """Map a `data.paths` entry to a local path or a hub name (no reading yet)."""

@@ -1,6 +1,7 @@
 """Deterministic splits (DeepSpeed-Chat's `data_split`, e.g. "2,4,4") and weighted blending.
 
-Each dataset is shuffled with its own RNG, seeded by `data.seed` and the dataset's name, then cut
+Each dataset is shuffled with its own RNG, seeded by `data.seed` and the dataset's name (a local
+file's own name, not its folder: `Source.seed_name`), then cut
 into contiguous shards for sft / reward / rlhf in proportion to the split. So the split of one dataset
 never depends on the other datasets or on their order in `data.paths`, and the shards are disjoint.
 Every shard then holds out its last `eval_fraction` as the eval part (at least one row when the
