@@ -131,10 +131,8 @@ def initialize(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, 
         raise ChatrlError("no trainable parameters (check model.lora settings)")
     optimizer = None
     if "optimizer" not in config:
-        # Not fused: torch's fused CPU AdamW is ~6x faster per step (bench/NOTES.md) but failed four exactness tests on
-        # a clean clone (1x2b == 2xb, ZeRO-3 == ZeRO-0, ILQL outcomes) that passed here: not reproducible enough yet.
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                      weight_decay=optim.weight_decay)
+                                      weight_decay=optim.weight_decay, fused=optim.fused or None)
 
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
