@@ -68,8 +68,9 @@ class OptimConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon: added to sqrt(v); larger damps the steps of near-zero gradients")
-    fused: bool = opt(True, "torch's fused AdamW (one pass per tensor: ~6x faster optimizer steps on CPU, "
-                            "bench/NOTES.md); false = torch's default for-loop AdamW")
+    fused: bool = opt(True, "torch's fused AdamW (one pass per tensor: ~5x faster optimizer steps on CPU, "
+                            "bench/NOTES.md); false = torch's for-loop AdamW; deepspeed.offload_optimizer uses "
+                            "DeepSpeed's CPU Adam instead")
     scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "LR schedule after warmup")
     warmup_steps: int = opt(0, "linear warmup steps")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
