@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from chatrl.algorithms.preference import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps
-from chatrl.config_offline import DPOOptions
+from chatrl.config_offline import DPOConfig, DPOOptions
+from chatrl.configbase import help_lines, load_config
+from chatrl.errors import ChatrlError
+from chatrl.steps.dpo import preference_loss
 
 
 def _pair(**over: float) -> PairLogps:
@@ -46,10 +49,41 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected() -> None:
     assert lp.rejected.grad.item() == pytest.approx(0.1344707, abs=1e-6)
 
 
-def test_ipo_by_hand() -> None:
+def test_ipo_on_summed_log_ratios_by_hand() -> None:
     # (h - 1 / (2 beta))^2 = (2 - 1)^2 with beta 0.5; with beta 0.25: (2 - 2)^2 = 0
-    assert PREFERENCE_LOSSES["ipo"](_pair(), beta=0.5)[0].item() == pytest.approx(1.0)
-    assert PREFERENCE_LOSSES["ipo"](_pair(), beta=0.25)[0].item() == pytest.approx(0.0, abs=1e-7)
+    ipo = PREFERENCE_LOSSES["ipo"]
+    assert ipo(_pair(), beta=0.5, ipo_logratio="sum")[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert ipo(_pair(), beta=0.25, ipo_logratio="sum")[0].item() == pytest.approx(0.0, abs=1e-7)
+    # chosen ratio +1 over 5 tokens, rejected -12 - (-10) = -2 over 4 tokens: h = 3; beta 0.5: (3 - 1)^2 = 4
+    loss, stats = ipo(_pair(ref_rejected=-10.0), beta=0.5, ipo_logratio="sum")
+    assert loss.item() == pytest.approx(4.0, abs=1e-6)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.5) and stats["rewards/rejected"].item() == pytest.approx(-1.0)
+
+
+def test_ipo_on_per_token_log_ratios_by_hand_is_the_default() -> None:
+    ipo = PREFERENCE_LOSSES["ipo"]
+    # chosen ratio +1 / 5 tokens = 0.2, rejected -2 / 4 tokens = -0.5: h = 0.7; beta 0.5: (0.7 - 1)^2 = 0.09
+    # (lengths swapped: 1/4 + 2/5 = 0.65 -> 0.1225; summed: 4)
+    lp = _pair(ref_rejected=-10.0)
+    loss, stats = ipo(lp, beta=0.5, ipo_logratio="token_mean")
+    assert loss.item() == pytest.approx(0.09, abs=1e-6)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.1) and stats["rewards/rejected"].item() == pytest.approx(-0.25)
+    assert ipo(lp, beta=0.5)[0].item() == pytest.approx(0.09, abs=1e-6)  # the default
+    # beta 0.25: (0.7 - 2)^2 = 1.69
+    assert ipo(lp, beta=0.25)[0].item() == pytest.approx(1.69, abs=1e-6)
+    with pytest.raises(ValueError, match="ipo_logratio"):
+        ipo(lp, beta=0.5, ipo_logratio="mean")
+
+
+def test_ipo_per_token_target_does_not_depend_on_length() -> None:
+    # two pairs with the same per-token log-ratios (+0.3 chosen, -0.2 rejected), 10 and 100 tokens long:
+    # per token h = 0.5 = 1 / (2 beta) at beta 1 for both -> loss 0; summed h = 5 and 50 -> (4.5^2 + 49.5^2) / 2
+    n = torch.tensor([10.0, 100.0])
+    lp = PairLogps(chosen=0.3 * n - 20, rejected=-0.2 * n - 20, chosen_len=n, rejected_len=n,
+                   ref_chosen=torch.full((2,), -20.0), ref_rejected=torch.full((2,), -20.0))
+    assert PREFERENCE_LOSSES["ipo"](lp, beta=1.0)[0].item() == pytest.approx(0.0, abs=1e-9)
+    summed = PREFERENCE_LOSSES["ipo"](lp, beta=1.0, ipo_logratio="sum")[0].item()
+    assert summed == pytest.approx((4.5 ** 2 + 49.5 ** 2) / 2, rel=1e-6)  # 1235.25
 
 
 def test_simpo_by_hand_ignores_the_reference() -> None:
@@ -81,3 +115,15 @@ def test_reference_losses_need_the_reference() -> None:
 def test_config_choices_are_the_registered_losses() -> None:
     choices = typing.get_args(typing.get_type_hints(DPOOptions)["loss"])
     assert set(choices) == set(PREFERENCE_LOSSES)
+
+
+def test_dpo_step_passes_ipo_logratio_and_refuses_it_elsewhere() -> None:
+    lp = _pair(ref_rejected=-10.0)
+    per_token = load_config(DPOConfig, None, ["dpo.loss=ipo", "dpo.beta=0.5"])
+    summed = load_config(DPOConfig, None, ["dpo.loss=ipo", "dpo.beta=0.5", "dpo.ipo_logratio=sum"])
+    assert per_token.dpo.ipo_logratio == "token_mean"
+    assert preference_loss(per_token, lp)[0].item() == pytest.approx(0.09, abs=1e-6)
+    assert preference_loss(summed, lp)[0].item() == pytest.approx(4.0, abs=1e-6)
+    with pytest.raises(ChatrlError, match="dpo.ipo_logratio applies to dpo.loss=ipo"):
+        load_config(DPOConfig, None, ["dpo.loss=sigmoid", "dpo.ipo_logratio=sum"])
+    assert "dpo.ipo_logratio ('token_mean' | 'sum', default 'token_mean')" in "\n".join(help_lines(DPOConfig))

@@ -27,6 +27,10 @@ class DPOOptions:
     beta: float = opt(0.1, "inverse temperature of the implicit reward beta * log(pi / pi_ref) (sigmoid, ipo: the "
                            "IPO tau; simpo: scale of the average log-prob; orpo: weight lambda of the odds-ratio term)")
     label_smoothing: float = opt(0.0, "cDPO: assumed probability that a pair's label is flipped (sigmoid only)")
+    ipo_logratio: Literal["token_mean", "sum"] = opt(
+        "token_mean", "ipo only: token_mean = each reply's log-ratio divided by its token count, so the target "
+                      "1/(2 beta) is per token whatever the length (as TRL, huggingface/trl#1265); sum = sequence "
+                      "sums (the target is per pair: a long reply needs less margin per token)")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma")
     reference: Literal["precompute", "live"] = opt(
         "precompute", "precompute = one pass of the reference over the data, cached under the cache dir keyed by "
@@ -52,6 +56,8 @@ class DPOConfig(SupervisedStepConfig):
             raise ChatrlError(f"dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5)")
         if d.label_smoothing > 0 and d.loss != "sigmoid":
             raise ChatrlError(f"dpo.label_smoothing applies to dpo.loss=sigmoid (cDPO), not {d.loss}")
+        if d.ipo_logratio != "token_mean" and d.loss != "ipo":
+            raise ChatrlError(f"dpo.ipo_logratio applies to dpo.loss=ipo, not {d.loss}")
 
     def uses_reference(self) -> bool:
         return self.dpo.loss not in REFERENCE_FREE

@@ -9,7 +9,11 @@ tensors) with the implicit rewards r_c, r_r whose difference the loss pushes up.
   sigmoid  L = -(1 - e) log sigma(beta h) - e log sigma(-beta h)            r = beta (logp - ref_logp)
            (Rafailov et al. 2023; e = label_smoothing > 0 is cDPO: the label is wrong with probability e)
   ipo      L = (h - 1 / (2 beta))^2                                         r = beta (logp - ref_logp)
-           (Azar et al. 2023, eq. 17, with beta as the paper's tau; sequence log-prob sums)
+           (Azar et al. 2023, eq. 17, with beta as the paper's tau). ipo_logratio=token_mean (default) divides
+           each reply's log-ratio by its token count before taking h (and r), as TRL does after asking the IPO
+           authors (huggingface/trl#1265), so the target 1 / (2 beta) is per token whatever the length;
+           ipo_logratio=sum keeps sequence sums (beta 0.1 then asks 5 nats per pair: 0.5 per token at 10
+           tokens, 0.05 at 100)
   simpo    L = -log sigma(beta (chosen / |y_c| - rejected / |y_r|) - gamma)  r = beta logp / |y|
            (Meng et al. 2024: reference-free, length-normalised, target margin gamma)
   orpo     L = -chosen / |y_c| - beta log sigma(log odds(y_c) - log odds(y_r)),
@@ -64,9 +68,16 @@ def sigmoid_loss(lp: PairLogps, beta: float, label_smoothing: float = 0.0, **_: 
     return loss, _stats(loss, beta * ratio_c, beta * ratio_r, lp)
 
 
-def ipo_loss(lp: PairLogps, beta: float, **_: float) -> tuple[torch.Tensor, Stats]:
-    """IPO: squared distance of the log-ratio margin to 1 / (2 beta)."""
+IPO_LOGRATIOS = ("token_mean", "sum")
+
+
+def ipo_loss(lp: PairLogps, beta: float, ipo_logratio: str = "token_mean", **_: float) -> tuple[torch.Tensor, Stats]:
+    """IPO: squared distance of the log-ratio margin to 1 / (2 beta), on per-token (default) or summed log-ratios."""
     ratio_c, ratio_r = lp.log_ratios()
+    if ipo_logratio == "token_mean":
+        ratio_c, ratio_r = ratio_c / lp.chosen_len.clamp(min=1), ratio_r / lp.rejected_len.clamp(min=1)
+    elif ipo_logratio != "sum":
+        raise ValueError(f"ipo_logratio={ipo_logratio!r}: choose one of {IPO_LOGRATIOS}")
     loss = ((ratio_c - ratio_r) - 1 / (2 * beta)).pow(2).mean()
     return loss, _stats(loss, beta * ratio_c, beta * ratio_r, lp)
 

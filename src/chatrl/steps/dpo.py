@@ -41,13 +41,17 @@ def pair_logps(policy: torch.nn.Module, batch: PairBatch, reference: torch.nn.Mo
                      ref_rejected=None if ref is None else ref[half:].to(sums))
 
 
+def preference_loss(cfg: DPOConfig, lp: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured loss of the DPO family with its options (training and evaluation alike)."""
+    d = cfg.dpo
+    return PREFERENCE_LOSSES[d.loss](lp, beta=d.beta, label_smoothing=d.label_smoothing, simpo_gamma=d.simpo_gamma,
+                                     ipo_logratio=d.ipo_logratio)
+
+
 def make_loss(cfg: DPOConfig, reference: torch.nn.Module | None) -> Callable[[torch.nn.Module, PairBatch],
                                                                           tuple[torch.Tensor, Metrics]]:
-    loss_fn = PREFERENCE_LOSSES[cfg.dpo.loss]
-
     def loss(engine: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, Metrics]:
-        value, stats = loss_fn(pair_logps(engine, batch, reference), beta=cfg.dpo.beta,
-                               label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma)
+        value, stats = preference_loss(cfg, pair_logps(engine, batch, reference))
         return value, {k: float(v) for k, v in stats.items()}
 
     return loss
@@ -62,8 +66,7 @@ def evaluate_pairs(engine: torch.nn.Module, rows: Rows, collate: Callable[[Rows]
     for i in range(0, len(rows), micro_batch):
         part = rows[i:i + micro_batch]
         lp = pair_logps(engine, collate(part), reference)
-        _, stats = PREFERENCE_LOSSES[cfg.dpo.loss](lp, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                                                   simpo_gamma=cfg.dpo.simpo_gamma)
+        _, stats = preference_loss(cfg, lp)
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(part)
     engine.train()
