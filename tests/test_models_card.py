@@ -12,9 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from chatrl.config import RewardConfig
+from chatrl.configbase import load_config
 from chatrl.models.model_card import BaseModel, DataSource, ModelCard, base_model_of, data_source, front_matter, render
+from chatrl.steps.commands import STEPS
+from chatrl.steps.common import _CARD_KEYS, StepContext, key_settings, model_card
 from helpers import read_metrics, run_cli
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -96,6 +101,24 @@ def test_a_reward_model_card_shows_scoring_not_chat() -> None:
     assert "chatrl chat" not in text and "| `accuracy` | 0.625 |" in text
     assert "data `my.jsonl`: unknown: check the data set terms" in text
     assert json.dumps("runs/x/reward/model") in text
+
+
+def test_a_reward_model_card_lists_its_rm_loss_settings(tmp_path: Path) -> None:
+    """The reward model's options section is rm_loss (not reward): the card written for it lists those settings."""
+    cfg = load_config(RewardConfig, None, ["rm_loss.center_coef=0.025", "rm_loss.use_margin=false"])
+    ctx = StepContext(rank=0, world=1, device=torch.device("cpu"), tokenizer=None, bf16=False,
+                      weights_dtype=torch.float32, output_dir=tmp_path, model_dir=tmp_path / "model", step="reward",
+                      config=cfg)
+    text = model_card(ctx, tmp_path / "model", torch.nn.Linear(2, 1))
+    assert "| `rm_loss.center_coef` | 0.025 |" in text and "| `rm_loss.use_margin` | False |" in text
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_every_steps_card_lists_its_own_options(step: str) -> None:
+    """Besides the shared keys, a card lists the step's own options section (sft.*, rm_loss.*, ppo.*, ...): a
+    renamed section that the card no longer finds leaves only the shared keys."""
+    own = set(key_settings(STEPS[step].config(), step, 1)) - set(_CARD_KEYS) - {"processes"}
+    assert own, f"the {step} card lists none of the step's own options"
 
 
 def test_grpo_actor_card_names_the_environments_data_and_last_iteration(tmp_path: Path, tiny_model_dir: str) -> None:

@@ -29,6 +29,9 @@ _CARD_KEYS = ("model.name_or_path", "actor.name_or_path", "model.lora.r", "actor
               "optim.max_steps", "optim.micro_batch_size", "optim.grad_accum", "data.max_length", "env.name",
               "rollout.prompts_per_rollout", "rollout.samples_per_prompt", "rollout.max_new_tokens",
               "rollout.temperature", "reward.model", "reward.functions", "deepspeed.zero_stage", "seed")
+# The step's own options section where it is not named after the step (the reward model's loss is rm_loss: in the
+# RL steps `reward` is where rewards come from).
+_OWN_SECTION = {"reward": "rm_loss"}
 
 
 @dataclass
@@ -110,9 +113,10 @@ def key_settings(cfg: Any, step: str, world: int) -> dict[str, Any]:
     flat = flatten(tree)
     picked = {k: flat[k] for k in _CARD_KEYS if k in flat and flat[k] not in (None, "", [])}
     picked["processes"] = world
-    own = tree.get(step)
-    if isinstance(own, dict):  # the step's own section: sft.*, reward.* (reward-model options), ppo.*, grpo.*
-        picked.update(flatten(own, f"{step}."))
+    section = _OWN_SECTION.get(step, step)
+    own = tree.get(section)
+    if isinstance(own, dict):  # the step's own section: sft.*, rm_loss.* (reward model), ppo.*, grpo.*, dpo.*...
+        picked.update(flatten(own, f"{section}."))
     return picked
 
 
