@@ -14,9 +14,7 @@ from chatrl.algorithms.advantages import (
     gae_advantages,
     grpo_advantages,
     reinforce_returns,
-    whiten_advantages,
 )
-from chatrl.algorithms.masked import masked_mean, masked_whiten
 
 REWARDS = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 9.0]])
 VALUES = torch.tensor([[0.5, 1.0, 1.5], [2.0, 0.5, 7.0]])
@@ -93,12 +91,6 @@ def test_gae_padding_never_leaks():
     assert torch.equal(adv[pad], torch.zeros(int(pad.sum())))
 
 
-def test_whiten_advantages():
-    adv, _ = gae_advantages(REWARDS, VALUES, MASK, 0.9, 0.8)
-    assert torch.equal(whiten_advantages(adv, MASK), masked_whiten(adv, MASK))
-    assert abs(masked_mean(whiten_advantages(adv, MASK), MASK).item()) < 1e-6
-
-
 def test_grpo_by_hand():
     # group 0 [1, 0, 2]: mean 1, centred [0, -1, 1], var (0+1+1)/2 = 1 -> A = [0, -1, 1]
     # group 1 [3, 5, 10]: mean 6, centred [-3, -1, 4], var (9+1+16)/2 = 13 -> A = centred / sqrt(13)
@@ -131,11 +123,22 @@ def test_reinforce_returns_by_hand():
 
 def test_registry_dispatch():
     assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    # gae: the numbers of test_gae_by_hand
     adv, ret = compute_advantages("gae", REWARDS, VALUES, MASK, gamma=0.9, lam=0.8)
-    assert torch.equal(adv, gae_advantages(REWARDS, VALUES, MASK, 0.9, 0.8)[0])
+    assert_close(adv, torch.tensor([[1.9112, 0.71, 0.5], [-0.69, 0.5, 0.0]]))
+    assert_close(ret, torch.tensor([[2.4112, 1.71, 2.0], [1.31, 1.0, 0.0]]))
+    # reinforce_pp: returns of test_reinforce_returns_by_hand, [2.62, 1.8, 2.0 | 1.4, 1.0], whitened over the 5
+    # real tokens: mean 8.82 / 5 = 1.764, centred [0.856, 0.036, 0.236 | -0.364, -0.764],
+    # unbiased var (0.732736 + 0.001296 + 0.055696 + 0.132496 + 0.583696) / 4 = 1.50592 / 4 = 0.37648
     adv, ret = compute_advantages("reinforce_pp", REWARDS, None, MASK, gamma=0.9)
-    assert torch.equal(ret, reinforce_returns(REWARDS, MASK, 0.9))
-    assert torch.equal(adv, masked_whiten(ret, MASK))
+    assert_close(ret, torch.tensor([[2.62, 1.8, 2.0], [1.4, 1.0, 0.0]]))
+    assert_close(adv, torch.tensor([[0.856, 0.036, 0.236], [-0.364, -0.764, 0.0]]) / math.sqrt(0.37648))
+    # group-relative scores = per-row sums [3, 1.5] (group of 2): dr_grpo centred [0.75, -0.75];
+    # rloo s_i - s_other = [1.5, -1.5]
+    adv, _ = compute_advantages("dr_grpo", REWARDS, None, MASK, group_size=2)
+    assert_close(adv, torch.tensor([[0.75, 0.75, 0.75], [-0.75, -0.75, 0.0]]))
+    adv, _ = compute_advantages("rloo", REWARDS, None, MASK, group_size=2)
+    assert_close(adv, torch.tensor([[1.5, 1.5, 1.5], [-1.5, -1.5, 0.0]]))
     # grpo scores = per-row sum of real-token rewards: [1+0+2, 0.5+1] = [3, 1.5] -> centred [0.75, -0.75],
     # var 2*0.5625/1 = 1.125 -> A = +-0.75/sqrt(1.125) = +-0.7071
     adv, _ = compute_advantages("grpo", REWARDS, None, MASK, group_size=2)

@@ -14,7 +14,7 @@ rewards      shape_rewards(scores[B], kl[B,R], mask, beta, clip=None) -> [B, R],
              last_token_index(mask) -> [B], contains_eos(ids, mask, eos_id) -> [B], eos_penalty(scores, has_eos, p),
              overlong_penalty(lengths[B], max_len, buffer, factor) -> [B] (DAPO),
              turn_rewards(values[B,K], positions[B,K], valid[B,K], R, gamma) -> [B, R] (multi-turn episodes)
-advantages   gae_advantages(rewards, values, mask, gamma, lam) -> (adv, returns), whiten_advantages,
+advantages   gae_advantages(rewards, values, mask, gamma, lam) -> (adv, returns),
              grpo_advantages(scores[B], group_size, mask), rloo_advantages, reinforce_returns(rewards, mask, gamma),
              ADVANTAGE_ESTIMATORS (name -> Estimator) / compute_advantages(kind, rewards, values, mask, ...)
 losses       aggregate(per_token[B,R], mask, mode) (token_mean / seq_mean_token_mean / seq_mean_token_sum_norm),
@@ -33,7 +33,6 @@ from chatrl.algorithms.advantages import (
     grpo_advantages,
     reinforce_returns,
     rloo_advantages,
-    whiten_advantages,
 )
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
 from chatrl.algorithms.ilql import (
@@ -118,6 +117,5 @@ __all__ = [
     "token_logprobs",
     "turn_rewards",
     "value_loss",
-    "whiten_advantages",
     "zero_masked",
 ]

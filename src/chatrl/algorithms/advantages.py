@@ -58,12 +58,6 @@ def gae_advantages(
     return advantages, returns
 
 
-def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                      moments: Moments = local_moments) -> torch.Tensor:
-    """Batch-normalise advantages over the real tokens: masked_whiten (zero mean, unit variance), [B, R]."""
-    return masked_whiten(advantages, mask, shift_mean=shift_mean, moments=moments)
-
-
 def grpo_advantages(
     scores: torch.Tensor,
     group_size: int,
