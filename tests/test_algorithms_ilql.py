@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from chatrl.algorithms import ILQL_LOSSES
 from chatrl.algorithms.ilql import (
     awac_loss,
     bellman_targets,
@@ -115,7 +114,6 @@ def test_ilql_loss_adds_the_terms_with_their_weights() -> None:
     assert stats["loss_cql"].item() == pytest.approx(cql, rel=1e-6)
     assert stats["loss_awac"].item() == pytest.approx(math.log(2))
     assert loss.item() == pytest.approx(0.25 + 0.125 + 0.5 * cql + 2 * math.log(2), rel=1e-6)
-    assert ILQL_LOSSES["ilql"] is ilql_loss
 
 
 def test_gather_actions_ignores_masked_garbage() -> None:

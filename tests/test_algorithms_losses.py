@@ -10,9 +10,6 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from chatrl.algorithms.losses import (
-    POLICY_LOSSES,
-    REWARD_LOSSES,
-    VALUE_LOSSES,
     entropy_from_logits,
     mean_entropy,
     pairwise_reward_loss,
@@ -198,9 +195,3 @@ def test_token_logprobs_by_hand_and_vs_log_softmax():
     bf = token_logprobs(big.detach().bfloat16(), tokens)
     assert bf.dtype == torch.float32
     assert_close(bf, big.detach().bfloat16().float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-
-
-def test_loss_registries():
-    assert POLICY_LOSSES["ppo_clip"] is policy_loss
-    assert VALUE_LOSSES["clipped"] is value_loss
-    assert REWARD_LOSSES["bradley_terry"] is pairwise_reward_loss
