@@ -7,6 +7,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
+from chatrl.eval import env_eval
+from chatrl.rollout.episodes import EpisodeBatch
 from helpers import read_metrics, run_cli
 
 
@@ -25,12 +29,21 @@ def test_eval_env_success_and_pass_at_k_by_hand(tmp_path: Path) -> None:
     assert "| a | 50.0% | 17.7% | 50.0% | 17.7% | 0.500 | - |" in (out / "eval_env.md").read_text()
 
 
-def test_paired_difference_by_hand() -> None:
-    from chatrl.eval.env_eval import paired_difference
+def test_vs_first_is_this_model_minus_the_first(monkeypatch) -> None:
+    # "base" solves tasks 1, 3; "tuned" solves 0, 1, 4: differences 1, 0, 0, -1, 1 -> +0.2, s.e. sqrt(0.7 / 5)
+    solved = {"base": [False, True, False, True, False], "tuned": [True, True, False, False, True]}
 
-    # differences 1, 0, 0, -1, 1: mean 0.2, sample var (0.64 + 0.04 + 0.04 + 1.44 + 0.64) / 4 = 0.7
-    mean, se = paired_difference([False, True, False, True, False], [True, True, False, False, True])
-    assert math.isclose(mean, 0.2) and math.isclose(se, math.sqrt(0.7 / 5))
+    def play(engine, tok, env_name, kwargs, tasks, settings, *rest):  # the engine stands for the model's path
+        return EpisodeBatch(success=solved[engine], turn_rewards=[[float(s)] for s in solved[engine]],
+                            conversations=[[] for _ in tasks])
+
+    monkeypatch.setattr(env_eval, "load_policy", lambda path, dtype: (path, None))
+    monkeypatch.setattr(env_eval, "HybridEngine", lambda model, **kw: model)
+    monkeypatch.setattr(env_eval, "_play", play)
+    got = env_eval.evaluate_env({"base": "base", "tuned": "tuned"}, "any", {}, n_tasks=5, k=0, log=lambda m: None)
+    assert got["base"].vs_first is None and got["base"].success == pytest.approx(0.4)
+    assert got["tuned"].vs_first == pytest.approx(0.2) and got["tuned"].vs_first_se == pytest.approx(math.sqrt(0.7 / 5))
+    assert got["tuned"].success_se == pytest.approx(math.sqrt(0.6 * 0.4 / 5))
 
 
 def test_eval_needs_prompts_or_an_env(tmp_path: Path) -> None:

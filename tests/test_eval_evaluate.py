@@ -10,7 +10,7 @@ import torch
 from chatrl.cli import main
 from chatrl.data.types import Prompt
 from chatrl.eval import responses as R
-from chatrl.eval.evaluate import evaluate_models
+from chatrl.eval.evaluate import evaluate_models, model_metrics
 from chatrl.eval.results import load_result, save_result
 
 PROMPTS = [
@@ -161,3 +161,13 @@ def test_cli_eval_compare_score(tiny_model_dir, tiny_rm_dir, tmp_path, capsys):
 
     assert main(["eval", "--model", "nonsense", "--prompts", prompts]) == 2
     assert "expected NAME=PATH" in capsys.readouterr().err
+
+
+def test_reward_gain_and_win_rate_are_this_model_against_the_baseline():
+    gen = R.Generation([[1]] * 3, [[2, 3]] * 3, ["a b", "a c", "b c"], [False] * 3)
+    # rewards 1, 2, 3 against the baseline's 0, 2, 5: gain -1/3 (s.e. sqrt(7) / 3), one win, one tie, one loss
+    got = model_metrics(gen, [None] * 3, [1.0, 2.0, 3.0], [0.0, 2.0, 5.0], None)
+    assert got["reward_gain"] == pytest.approx(-1 / 3) and got["reward_gain_se"] == pytest.approx(7 ** 0.5 / 3)
+    assert got["win_rate"] == pytest.approx(0.5) and (got["reward_wins"], got["reward_losses"]) == (1, 1)
+    better = model_metrics(gen, [None] * 3, [1.0, 3.0, 6.0], [0.0, 2.0, 5.0], None)
+    assert better["reward_gain"] == pytest.approx(1.0) and better["win_rate"] == 1.0

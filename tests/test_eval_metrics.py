@@ -18,13 +18,45 @@ def test_score_stats_mean_and_population_std():
     assert math.isnan(M.score_stats([])["mean"])
 
 
-def test_paired_difference_mean_and_standard_error_by_hand():
-    # differences 1, 0, 2: mean 1; sample sd sqrt(((0)^2 + (-1)^2 + 1^2) / 2) = 1; se = 1 / sqrt(3)
-    got = M.paired_difference([1.0, 2.0, 3.0], [0.0, 2.0, 1.0])
-    assert got["mean"] == pytest.approx(1.0) and got["se"] == pytest.approx(1 / 3 ** 0.5)
-    assert math.isnan(M.paired_difference([2.0], [1.0])["se"])
+def test_mean_se_by_hand():
+    # values 1, 2, 6: mean 3; squared deviations 4, 1, 9 -> sample variance 14 / 2 = 7; se = sqrt(7 / 3)
+    assert M.mean_se([1.0, 2.0, 6.0]) == pytest.approx(math.sqrt(7 / 3))
+    assert M.mean_se([4.0, 4.0, 4.0]) == 0.0
+    assert math.isnan(M.mean_se([5.0])) and math.isnan(M.mean_se([]))
+
+
+def test_proportion_se_by_hand():
+    # p = 0.2 on 100 trials: sqrt(0.2 * 0.8 / 100) = 0.04
+    assert M.proportion_se(0.2, 100) == pytest.approx(0.04)
+    assert M.proportion_se(1.0, 10) == 0.0
+    assert math.isnan(M.proportion_se(0.5, 0))
+
+
+def test_paired_difference_is_new_minus_baseline_by_hand():
+    # new [1, 2, 3] against baseline [0, 2, 5]: differences 1, 0, -2, mean -1/3;
+    # deviations 4/3, 1/3, -5/3 -> squares (16 + 1 + 25) / 9 = 42 / 9, sample variance 21 / 9 = 7 / 3,
+    # se = sqrt(7 / 3 / 3) = sqrt(7) / 3
+    got = M.paired_difference([1.0, 2.0, 3.0], [0.0, 2.0, 5.0])
+    assert got.mean == pytest.approx(-1 / 3) and got.se == pytest.approx(math.sqrt(7) / 3)
+    assert (got.wins, got.losses, got.ties) == (1, 1, 1) and got.win_rate == pytest.approx(0.5)
+    swapped = M.paired_difference([0.0, 2.0, 5.0], [1.0, 2.0, 3.0])
+    assert swapped.mean == pytest.approx(1 / 3) and (swapped.wins, swapped.losses) == (1, 1)
+
+
+def test_paired_difference_of_solved_tasks_counts_booleans_as_0_1():
+    # new solves tasks 0, 1, 4; baseline 1, 3: differences 1, 0, 0, -1, 1 -> mean 0.2,
+    # sample variance (0.64 + 0.04 + 0.04 + 1.44 + 0.64) / 4 = 0.7, se sqrt(0.7 / 5)
+    got = M.paired_difference([True, True, False, False, True], [False, True, False, True, False])
+    assert got.mean == pytest.approx(0.2) and got.se == pytest.approx(math.sqrt(0.7 / 5))
+    assert (got.wins, got.losses, got.ties) == (2, 1, 2)
+
+
+def test_paired_difference_needs_pairs():
+    assert math.isnan(M.paired_difference([2.0], [1.0]).se)
     with pytest.raises(ValueError):
         M.paired_difference([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        M.paired_difference([], [])
 
 
 def test_win_rate_counts_ties_as_half():
@@ -32,6 +64,7 @@ def test_win_rate_counts_ties_as_half():
     assert M.win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 5.0]) == pytest.approx(0.5)
     assert M.win_rate([3.0, 3.0], [1.0, 1.0]) == 1.0
     assert M.win_rate([0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]) == pytest.approx(0.625)
+    assert math.isnan(M.win_rate([], []))
     with pytest.raises(ValueError):
         M.win_rate([1.0], [1.0, 2.0])
 

@@ -2,24 +2,25 @@
 
 Tasks come from the environment's `eval` split (training plays `train`: the built-ins keep them disjoint), task
 numbers 0..n-1, so every model meets the same problems. Per model:
-- success rate: greedy episodes; standard error sqrt(p (1 - p) / n) over the n tasks;
+- success rate: greedy episodes; standard error sqrt(p (1 - p) / n) over the n tasks (`metrics.proportion_se`);
 - pass@k: k sampled episodes per task (temperature `temperature`), the share of tasks solved at least once
   (k samples drawn, so this is the plain estimator; s.e. over tasks as above);
 - mean return (sum of the environment's per-turn rewards);
-- against the first model: the per-task difference of greedy success, mean and paired standard error (the same
-  tasks for every model, so the paired s.e. is the honest measure of "clearly better").
+- against the first model: the per-task difference of greedy success (this model minus the first), its mean and
+  paired standard error (`metrics.paired_difference`: the same tasks for every model, so the paired s.e. is the
+  honest measure of "clearly better").
 Episodes are played by the same code as training (`rollout.episodes`), with the model in a Hybrid Engine.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chatrl.envs.registry import make_env
+from chatrl.eval.metrics import paired_difference, proportion_se
 from chatrl.eval.responses import load_policy
 from chatrl.models.loading import resolve_dtype
 from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
@@ -47,19 +48,6 @@ class EnvScore:
         diff = "" if self.vs_first is None else f"   vs first {self.vs_first:+.1%} (s.e. {self.vs_first_se:.1%})"
         return (f"{name:<12} success {self.success:6.1%} (s.e. {self.success_se:.1%})   "
                 f"pass@{self.k} {self.pass_k:6.1%} (s.e. {self.pass_k_se:.1%})   return {self.mean_return:.3f}{diff}")
-
-
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
-
-
-def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float]:
-    """Mean of b_i - a_i over paired tasks and its standard error (sample std / sqrt(n))."""
-    d = [float(y) - float(x) for x, y in zip(a, b, strict=True)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    return mean, math.sqrt(var / n)
 
 
 def _play(engine: HybridEngine, tok, env_name: str, kwargs: dict, tasks: list[Task], settings: GenerationSettings,
@@ -96,11 +84,11 @@ def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks
         mean_return = sum(map(sum, played.turn_rewards)) / n_tasks
         examples = [{"conversation": c, "success": s} for c, s in zip(played.conversations[:8], played.success[:8],
                                                                       strict=True)]
-        score = EnvScore(success, binomial_se(success, n_tasks), pass_k, binomial_se(pass_k, n_tasks), k,
+        score = EnvScore(success, proportion_se(success, n_tasks), pass_k, proportion_se(pass_k, n_tasks), k,
                          mean_return, n_tasks, list(played.success), examples)
-        if results:
-            score.vs_first, score.vs_first_se = paired_difference(next(iter(results.values())).per_task,
-                                                                  score.per_task)
+        if results:  # this model minus the first, task by task
+            diff = paired_difference(score.per_task, next(iter(results.values())).per_task)
+            score.vs_first, score.vs_first_se = diff.mean, diff.se
         results[name] = score
         log(score.line(name))
     return results

@@ -101,15 +101,15 @@ def model_metrics(gen: R.Generation, references: Sequence[str | None], rewards: 
                   baseline_rewards: Sequence[float] | None, kl: Sequence[float] | None) -> dict[str, float | None]:
     """All metrics for one model's responses; metrics whose inputs are missing are None."""
     out: dict[str, float | None] = dict.fromkeys(
-        ["reward_mean", "reward_std", "win_rate", "reward_gain", "reward_gain_se", "kl", "bleu", "rouge1", "rouge2",
-         "rougeL"])
+        ["reward_mean", "reward_std", "win_rate", "reward_gain", "reward_gain_se", "reward_wins", "reward_losses", "kl",
+         "bleu", "rouge1", "rouge2", "rougeL"])
     if rewards is not None:
         stats = M.score_stats(rewards)
         out.update(reward_mean=stats["mean"], reward_std=stats["std"])
         if baseline_rewards is not None:
-            out["win_rate"] = M.win_rate(rewards, baseline_rewards)
-            gain = M.paired_difference(rewards, baseline_rewards)
-            out.update(reward_gain=gain["mean"], reward_gain_se=gain["se"])
+            gain = M.paired_difference(rewards, baseline_rewards)  # this model minus the baseline
+            out.update(win_rate=gain.win_rate, reward_gain=gain.mean, reward_gain_se=gain.se, reward_wins=gain.wins,
+                       reward_losses=gain.losses)
     if kl is not None:
         out["kl"] = float(torch.tensor(kl).mean())
     out.update(M.length_stats(gen.lengths, gen.ended_with_eos))

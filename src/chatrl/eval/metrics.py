@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,27 +24,56 @@ def score_stats(scores: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": math.sqrt(var)}
 
 
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
-    """Fraction of prompts where A's reward beats B's (same prompt, same index); a tie counts as half a win."""
-    if len(scores_a) != len(scores_b):
-        raise ValueError(f"win_rate needs one score per prompt for both models ({len(scores_a)} != {len(scores_b)})")
-    if not scores_a:
+def mean_se(values: Sequence[float]) -> float:
+    """Standard error of the mean of `values`: sample std (divisor n - 1) / sqrt(n); nan for fewer than 2 values
+    (one value says nothing about its spread)."""
+    n = len(values)
+    if n < 2:
         return float("nan")
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b, strict=True))
-    return wins / len(scores_a)
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def paired_difference(scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, float]:
-    """Mean of a_i - b_i over the same prompts and its standard error (sample std with n - 1, / sqrt(n)):
-    how clearly A beats B, since both answered the same prompts. se is nan for fewer than 2 prompts."""
-    if len(scores_a) != len(scores_b) or not scores_a:
-        raise ValueError(f"paired_difference needs one score per prompt for both models "
-                         f"({len(scores_a)} vs {len(scores_b)})")
-    diffs = [a - b for a, b in zip(scores_a, scores_b, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-    return {"mean": mean, "se": se}
+def proportion_se(p: float, n: int) -> float:
+    """Standard error of a proportion p measured on n independent trials: sqrt(p (1 - p) / n); nan for n = 0."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """New against baseline on the same items (prompts, tasks): the mean of new_i - baseline_i (positive = the new
+    model scored higher), its standard error, and how often the new one won, lost or tied."""
+
+    mean: float
+    se: float
+    wins: int
+    losses: int
+    ties: int
+
+    @property
+    def win_rate(self) -> float:
+        """Share of items the new model won, a tie counting as half a win."""
+        return (self.wins + 0.5 * self.ties) / (self.wins + self.losses + self.ties)
+
+
+def paired_difference(new: Sequence[float], baseline: Sequence[float]) -> PairedDifference:
+    """The one sign convention of every comparison in chatrl: new minus baseline, item by item. Since both answered
+    the same items, the s.e. of the per-item differences is the honest measure of "clearly better" (booleans count
+    as 0/1, e.g. task solved)."""
+    if len(new) != len(baseline) or not new:
+        raise ValueError(f"paired_difference needs one score per item for both models ({len(new)} vs "
+                         f"{len(baseline)})")
+    diffs = [float(a) - float(b) for a, b in zip(new, baseline, strict=True)]
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return PairedDifference(sum(diffs) / len(diffs), mean_se(diffs), wins, losses, len(diffs) - wins - losses)
+
+
+def win_rate(new: Sequence[float], baseline: Sequence[float]) -> float:
+    """Fraction of prompts where the new model's reward beats the baseline's (same prompt, same index); a tie counts
+    as half a win. nan for no prompts."""
+    if len(new) != len(baseline):
+        raise ValueError(f"win_rate needs one score per prompt for both models ({len(new)} != {len(baseline)})")
+    return paired_difference(new, baseline).win_rate if new else float("nan")
 
 
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

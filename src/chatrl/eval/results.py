@@ -28,6 +28,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "win_rate": ("win rate vs baseline", "{:.1%}"),
     "reward_gain": ("reward - baseline", "{:+.3f}"),
     "reward_gain_se": ("(s.e.)", "{:.3f}"),
+    "reward_wins": ("wins", "{:.0f}"),      # prompts where the model's reward beat the baseline's
+    "reward_losses": ("losses", "{:.0f}"),  # ... and fell below it (the rest tie)
     "kl": ("KL to ref", "{:.3f}"),
     "length_mean": ("length (tok)", "{:.1f}"),
     "eos_rate": ("EOS rate", "{:.0%}"),

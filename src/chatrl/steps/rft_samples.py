@@ -25,6 +25,7 @@ from chatrl.config_offline import RFTConfig
 from chatrl.data.types import Message
 from chatrl.envs.base import call_env, validate_reset
 from chatrl.envs.registry import make_env
+from chatrl.eval.metrics import mean_se
 from chatrl.eval.responses import load_policy
 from chatrl.models.loading import resolve_dtype
 from chatrl.models.reward import load_reward_model
@@ -60,6 +61,7 @@ class Scorer:
     reward_model: nn.Module | None
     model_weight: float
     eos_penalty: float
+    clip: float | None  # reward.clip: the outcome is the one `chatrl grpo` compares (`final_reward`)
 
 
 @dataclass
@@ -76,7 +78,7 @@ def build_scorer(cfg: RFTConfig, device: torch.device) -> Scorer:
     if cfg.reward.model:
         rm = load_reward_model(cfg.reward.model, dtype=cfg.reward.dtype, trainable=False).to(device)
     return Scorer(RewardFunctions(cfg.reward.functions, cfg.reward.function_weights), rm,
-                  cfg.reward.model_weight, cfg.reward.eos_penalty)
+                  cfg.reward.model_weight, cfg.reward.eos_penalty, cfg.reward.clip)
 
 
 def check_prompts(cfg: RFTConfig) -> None:
@@ -119,7 +121,7 @@ def play(policy: Policy, scorer: Scorer, cfg: RFTConfig, tasks: list[Task], sett
         tensors = episode_tensors(episodes, policy.tokenizer.pad_token_id, cfg.env.gamma, policy.engine.device)
         scored = score_episodes(episodes, tensors, scorer.functions, scorer.reward_model,
                                 model_weight=scorer.model_weight, eos_penalty=scorer.eos_penalty, overlong_buffer=0,
-                                overlong_factor=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
+                                overlong_factor=0.0, max_new_tokens=cfg.rollout.max_new_tokens, clip=scorer.clip)
         for row, ((task, index), conv) in enumerate(zip(chunk, episodes.conversations, strict=True)):
             out.append(Sample(task.task, index, conv, float(scored.outcome[row]), episodes.success[row],
                               {k: float(v[row]) for k, v in scored.by_function.items()}))
@@ -146,14 +148,6 @@ def select_samples(samples: Iterable[Sample], keep: str, threshold: float | None
     return [s for s in best.values() if threshold is None or s.score >= threshold]
 
 
-def _se(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def round_stats(samples: list[Sample], kept: list[Sample]) -> dict[str, float]:
     """The sampling numbers of a round: mean score of all samples, mean best-of-n (per prompt), what was kept."""
     best: dict[int, float] = {}
@@ -174,7 +168,7 @@ def evaluate(policy: Policy, scorer: Scorer, cfg: RFTConfig,
     settings = settings_for(cfg, sample=x.eval_samples > 0, seed=cfg.seed * 7919 + 1)
     samples = play(policy, scorer, cfg, tasks, settings, max(x.eval_samples, 1), advance)
     scores = [s.score for s in samples]
-    return {"eval_score": sum(scores) / len(scores), "eval_score_se": _se(scores),
+    return {"eval_score": sum(scores) / len(scores), "eval_score_se": mean_se(scores),
             "eval_success": sum(s.success for s in samples) / len(samples)}
 
 
