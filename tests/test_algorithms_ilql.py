@@ -19,6 +19,7 @@ from chatrl.algorithms.ilql import (
     polyak_update,
     q_bellman_loss,
 )
+from chatrl.models.ilql_heads import ILQLHeads
 
 
 def t(*rows: list[float]) -> torch.Tensor:
@@ -135,3 +136,37 @@ def test_guided_logits_by_hand() -> None:
     z, q, v = t([1.0, 2.0]), t([3.0, 0.0]), torch.tensor([1.0])
     assert guided_logits(z, q, v, 0.5).tolist() == [[2.0, 1.5]]
     assert guided_logits(z, q, v, 0.0) is z  # beta 0 is the plain LM
+
+
+def _heads_with_different_targets() -> ILQLHeads:
+    """hidden 2 -> vocab 3. Target heads: Q1 = [h0, h1, h0 + h1], Q2 = [h1 + 0.5, h0, -h0]; both online heads give
+    10 everywhere (so reading the online heads, or the max of the targets, shows in every number)."""
+    heads = ILQLHeads(2, 3, two_q=True)
+    with torch.no_grad():
+        for online in heads.online_q():
+            online.weight.zero_()
+            online.bias.fill_(10.0)
+        heads.q1_target.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        heads.q1_target.bias.zero_()
+        heads.q2_target.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]]))
+        heads.q2_target.bias.copy_(torch.tensor([0.5, 0.0, 0.0]))
+    return heads
+
+
+def test_ilql_heads_use_the_min_of_two_different_target_heads() -> None:
+    # h0 = [1, 2]: Q1 = [1, 2, 3], Q2 = [2.5, 1, -1] -> min [1, 1, -1]   (max [2.5, 2, 3])
+    # h1 = [2, -1]: Q1 = [2, -1, 1], Q2 = [-0.5, 2, -2] -> min [-0.5, -1, -2]   (max [2, 2, 1])
+    heads = _heads_with_different_targets()
+    hidden = torch.tensor([[[1.0, 2.0], [2.0, -1.0]]])
+    q, v = heads.guidance(hidden)
+    assert q.tolist() == [[[1.0, 1.0, -1.0], [-0.5, -1.0, -2.0]]]
+    assert v.shape == (1, 2)
+    # training forward: the target at the taken actions [2, 0]: min(3, -1) = -1, min(2, -0.5) = -0.5
+    out = heads(hidden, torch.tensor([[2, 0]]))
+    assert out.target_q.tolist() == [[-1.0, -0.5]]
+    assert [x.tolist() for x in out.q] == [[[[10.0] * 3] * 2]] * 2  # the online heads are what is trained
+    # one Q head: its target alone (Q1 at the actions: 3, 2)
+    single = ILQLHeads(2, 3, two_q=False)
+    with torch.no_grad():
+        single.q1_target.load_state_dict(heads.q1_target.state_dict())
+    assert single(hidden, torch.tensor([[2, 0]])).target_q.tolist() == [[3.0, 2.0]]
