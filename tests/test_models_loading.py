@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,10 +42,26 @@ def test_resolve_dtype_names(monkeypatch):
         resolve_dtype("fp8")
 
 
-def test_cpu_bf16_detection_follows_torch_capabilities():
-    caps = torch.cpu.get_capabilities()
-    assert loading._cpu_has_native_bf16() == bool(caps.get("avx512_bf16") or caps.get("amx_bf16")
-                                                  or caps.get("bf16") or caps.get("sve_bf16"))
+@pytest.mark.parametrize(("caps", "native"), [
+    ({"avx2": True, "avx512f": True, "avx512_bf16": False, "amx_bf16": False}, False),  # AVX-512 without bf16
+    ({"avx2": True, "avx512_bf16": True}, True),   # Cooper Lake / Zen 4
+    ({"avx2": True, "amx_bf16": True}, True),      # Sapphire Rapids AMX
+    ({"asimd": True, "bf16": True}, True),         # ARMv8.6 BF16
+    ({"asimd": True, "sve": True, "sve_bf16": True}, True),
+    ({"asimd": True, "sve": True}, False),
+])
+def test_cpu_bf16_detection_reads_the_bf16_flags(monkeypatch, caps, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert loading._cpu_has_native_bf16() is native
+
+
+def test_cpu_bf16_detection_agrees_with_the_kernels_cpu_flags():
+    """An independent source: on x86 Linux the kernel lists avx512_bf16 / amx_bf16 in /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():
+        pytest.skip("needs x86 Linux's /proc/cpuinfo")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    assert loading._cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_pad_token_rule_uses_unk_for_smollm2_tokenizer(tok):
