@@ -12,22 +12,38 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
 
 from chatrl.config import LoraConfig
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
 PEFT_PREFIX = "base_model.model."
+
+
+# peft is imported only by `apply_lora`: `chatrl chat`, `serve` and `eval` load models through this module and must
+# not pay peft's import (nor its accelerate/DeepSpeed probes) for a plain model. No object is a peft model or a
+# LoRA layer before peft has been imported, so the type checks below look peft up in sys.modules instead.
+def is_peft_model(model: object) -> bool:
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _is_lora_layer(module: object) -> bool:
+    lora = sys.modules.get("peft.tuners.lora")
+    return lora is not None and isinstance(module, lora.LoraLayer)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Strip training wrappers (DeepSpeed engine / DDP `.module`, chatrl's `hf_model` wrappers) down to
     the HF model or the peft model around it."""
-    while not isinstance(model, PeftModel):
+    while not is_peft_model(model):
         if hasattr(model, "hf_model"):
             model = model.hf_model
         elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -44,6 +60,9 @@ def apply_lora(model: torch.nn.Module, lora_cfg: LoraConfig, *, keep_trainable: 
     names start with an entry of `keep_trainable`, e.g. a reward model's "score" head); False keeps
     the base weights trainable too.
     """
+    from peft import LoraConfig as PeftLoraConfig  # lazy: see is_peft_model
+    from peft import get_peft_model
+
     is_causal = bool(getattr(model, "can_generate", lambda: False)())
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=list(lora_cfg.target_modules), bias="none",
@@ -65,7 +84,7 @@ def is_lora(model: torch.nn.Module) -> bool:
 
 def lora_layers(model: torch.nn.Module) -> Iterator[LoraLayer]:
     for module in unwrap(model).modules():
-        if isinstance(module, LoraLayer):
+        if _is_lora_layer(module):
             yield module
 
 
@@ -75,7 +94,7 @@ def merge_lora_for_save(model: torch.nn.Module) -> torch.nn.Module:
     Non-LoRA models are returned unwrapped as they are.
     """
     inner = unwrap(model)
-    if not isinstance(inner, PeftModel):
+    if not is_peft_model(inner):
         return inner
     clone = copy.deepcopy(inner)
     for layer in lora_layers(clone):  # a copy taken while merged (Hybrid Engine) must not be merged twice

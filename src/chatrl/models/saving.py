@@ -13,15 +13,17 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from chatrl.errors import ChatrlError
-from chatrl.models.lora import lora_scaling, merge_lora_for_save, merge_lora_state_dict, unwrap
+from chatrl.models.lora import is_peft_model, lora_scaling, merge_lora_for_save, merge_lora_state_dict, unwrap
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 _WRAPPER_PREFIXES = ("module.", "hf_model.")
 
@@ -41,7 +43,7 @@ def save_hf_folder(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
     """
     out = Path(out_dir)
     inner = unwrap(model)
-    peft = isinstance(inner, PeftModel)
+    peft = is_peft_model(inner)
     if state_dict is not None:
         state_dict = _normalise_state_dict(state_dict, inner if peft else None)
         plain = inner.get_base_model() if peft else inner

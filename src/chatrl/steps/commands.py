@@ -1,57 +1,27 @@
 """CLI sub-commands of the training steps: `chatrl sft|reward|ppo|grpo|rft|dpo|ilql --config FILE [k=v ...]`,
 `chatrl pipeline` and `chatrl demo`.
 
-Each step is registered once from the table `STEPS` (config class, runner, description); `--help` lists every config
-field with its type, default and help text (taken from the config dataclasses, written once).
+Each step is registered once from the table `steps.registry.STEPS` (config class, runner, description); `--help`
+lists every config field with its type, default and help text (taken from the config dataclasses, written once).
+A step's module (and the pipeline's) is imported only when it runs: see steps/registry.py.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
-from chatrl.config_offline import DPOConfig, ILQLConfig, RFTConfig
-from chatrl.config_rl import GRPOConfig, PPOConfig
+from chatrl.config import PipelineConfig
 from chatrl.configbase import help_lines, load_config
 from chatrl.engine.deepspeed import shutdown_distributed
 from chatrl.errors import ChatrlError
 from chatrl.paths import REPO_ROOT
-from chatrl.steps.dpo import run_dpo
-from chatrl.steps.ilql import run_ilql
-from chatrl.steps.pipeline import run_pipeline
-from chatrl.steps.reward import run_reward
-from chatrl.steps.rft import run_rft
-from chatrl.steps.rl import run_grpo, run_ppo
-from chatrl.steps.sft import run_sft
-
-
-@dataclass(frozen=True)
-class Step:
-    config: type
-    run: Callable[[Any], Path]
-    help: str
-
-
-STEPS: dict[str, Step] = {
-    "sft": Step(SFTConfig, run_sft, "step 1: supervised fine-tuning"),
-    "reward": Step(RewardConfig, run_reward, "step 2: train a reward model"),
-    "ppo": Step(PPOConfig, run_ppo, "step 3: RLHF with PPO"),
-    "grpo": Step(GRPOConfig, run_grpo, "critic-free RL (GRPO family) in an environment"),
-    "rft": Step(RFTConfig, run_rft, "fine-tuning from evaluation: best-of-n sampling, scoring, SFT on the best; "
-                                    "rounds"),
-    "dpo": Step(DPOConfig, run_dpo, "offline alignment on preference pairs: DPO, cDPO, IPO, SimPO, ORPO"),
-    "ilql": Step(ILQLConfig, run_ilql, "offline Q-learning for language (ILQL): Q/V heads from scored data, "
-                                       "Q-guided decoding"),
-}
+from chatrl.steps.registry import STEPS, Step
 
 
 def _run_step(args: argparse.Namespace) -> int:
     step: Step = args.step
-    result = step.run(load_config(step.config, args.config, args.overrides))
+    cfg = load_config(step.config, args.config, args.overrides)  # a bad config fails before the training stack loads
+    result = step.load()(cfg)
     try:
         shutdown_distributed()
     finally:
@@ -87,6 +57,9 @@ def _parse_steps(text: str | None) -> list[int] | None:
 def _run_pipeline(args: argparse.Namespace) -> int:
     config = str(REPO_ROOT / "configs" / "demo.yaml") if args.command == "demo" else args.config
     cfg = load_config(PipelineConfig, config, args.overrides)
+    # imported here, as the steps' runners are (steps/registry.py): the pipeline imports the whole training stack
+    from chatrl.steps.pipeline import run_pipeline
+
     run_pipeline(cfg, _parse_steps(args.steps), force=args.force)
     shutdown_distributed()
     return 0

@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,31 +26,30 @@ from chatrl.eval.evaluate import evaluate_models
 from chatrl.eval.report import write_report
 from chatrl.eval.results import rich_table, save_result
 from chatrl.models.builtin import ALIASES
-from chatrl.steps.dpo import run_dpo
-from chatrl.steps.ilql import run_ilql
-from chatrl.steps.reward import run_reward
-from chatrl.steps.rft import round_model, run_rft
-from chatrl.steps.rl import run_grpo, run_ppo
-from chatrl.steps.sft import run_sft
+from chatrl.steps.registry import STEPS, Step
+from chatrl.steps.rft import round_model
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """How the pipeline runs step 3 with one algorithm."""
-    config: type
-    runner: Callable[[Any], Path]
+    """How the pipeline runs step 3 with one algorithm: the step (`steps.registry`) and what the pipeline adds."""
+    step: Step
     model_key: str      # the config section holding the trained policy's ModelConfig
     needs_rm: bool      # scores with step 2's reward model (unless it plays an environment that rewards by itself)
     env_capable: bool   # can play an environment that rewards by itself (then step 3 alone is the default)
     data: str           # the data shard step 3 trains on: "rlhf" prompts or "reward" preference pairs
 
+    @property
+    def config(self) -> type:
+        return self.step.config
+
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "ppo": Algorithm(PPOConfig, run_ppo, "actor", needs_rm=True, env_capable=False, data="rlhf"),
-    "grpo": Algorithm(GRPOConfig, run_grpo, "actor", needs_rm=True, env_capable=True, data="rlhf"),
-    "rft": Algorithm(RFTConfig, run_rft, "model", needs_rm=True, env_capable=True, data="rlhf"),
-    "dpo": Algorithm(DPOConfig, run_dpo, "model", needs_rm=False, env_capable=False, data="reward"),
-    "ilql": Algorithm(ILQLConfig, run_ilql, "model", needs_rm=False, env_capable=False, data="reward"),
+    "ppo": Algorithm(STEPS["ppo"], "actor", needs_rm=True, env_capable=False, data="rlhf"),
+    "grpo": Algorithm(STEPS["grpo"], "actor", needs_rm=True, env_capable=True, data="rlhf"),
+    "rft": Algorithm(STEPS["rft"], "model", needs_rm=True, env_capable=True, data="rlhf"),
+    "dpo": Algorithm(STEPS["dpo"], "model", needs_rm=False, env_capable=False, data="reward"),
+    "ilql": Algorithm(STEPS["ilql"], "model", needs_rm=False, env_capable=False, data="reward"),
 }
 Step3Config = PPOConfig | GRPOConfig | RFTConfig | DPOConfig | ILQLConfig
 
@@ -156,7 +154,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: boo
     plan = build_plan(cfg, steps)
     steps = steps or default_steps(plan)
     preflight(cfg, plan, steps)
-    runners = {1: (run_sft, plan.sft), 2: (run_reward, plan.reward), 3: (plan.spec.runner, plan.rl)}
+    runners = {1: (STEPS["sft"], plan.sft), 2: (STEPS["reward"], plan.reward), 3: (plan.spec.step, plan.rl)}
     for step in steps:
         out = plan.outputs()[step]
         if out.is_dir() and not force:
@@ -164,8 +162,9 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: boo
             continue
         if force:
             shutil.rmtree(runners[step][1].output_dir, ignore_errors=True)
-        print(f"[pipeline] step {step}: {runners[step][0].__name__} -> {out.parent}")
-        runners[step][0](runners[step][1])
+        run = runners[step][0].load()
+        print(f"[pipeline] step {step}: {run.__name__} -> {out.parent}")
+        run(runners[step][1])
         release_freed_memory()
     if plan.env_rewards():
         run_env_eval(cfg, plan)
