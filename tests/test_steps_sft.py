@@ -25,11 +25,24 @@ TINY = "configs/tiny-sft.yaml"
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
+def sft_cli(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("sft")
     proc = run_cli("sft", "--config", TINY, f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def sft_run(sft_cli) -> Path:
+    return sft_cli[0]
+
+
+def test_sft_says_the_device_once_in_its_own_words(sft_cli) -> None:
+    # DeepSpeed's accelerator probe logs this (to stdout) in every process on a machine without a GPU
+    _, proc = sft_cli
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
+    expected = "the CPU (no GPU found)" if not torch.cuda.is_available() else "cuda:0"
+    assert proc.stderr.count("chatrl: training on") == 1 and f"chatrl: training on {expected}" in proc.stderr
 
 
 def test_sft_eval_loss_goes_down_and_model_loads_without_chatrl(sft_run: Path) -> None:
@@ -98,6 +111,7 @@ def test_sft_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
            "optim.micro_batch_size=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("chatrl: training on") == 1 and ", 2 processes" in proc.stderr  # rank 0 says it
     eval_one = final_by_step(read_metrics(one, "eval"), "loss")
     eval_two = final_by_step(read_metrics(two, "eval"), "loss")
     assert sorted(eval_one) == sorted(eval_two) == [6, 12]

@@ -12,9 +12,11 @@ there we keep fp32 weights and run the forward under DeepSpeed's torch_autocast 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,27 @@ from chatrl.config import DeepSpeedConfig, OptimConfig
 from chatrl.configbase import deep_merge
 from chatrl.errors import ChatrlError
 from chatrl.paths import setup_extension_cache
+
+
+class _NoCpuProbeWarning(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
+    it." (deepspeed/accelerator/real_accelerator.py, logged on the "DeepSpeed" logger by the first get_accelerator(),
+    i.e. on `import deepspeed`, in every process of every run on a machine without a GPU): chatrl says the device
+    itself, once (`device`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def quiet_accelerator_probe() -> None:
+    """Install the filter above (idempotent); it must run before DeepSpeed is first imported, hence at this
+    module's import: the CLI imports this module at start-up, the step modules before their `import deepspeed`."""
+    logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logging creates: same name, same object
+    if not any(isinstance(f, _NoCpuProbeWarning) for f in logger.filters):
+        logger.addFilter(_NoCpuProbeWarning())
+
+
+quiet_accelerator_probe()
 
 
 def _free_port() -> int:
@@ -57,13 +80,24 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+_device_said = False
+
+
 def device() -> torch.device:
+    """This rank's device; rank 0 says it on stderr the first time (one line, in place of DeepSpeed's probe)."""
+    global _device_said
     from deepspeed.accelerator import get_accelerator  # lazy: see init_distributed
 
     acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        return torch.device("cpu")
-    return torch.device(acc.device_name(), acc.current_device())
+    dev = torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.device_name(), acc.current_device())
+    if not _device_said and (not dist.is_initialized() or dist.get_rank() == 0):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        where = ("the CPU (no GPU found)" if dev.type == "cpu" else
+                 f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else acc.device_name()})")
+        print(f"chatrl: training on {where}" + (f", {world} processes" if world > 1 else ""), file=sys.stderr,
+              flush=True)
+    _device_said = True
+    return dev
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
