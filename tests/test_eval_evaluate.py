@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -151,7 +152,10 @@ def test_cli_eval_compare_score(tiny_model_dir, tiny_rm_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in scored.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["margin"] == pytest.approx(rows[0]["chosen_score"] - rows[0]["rejected_score"])
     accuracy = sum(r["correct"] for r in rows) / 2
-    assert f"pair accuracy (chosen scored above rejected): {accuracy:.1%}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"pair accuracy (chosen scored above rejected): {accuracy:.1%}" in printed.out
+    # a progress bar over the 4 replies of the 2 pairs, with its rate: "scoring: 100%|###| 4/4 [00:00<00:00, 9.1reply/s]"
+    assert re.search(r"scoring: 100%.* 4/4 \[[0-9:<]+, *[0-9.]+reply/s\]", printed.err), printed.err
     # the same reply scored as a single prompt + response row gets the same score as inside the pair
     singles = _jsonl(tmp_path / "singles.jsonl", [{"prompt": "2+2?", "response": "4"}])
     assert main(["score", "--model", tiny_rm_dir, "--data", singles, "--output", str(scored)]) == 0
@@ -171,3 +175,11 @@ def test_reward_gain_and_win_rate_are_this_model_against_the_baseline():
     assert got["win_rate"] == pytest.approx(0.5) and (got["reward_wins"], got["reward_losses"]) == (1, 1)
     better = model_metrics(gen, [None] * 3, [1.0, 3.0, 6.0], [0.0, 2.0, 5.0], None)
     assert better["reward_gain"] == pytest.approx(1.0) and better["win_rate"] == 1.0
+
+
+def test_reward_scores_reports_progress_per_batch(tiny_rm_dir):
+    rm, tok = R.load_reward(tiny_rm_dir)
+    prompts = [[{"role": "user", "content": f"{i} + 1?"}] for i in range(5)]
+    done: list[int] = []
+    scores = R.reward_scores(rm, tok, prompts, ["1", "2", "3", "4", "5"], batch_size=2, advance=done.append)
+    assert len(scores) == 5 and sorted(done) == [1, 2, 2]  # batches of 2, 2 and 1 replies, each reported once

@@ -1,5 +1,6 @@
 """One metrics logger for every step: progress bar, `metrics.jsonl` and the experiment trackers of
-`logging.report_to` (tensorboard by default; mlflow, wandb: `chatrl.trackers`), rank 0 only.
+`logging.report_to` (tensorboard by default; mlflow, wandb: `chatrl.trackers`), rank 0 only; and the progress bar
+of the long commands that train nothing (`progress_bar`).
 
 Each `log(step, metrics, split=...)` appends one JSON line `{"step", "split", "time", ...metrics}` that
 the run report plots later, and sends the numeric metrics to every tracker as `<split>/<key>`.
@@ -71,6 +72,12 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.close()
         self.file.close()
+
+
+def progress_bar(total: int, desc: str, *, unit: str = "it", enabled: bool = True) -> tqdm:
+    """The progress bar of a long command that is not a training step (count, rate and ETA, on stderr), e.g.
+    `chatrl score`; `bar.update(n)` after each batch, `with` or `close()` to finish it."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
 def _run_config(out_dir: Path) -> dict[str, Any]:

@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from torch.utils.tensorboard import SummaryWriter
-
 from chatrl.errors import ChatrlError
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -55,6 +53,10 @@ def open_trackers(report_to: Sequence[str], run_dir: Path, *, name: str,
 
 class TensorboardTracker:
     def __init__(self, run_dir: Path, *, name: str, config: Mapping[str, Any]) -> None:
+        # lazy, as the other trackers' libraries: tensorboard takes ~0.5 s to import, and `chatrl.log` (imported by
+        # commands that only show a progress bar, e.g. `chatrl score`) imports this module
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:

@@ -7,7 +7,7 @@ chat template), `chatrl.data.tokenize` (prompt / reply encoding exactly as train
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +147,9 @@ def response_kl(model, ref_model, prompt_ids: Sequence[list[int]], response_ids:
 
 @torch.inference_mode()
 def reward_scores(model, tok, prompts: Sequence[Sequence[Message]], replies: Sequence[str],
-                  batch_size: int = 8) -> list[float]:
-    """Reward-model score of each (prompt, reply): the value at the last real token of right-padded rows."""
+                  batch_size: int = 8, advance: Callable[[int], object] = lambda n: None) -> list[float]:
+    """Reward-model score of each (prompt, reply): the value at the last real token of right-padded rows.
+    `advance(n)` is called after each batch of n replies (a progress bar's `update`)."""
     max_len = min(_max_positions(model), tok.model_max_length)
     pad = tok.pad_token_id
     encoded = [reward_ids(tok, m, r, max_len) for m, r in zip(prompts, replies, strict=True)]
@@ -159,4 +160,5 @@ def reward_scores(model, tok, prompts: Sequence[Sequence[Message]], replies: Seq
         attn = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
         for i, s in zip(batch, sequence_scores(model, ids, attn).tolist(), strict=True):
             scores[i] = s
+        advance(len(batch))
     return scores

@@ -20,10 +20,12 @@ from chatrl.errors import ChatrlError
 from chatrl.eval import responses as R
 from chatrl.eval.records import Record
 from chatrl.eval.results import prompt_text
+from chatrl.log import progress_bar
 
 
-def score_records(rm, tok, records: Sequence[Record], batch_size: int = 8) -> list[dict]:
-    """One output row per record: pairs -> chosen/rejected scores, margin, correct; others -> score."""
+def score_records(rm, tok, records: Sequence[Record], batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """One output row per record: pairs -> chosen/rejected scores, margin, correct; others -> score. `progress`:
+    a bar over the replies scored (a pair is two), with rate and ETA."""
     prompts, replies, where = [], [], []  # flat list of (prompt, reply) to score, with (record, slot)
     for i, r in enumerate(records):
         if isinstance(r, PreferencePair):
@@ -41,7 +43,8 @@ def score_records(rm, tok, records: Sequence[Record], batch_size: int = 8) -> li
         else:
             raise ChatrlError(f"{r.source}: nothing to score; give a 'response', a 'reference', or "
                               "'chosen' and 'rejected'")
-    scores = R.reward_scores(rm, tok, prompts, replies, batch_size=batch_size)
+    with progress_bar(len(replies), "scoring", unit="reply", enabled=progress) as bar:
+        scores = R.reward_scores(rm, tok, prompts, replies, batch_size=batch_size, advance=bar.update)
     rows: list[dict] = [{"source": r.source} for r in records]
     for (i, slot), s in zip(where, scores, strict=True):
         rows[i][slot] = s
