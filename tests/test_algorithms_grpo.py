@@ -74,8 +74,8 @@ def test_aggregations_by_hand():
     assert_close(aggregate(LOSS, LMASK, "seq_mean_token_mean"), torch.tensor(3.0))
     assert_close(aggregate(LOSS, LMASK, "seq_mean_token_sum_norm", max_len=5), torch.tensor(1.0))
     # a global token denominator (e.g. 8 tokens over 2 micro-batches -> 4 per micro-batch): 10 / 4
-    assert_close(aggregate(LOSS, LMASK, "token_mean", token_denom=4.0), torch.tensor(2.5))
-    assert_close(aggregate(LOSS, LMASK, "token_mean", token_denom=5.0), torch.tensor(2.0))
+    assert_close(aggregate(LOSS, LMASK, "token_mean", denom=4.0), torch.tensor(2.5))
+    assert_close(aggregate(LOSS, LMASK, "token_mean", denom=5.0), torch.tensor(2.0))
     # a row with no counted token is in no mean
     assert_close(aggregate(LOSS, torch.tensor([[1, 1, 1], [0, 0, 0]]), "seq_mean_token_mean"), torch.tensor(2.0))
     with pytest.raises(ValueError, match="token_mean"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from chatrl.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from chatrl.algorithms.kl import LOSS_KL_ESTIMATORS
 from chatrl.algorithms.losses import LOSS_AGGREGATIONS
 from chatrl.config import (
     CheckpointConfig,
@@ -91,16 +92,20 @@ class PolicyOptions:
     clip_eps_high: Optional[float] = opt(None, "upper ratio clip (DAPO clip-higher, e.g. 0.28); None = clip_eps")
     importance_sampling_level: Literal["token", "sequence"] = opt(
         "token", "token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio (use small clip "
-                 "eps, e.g. 3e-4 / 4e-4)")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = opt(
-        "token_mean", "token_mean (DAPO), seq_mean_token_mean (original GRPO), seq_mean_token_sum_norm "
-                      "(Dr. GRPO: token sums / a constant max length)")
+                 "eps, e.g. 3e-4 / 4e-4; loss_agg=auto then weighs each sequence once, as the paper does)")
+    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = opt(
+        "auto", "token_mean (DAPO), seq_mean_token_mean (original GRPO), seq_mean_token_sum_norm (Dr. GRPO: token "
+                "sums / a constant max length); auto = seq_mean_token_mean with importance_sampling_level=sequence "
+                "(GSPO's objective: one term per sequence), else token_mean. The value loss, the entropy bonus and "
+                "a KL in the loss reduce the same way")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
     gamma: float = opt(1.0, "discount per token (GAE, REINFORCE++ returns)")
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt("k1", "per-token KL estimator")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt(
+        "k1", "per-token KL estimator; with kl_in=loss only k2 (gradient of KL(pi||ref)) or k3 (gradient of "
+              "KL(ref||pi)): k1's expected gradient is 0 and abs's is no KL's")
     kl_coef: float = opt(0.05, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
     kl_in: Literal["reward", "loss"] = opt("reward", "where the KL goes: -beta * kl_t in the token rewards, or "
-                                                     "beta * agg(kl_t) added to the policy loss (GRPO)")
+                                                     "beta * agg(kl_t) added to the policy loss (GRPO; k2 or k3)")
     overlong_buffer: int = opt(0, "DAPO soft overlong penalty: the last N tokens before max_new_tokens ramp the "
                                   "penalty up to overlong_penalty (0 = off)")
     overlong_penalty: float = opt(1.0, "the overlong penalty at max_new_tokens")
@@ -112,6 +117,14 @@ class PolicyOptions:
     save_every: int = opt(0, "save the actor's HF folder every N iterations (0 = end only)")
     disable_dropout: bool = opt(True, "set every dropout of the trained models to 0 (as TRL does): the first "
                                       "update's ratio is then exactly 1 and scoring/training see the same model")
+
+    @property
+    def aggregation(self) -> str:
+        """loss_agg with auto resolved. GSPO's objective is (1/G) sum_i min(s_i A_i, clip(s_i) A_i): under token_mean
+        a sequence would weigh |y_i| / sum |y| instead of 1/G."""
+        if self.loss_agg != "auto":
+            return self.loss_agg
+        return "seq_mean_token_mean" if self.importance_sampling_level == "sequence" else "token_mean"
 
 
 @dataclass
@@ -136,9 +149,12 @@ class GRPOOptions(PolicyOptions):
 
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
         "grpo", "grpo (group mean/std), dr_grpo (no std), rloo (leave-one-out), reinforce_pp (whitened returns)")
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt("k3", "per-token KL estimator (k3 = low-variance KL)")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt(
+        "k3", "per-token KL estimator (k3 = low-variance KL); in the loss only k3 (gradient of KL(ref||pi)) or k2 "
+              "(gradient of KL(pi||ref)): k1's expected gradient is 0")
     kl_coef: float = opt(0.0, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
-    kl_in: Literal["reward", "loss"] = opt("loss", "where the KL goes: the policy loss (GRPO) or the rewards")
+    kl_in: Literal["reward", "loss"] = opt("loss", "where the KL goes: the policy loss (GRPO; k2 or k3) or the "
+                                                   "rewards")
 
 
 @dataclass
@@ -221,7 +237,14 @@ class RLStepConfig:
             raise ChatrlError(f"overlong_buffer={p.overlong_buffer} must be in 0..rollout.max_new_tokens")
         if self.env.max_turns < 1 or self.env.max_context <= r.max_new_tokens:
             raise ChatrlError("env.max_turns must be >= 1 and env.max_context > rollout.max_new_tokens")
-        assert p.loss_agg in LOSS_AGGREGATIONS
+        if p.kl_in == "loss" and p.kl_coef > 0 and p.kl_estimator not in LOSS_KL_ESTIMATORS:
+            section = "ppo" if isinstance(p, PPOOptions) else "grpo"
+            works = " or ".join(f"{k} ({v})" for k, v in LOSS_KL_ESTIMATORS.items())
+            why = "is 0" if p.kl_estimator == "k1" else "is the gradient of no KL"
+            raise ChatrlError(f"{section}.kl_estimator={p.kl_estimator} with {section}.kl_in=loss: its expected "
+                              f"gradient {why}, so the KL would not be controlled; set {section}.kl_estimator to "
+                              f"{works}")
+        assert p.aggregation in LOSS_AGGREGATIONS
         self.batch_plan(1)
 
 

@@ -7,7 +7,7 @@ never change a result (they are zeroed with torch.where before use).
 masked       masked_sum, masked_count, masked_mean(x, mask, dim=None), masked_var(x, mask, unbiased=True),
              masked_whiten(x, mask, shift_mean=True, moments=local_moments), zero_masked
 kl           kl_k1, kl_k2, kl_k3, kl_abs, KL_ESTIMATORS, kl_penalty(logp, ref_logp, kind) -> [B, R],
-             kl_loss(logp, ref_logp, mask, kind="k3") -> 0-d
+             kl_loss(logp, ref_logp, mask, kind="k3") -> 0-d, LOSS_KL_ESTIMATORS (k2, k3: the ones with a KL gradient)
 controllers  FixedKLController(beta), AdaptiveKLController(init_beta, target, horizon):
              .value, .update(current_kl, n_steps), state_dict()/load_state_dict()
 rewards      shape_rewards(scores[B], kl[B,R], mask, beta, clip=None) -> [B, R],
@@ -17,7 +17,8 @@ rewards      shape_rewards(scores[B], kl[B,R], mask, beta, clip=None) -> [B, R],
 advantages   gae_advantages(rewards, values, mask, gamma, lam) -> (adv, returns),
              grpo_advantages(scores[B], group_size, mask), rloo_advantages, reinforce_returns(rewards, mask, gamma),
              ADVANTAGE_ESTIMATORS (name -> Estimator) / compute_advantages(kind, rewards, values, mask, ...)
-losses       aggregate(per_token[B,R], mask, mode) (token_mean / seq_mean_token_mean / seq_mean_token_sum_norm),
+losses       aggregate(per_token[B,R], mask, mode, denom=None) (token_mean / seq_mean_token_mean /
+             seq_mean_token_sum_norm), aggregation_units(mask, mode),
              policy_loss (clip-higher, GSPO sequence ratio), value_loss -> (loss, stats);
              entropy_from_logits, mean_entropy; pairwise_reward_loss -> (loss, stats); sft_loss; token_logprobs;
              LOSS_AGGREGATIONS, POLICY_LOSSES, VALUE_LOSSES, REWARD_LOSSES
@@ -47,13 +48,14 @@ from chatrl.algorithms.ilql import (
     polyak_update,
     q_bellman_loss,
 )
-from chatrl.algorithms.kl import KL_ESTIMATORS, kl_loss, kl_penalty
+from chatrl.algorithms.kl import KL_ESTIMATORS, LOSS_KL_ESTIMATORS, kl_loss, kl_penalty
 from chatrl.algorithms.losses import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     REWARD_LOSSES,
     VALUE_LOSSES,
     aggregate,
+    aggregation_units,
     entropy_from_logits,
     mean_entropy,
     pairwise_reward_loss,
@@ -77,12 +79,14 @@ __all__ = [
     "ILQL_LOSSES",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "LOSS_KL_ESTIMATORS",
     "POLICY_LOSSES",
     "REWARD_LOSSES",
     "VALUE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate",
+    "aggregation_units",
     "awac_loss",
     "bellman_targets",
     "compute_advantages",

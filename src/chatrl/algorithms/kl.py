@@ -9,6 +9,16 @@ and return [B, R]. With d = logp - ref_logp (so the ratio pi_ref/pi = exp(-d)), 
   k3  = exp(-d) - (-d) - 1         unbiased, low variance, >= 0 ("low_var_kl" in veRL)
   abs = |d|                        >= 0
 
+As a LOSS term (the KL in the loss, differentiated through logp with a ~ pi held fixed), only two of them pull
+pi toward pi_ref (test_algorithms_kl_gradients.py checks each on a categorical, exact expectation):
+
+  k2: E_pi[grad k2] = grad KL(pi || pi_ref)      (the reverse KL, the one the rewards' KL penalty estimates)
+  k3: E_pi[grad k3] = grad KL(pi_ref || pi)      (the forward KL; GRPO's and veRL's choice)
+  k1: E_pi[grad k1] = E_pi[grad log pi] = 0      (no pull at all: only noise)
+  abs: E_pi[sign(d) grad log pi]                 (the gradient of no divergence)
+
+so k1 and abs are refused with kl_in=loss (`LOSS_KL_ESTIMATORS`); in the rewards all four are fine.
+
 Padding positions are not special here (the estimators are elementwise); mask the result downstream.
 """
 
@@ -57,6 +67,10 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 }
 
 
+# The estimators whose expected gradient as a loss term is a KL gradient (module docstring), and which one.
+LOSS_KL_ESTIMATORS: dict[str, str] = {"k2": "grad KL(pi||ref)", "k3": "grad KL(ref||pi)"}
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token KL estimate `KL_ESTIMATORS[kind](logp, ref_logp)`, [B, R]. ValueError for an unknown kind."""
     return lookup(KL_ESTIMATORS, kind, "KL estimator")(logp, ref_logp)
@@ -67,7 +81,8 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind
     """KL-in-the-loss term (GRPO style, instead of reward shaping): kl_penalty reduced by `agg`, 0-d.
 
     Default `agg`: the masked token mean; a trainer passes the policy loss's aggregation so both terms weigh
-    tokens alike. logp, ref_logp, mask: [B, R]. k3 is the usual choice: unbiased, >= 0, and its gradient
-    (1 - pi_ref/pi) pushes pi toward pi_ref.
+    tokens alike. logp, ref_logp, mask: [B, R]. Only `LOSS_KL_ESTIMATORS` make sense here: k3 (the usual choice;
+    its per-token gradient (1 - pi_ref/pi) grad log pi has expectation grad KL(pi_ref || pi)) or k2 (expectation
+    grad KL(pi || pi_ref)); k1's expected gradient is 0 (module docstring).
     """
     return agg(kl_penalty(logp, ref_logp, kind), mask)

@@ -12,7 +12,7 @@ a dict of DETACHED 0-d tensors (call `.item()` when logging; tensors can be aver
   policy_loss   L = agg_t max(-A_t r_t, -A_t clip(r_t, 1-e_low, 1+e_high)),  r_t = exp(logp_t - old_logp_t)
                 (e_high > e_low is DAPO's clip-higher); GSPO (Zheng et al. 2025, level="sequence"):
                 r_t = exp(mean_t' (logp_t' - old_logp_t')) for every token of the row (one ratio per sequence)
-  value_loss    L = 0.5 * mean_t max((v_t - R_t)^2, (clip(v_t, old_t - e, old_t + e) - R_t)^2)
+  value_loss    L = 0.5 * agg_t max((v_t - R_t)^2, (clip(v_t, old_t - e, old_t + e) - R_t)^2)
   entropy       H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv
   pairwise      L = mean_i -log sigmoid(r_c,i - r_r,i - m_i) + c * mean_i (r_c,i + r_r,i)^2
   sft           L = sum_t CE(z_t, y_{t+1}) / #(y_{t+1} != -100)   (shifted causal-LM loss)
@@ -25,29 +25,42 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from chatrl.algorithms.masked import masked_count, masked_mean, masked_sum, zero_masked
+from chatrl.algorithms.masked import masked_mean, masked_sum, zero_masked
 
 Stats = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", *, max_len: int | None = None,
-              token_denom: float | torch.Tensor | None = None) -> torch.Tensor:
+              denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a per-token loss [B, R] over mask [B, R] to a 0-d loss (formulas: module docstring).
 
-    max_len: Dr. GRPO's constant L_max (default: R). token_denom: for token_mean, divide by this instead of the
-    local token count, so that micro-batches of one optimizer step (and ranks) give exactly the token mean of the
-    whole mini-batch: pass (mini-batch tokens over all ranks) / (micro-batches per step * ranks), since DeepSpeed
-    averages micro-batch losses and ranks' gradients. Rows without a counted token count in no mean."""
+    max_len: Dr. GRPO's constant L_max (default: R). denom: divide by this instead of the local count of the mode's
+    units (`aggregation_units`: counted tokens, rows with a counted token, or rows), so that the micro-batches of
+    one optimizer step (and ranks) give exactly the mean of the whole mini-batch: pass (the mini-batch's units over
+    all ranks) / (micro-batches per step * ranks), since DeepSpeed averages micro-batch losses and ranks'
+    gradients. Rows without a counted token count in no mean."""
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of: {', '.join(LOSS_AGGREGATIONS)}")
+    if denom is None:
+        denom = aggregation_units(mask, mode).clamp(min=1)
     if mode == "token_mean":
-        denom = masked_count(per_token, mask).clamp(min=1) if token_denom is None else token_denom
         return masked_sum(per_token, mask) / denom
     if mode == "seq_mean_token_mean":
-        counts = masked_count(per_token, mask, dim=-1)
-        row_means = masked_sum(per_token, mask, dim=-1) / counts.clamp(min=1)
-        return row_means.sum() / (counts > 0).sum().clamp(min=1)
+        return masked_mean(per_token, mask, dim=-1).sum() / denom
+    return masked_sum(per_token, mask) / (denom * (max_len or per_token.shape[1]))
+
+
+def aggregation_units(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What `aggregate(mode)` divides by, counted in mask [B, R] (0-d fp32): the counted tokens (token_mean), the
+    rows with a counted token (seq_mean_token_mean), all rows (seq_mean_token_sum_norm, times L_max)."""
+    counted = mask.bool()
+    if mode == "token_mean":
+        return counted.sum().float()
+    if mode == "seq_mean_token_mean":
+        return counted.any(dim=-1).sum().float()
     if mode == "seq_mean_token_sum_norm":
-        return masked_sum(per_token, mask) / (per_token.shape[0] * (max_len or per_token.shape[1]))
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of: {', '.join(LOSS_AGGREGATIONS)}")
 
 
@@ -71,13 +84,13 @@ def policy_loss(
     level: str = "token",
     agg: str = "token_mean",
     max_len: int | None = None,
-    token_denom: float | torch.Tensor | None = None,
+    denom: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """Clipped PPO surrogate (Schulman et al. 2017), [B, R] inputs -> 0-d loss.
 
     ratio r = exp(logprobs - old_logprobs) per token (level="token"), or GSPO's one ratio per sequence
     exp(mean_t log-ratio) (level="sequence"); per token max(-A r, -A clip(r, 1 - e_low, 1 + e_high)) with
-    e_low = clip_eps and e_high = clip_eps_high (default: clip_eps); reduced with `aggregate(agg)`.
+    e_low = clip_eps and e_high = clip_eps_high (default: clip_eps); reduced with `aggregate(agg, denom=denom)`.
     stats: clipfrac = share of counted tokens where the clipped term is the larger one (strictly); of which
            clipfrac_low (r < 1 - e_low, A < 0) and clipfrac_high (r > 1 + e_high, A > 0);
            approx_kl = masked mean of 0.5 (logprobs - old_logprobs)^2, ratio_mean = masked mean of r.
@@ -93,7 +106,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len=max_len, token_denom=token_denom)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len=max_len, denom=denom)
     with torch.no_grad():
         was_clipped = clipped > unclipped
         stats = {
@@ -112,11 +125,13 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float | None,
+    agg: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_mean,
 ) -> tuple[torch.Tensor, Stats]:
     """Clipped critic loss (PPO2 / DeepSpeed-Chat), [B, R] inputs -> 0-d loss.
 
-    v_clip = old + clip(v - old, -e, e); per token 0.5 * max((v - R)^2, (v_clip - R)^2); masked mean.
-    clip_eps=None gives the plain 0.5 * masked mean of (v - R)^2.
+    v_clip = old + clip(v - old, -e, e); per token 0.5 * max((v - R)^2, (v_clip - R)^2), reduced by `agg` (default
+    the masked mean; a trainer passes the policy loss's aggregation, so the critic's gradient does not depend on
+    how a mini-batch is cut into micro-batches). clip_eps=None gives the plain 0.5 * agg of (v - R)^2.
     stats: clipfrac = share of counted tokens where the clipped error is the larger one (strictly),
            values_mean = masked mean of v.
     """
@@ -129,7 +144,7 @@ def value_loss(
     else:
         v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
         err_clipped = (v_clip - returns).pow(2)
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    loss = 0.5 * agg(torch.maximum(err, err_clipped), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((err_clipped > err).float(), mask),

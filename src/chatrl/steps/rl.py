@@ -127,7 +127,7 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
         rollout.action_mask = mask * keep
         adv = adv * keep
     times["rewards"] = time.perf_counter() - t0
-    return Experience(rollout, kl, adv, returns, on_policy)
+    return Experience(rollout, kl, adv, returns, on_policy, kl_coef=beta)
 
 
 # ----------------------------------------------------------------------------- the loop

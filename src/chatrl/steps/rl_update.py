@@ -8,12 +8,20 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from chatrl.algorithms.kl import kl_loss
-from chatrl.algorithms.losses import aggregate, mean_entropy, policy_loss, token_logprobs, value_loss
+from chatrl.algorithms.losses import (
+    aggregate,
+    aggregation_units,
+    entropy_from_logits,
+    policy_loss,
+    token_logprobs,
+    value_loss,
+)
+from chatrl.algorithms.masked import masked_mean
 from chatrl.batches import Rollout
 from chatrl.config_rl import BatchPlan, PPOOptions, RLStepConfig
+from chatrl.engine.collectives import global_sum_tensor
 from chatrl.engine.faults import BadSteps
 from chatrl.steps.rl_experience import joined, response_logits, response_values
 from chatrl.steps.rl_models import RLModels
@@ -28,10 +36,12 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor      # the critic's targets (GAE); = advantages for critic-free estimators
     on_policy: bool = False    # rollout.logprobs were not computed: the update's forward (detached) stands in
+    kl_coef: float = 0.0       # beta of a KL in the loss: the KL controller's value when the rollout was scored
 
     def rows(self, idx: torch.Tensor) -> Experience:
         fields = {k: getattr(self.rollout, k)[idx] for k in self.rollout.__dataclass_fields__}
-        return Experience(Rollout(**fields), self.kl[idx], self.advantages[idx], self.returns[idx], self.on_policy)
+        return Experience(Rollout(**fields), self.kl[idx], self.advantages[idx], self.returns[idx], self.on_policy,
+                          self.kl_coef)
 
 
 def single_on_policy_step(cfg: RLStepConfig, has_reference: bool, has_critic: bool) -> bool:
@@ -42,18 +52,13 @@ def single_on_policy_step(cfg: RLStepConfig, has_reference: bool, has_critic: bo
     return p.ppo_epochs == 1 and p.mini_batches == 1 and not has_reference and not has_critic
 
 
-def _global_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
 def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPlan,
                   bad: BadSteps | None = None) -> dict[str, float]:
     """The actor's clipped policy loss (+ KL term, entropy bonus, ptx) and the critic's value loss, averaged
-    over the micro-batches for logging. An optimizer step whose loss or gradients are not finite is skipped and
-    counted in `bad` (default: a counter that never stops the run)."""
+    over the micro-batches for logging. Every term is reduced with the policy's aggregation over the whole
+    mini-batch (all micro-batches, all ranks), so a gradient does not depend on how a mini-batch is cut. An
+    optimizer step whose loss or gradients are not finite is skipped and counted in `bad` (default: a counter that
+    never stops the run)."""
     p = cfg.policy
     bad = bad if bad is not None else BadSteps(limit=0)
     n, micro = exp.rollout.response_ids.shape[0], p.micro_batch_size
@@ -63,11 +68,12 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
     count = 0
     for _ in range(p.ppo_epochs):
         for mini in torch.randperm(n).split(local_mini):
-            # token_mean over the whole mini-batch (all micro-batches, all ranks), not per micro-batch
-            tokens = _global_sum(exp.rollout.action_mask[mini].sum())
-            token_denom = tokens.clamp(min=1) / (plan.grad_accum * plan.world)
+            # the mean over the whole mini-batch (all micro-batches, all ranks), not per micro-batch: each
+            # micro-batch divides by its share of the mini-batch's tokens (or rows), as DeepSpeed then averages
+            units = global_sum_tensor(aggregation_units(exp.rollout.action_mask[mini], p.aggregation))
+            denom = units.clamp(min=1) / (plan.grad_accum * plan.world)
             for idx in mini.split(micro):
-                stats = _micro_step(m, exp.rows(idx), cfg, max_len, token_denom, bad)
+                stats = _micro_step(m, exp.rows(idx), cfg, max_len, denom, bad)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -75,10 +81,10 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
 
 
 def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
-                token_denom: torch.Tensor, bad: BadSteps) -> dict[str, float]:
+                denom: torch.Tensor, bad: BadSteps) -> dict[str, float]:
     p, r = cfg.policy, mb.rollout
-    # the policy loss and the KL term reduce their per-token values the same way
-    agg = functools.partial(aggregate, mode=p.loss_agg, max_len=max_len, token_denom=token_denom)
+    # the policy loss, the KL term, the entropy bonus and the value loss reduce their per-token values the same way
+    agg = functools.partial(aggregate, mode=p.aggregation, max_len=max_len, denom=denom)
     mask, plen = r.action_mask, r.prompt_ids.shape[1]
     ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
     # actor: clipped surrogate (+ beta * KL when it sits in the loss) - entropy bonus (+ ptx LM loss)
@@ -87,16 +93,17 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
     old_logprobs = logprobs.detach() if mb.on_policy else r.logprobs
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, p.clip_eps,
                                     clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
-                                    agg=p.loss_agg, max_len=max_len, token_denom=token_denom)
-    # logged always, a loss term only with a bonus: without one, no graph keeps its [B, R, V] softmax for backward
+                                    agg=p.aggregation, max_len=max_len, denom=denom)
+    # logged always (the token mean), a loss term only with a bonus: without one, no graph keeps its [B, R, V]
+    # softmax for backward
     with torch.set_grad_enabled(p.entropy_coef != 0 and torch.is_grad_enabled()):
-        entropy = mean_entropy(logits, mask)
-    loss = pg_loss - p.entropy_coef * entropy if p.entropy_coef else pg_loss
-    stats = {"policy_loss": pg_loss.item(), "entropy": entropy.item(),
+        entropy = entropy_from_logits(logits)
+    loss = pg_loss - p.entropy_coef * agg(entropy, mask) if p.entropy_coef else pg_loss
+    stats = {"policy_loss": pg_loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(),
              **{f"policy_{k}": float(v) for k, v in pg_stats.items()}}
     if p.kl_in == "loss" and m.reference is not None:
         kl_term = kl_loss(logprobs, r.ref_logprobs, mask, p.kl_estimator, agg=agg)
-        loss = loss + p.kl_coef * kl_term
+        loss = loss + mb.kl_coef * kl_term  # the controller's beta (adaptive with kl_target), not the initial one
         stats["kl_loss"] = kl_term.item()
     if isinstance(p, PPOOptions) and p.ptx_coef > 0 and m.ptx_batches is not None:
         batch = next(m.ptx_batches)
@@ -106,7 +113,7 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
     # critic: clipped value regression to the GAE returns
     if m.critic is not None and isinstance(p, PPOOptions):
         values = response_values(m.critic, ids, attn, plen)
-        v_loss, v_stats = value_loss(values, r.values, mb.returns, mask, p.value_clip_eps)
+        v_loss, v_stats = value_loss(values, r.values, mb.returns, mask, p.value_clip_eps, agg=agg)
         bad.backward_step(m.critic, v_loss)
         stats.update(value_loss=v_loss.item(), **{f"value_{k}": float(v) for k, v in v_stats.items()})
     return stats

@@ -1,0 +1,223 @@
+"""The policy update (`steps/rl_update.policy_update`) on hand-built experience with tiny fake models (issue 23,
+bugs 2, 3, 5, 9): which beta the KL term uses, GSPO's aggregation, seq_mean_token_mean over a whole mini-batch,
+and gradients that do not depend on how a mini-batch is cut into micro-batches."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from chatrl.algorithms.controllers import AdaptiveKLController
+from chatrl.batches import Rollout
+from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig
+from chatrl.models.reward import TokenValueModel
+from chatrl.steps.rl_update import Experience, policy_update
+
+V = 7  # vocabulary of the fake models
+
+
+class TableLM(nn.Module):
+    """Logits of a position = a learned row per input token (enough to give every token its own gradient)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=None):
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits if logits_to_keep is None else logits[:, logits_to_keep])
+
+
+class TableCritic(TokenValueModel):
+    """V(s_t) = a learned number per token."""
+
+    def __init__(self, seed: int = 1) -> None:
+        nn.Module.__init__(self)
+        self.table = nn.Parameter(torch.randn(V, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, input_ids, attention_mask):
+        return self.table[input_ids] * attention_mask
+
+
+class FakeEngine(nn.Module):
+    """A DeepSpeed engine as the update uses it: forward; backward of loss / grad_accum (DeepSpeed averages the
+    micro-batches of a step); no optimizer step, so the gradients of a whole mini-batch accumulate for reading."""
+
+    def __init__(self, module: nn.Module, grad_accum: int) -> None:
+        super().__init__()
+        self.module, self.grad_accum = module, grad_accum
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return False
+
+    def step(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def in_order(monkeypatch):
+    """Mini-batches in row order (the update shuffles), so a test chooses what each micro-batch holds."""
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.arange(n))
+
+
+def experience(lengths: list[int], advantages: list[float], *, on_policy: bool = True, kl_coef: float = 0.0,
+               width: int = 4, seed: int = 3) -> Experience:
+    """Rows of one prompt token and `width` response tokens, the first lengths[i] of them actions with advantage
+    advantages[i]; old log-probs from the fake actor itself (ratio 1), reference log-probs shifted, returns and old
+    values drawn."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+    rollout = Rollout(prompt_ids=torch.randint(0, V, (b, 1), generator=g), prompt_mask=torch.ones(b, 1, dtype=torch.long),
+                      response_ids=torch.randint(0, V, (b, width), generator=g), response_mask=torch.ones(b, width),
+                      action_mask=mask, logprobs=torch.zeros(b, width),
+                      ref_logprobs=-2.0 + 0.5 * torch.randn(b, width, generator=g),
+                      values=torch.randn(b, width, generator=g) * mask, scores=torch.zeros(b))
+    adv = torch.tensor(advantages).unsqueeze(1) * mask
+    returns = torch.randn(b, width, generator=g) * mask
+    return Experience(rollout, torch.zeros(b, width), adv, returns, on_policy, kl_coef=kl_coef)
+
+
+def run(cfg, exp: Experience, micro: int, *, critic: bool = False, reference: bool = False):
+    """One mini-batch of the whole experience in micro-batches of `micro` rows (one process); returns the logged
+    stats and the accumulated gradients of the actor (and critic)."""
+    n = exp.advantages.shape[0]
+    cfg.policy.micro_batch_size = micro
+    grad_accum = n // micro
+    actor, value = TableLM(), TableCritic() if critic else None
+    m = SimpleNamespace(actor=FakeEngine(actor, grad_accum),
+                        critic=FakeEngine(value, grad_accum) if critic else None,
+                        reference=object() if reference else None, ptx_batches=None)
+    plan = BatchPlan(rollout=n, per_process=n, mini_batch=n, grad_accum=grad_accum, world=1)
+    stats = policy_update(m, exp, cfg, plan)
+    return stats, actor.table.grad, None if value is None else value.table.grad
+
+
+def grpo(**options) -> GRPOConfig:
+    cfg = GRPOConfig()
+    cfg.rollout.max_new_tokens = 4
+    for k, v in options.items():
+        setattr(cfg.grpo, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- bug 5: seq_mean_token_mean
+
+
+def test_seq_mean_token_mean_is_the_mean_over_the_whole_mini_batch():
+    # the audit's example: micro-batches [a, empty] and [b, c] with row means 1, 2, 4 (loss -A per token at ratio 1);
+    # the empty row (e.g. a truncated reply under mask_truncated) counts in no mean: (1 + 2 + 4) / 3 = 7/3.
+    # Per micro-batch it would be (1/1 + (2 + 4)/2) / 2 = 2.
+    exp = experience([2, 0, 3, 1], [-1.0, 0.0, -2.0, -4.0])
+    stats, grad_2x2, _ = run(grpo(loss_agg="seq_mean_token_mean"), exp, micro=2)
+    assert stats["policy_loss"] == pytest.approx(7 / 3, abs=1e-6)
+    _, grad_1x4, _ = run(grpo(loss_agg="seq_mean_token_mean"), exp, micro=4)
+    assert_close(grad_2x2, grad_1x4, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bug 3: GSPO's aggregation
+
+
+def test_gspo_weighs_each_sequence_once_by_default():
+    # the audit's example, s = 1: row 0 has 1 token and A = +1, row 1 has 3 tokens and A = -1.
+    # GSPO's objective (1/G) sum_i -s_i A_i = (-1 + 1)/2 = 0; a token mean would give (-1 + 3)/4 = 0.5.
+    cfg = grpo(importance_sampling_level="sequence")
+    assert cfg.grpo.aggregation == "seq_mean_token_mean"
+    stats, _, _ = run(cfg, experience([1, 3], [1.0, -1.0]), micro=2)
+    assert stats["policy_loss"] == pytest.approx(0.0, abs=1e-6)
+    explicit, _, _ = run(grpo(importance_sampling_level="sequence", loss_agg="token_mean"),
+                         experience([1, 3], [1.0, -1.0]), micro=2)
+    assert explicit["policy_loss"] == pytest.approx(0.5, abs=1e-6)  # still there when asked for
+    assert grpo().grpo.aggregation == "token_mean"  # token-level ratio: DAPO's token mean stays the default
+
+
+# ----------------------------------------------------------------------------- bug 2: beta of the KL in the loss
+
+
+def ppo_kl_in_loss() -> PPOConfig:
+    cfg = PPOConfig()
+    cfg.rollout.max_new_tokens = 4
+    cfg.ppo.kl_in, cfg.ppo.kl_estimator, cfg.ppo.kl_coef = "loss", "k3", 0.05
+    cfg.ppo.kl_target, cfg.ppo.kl_horizon = 1.0, 100.0
+    return cfg
+
+
+def test_kl_in_the_loss_uses_the_controllers_beta():
+    # the audit's example: kl_coef 0.05, kl_target 1, horizon 100, rollout 16, measured KL 10 nats:
+    # beta = 0.05 * (1 + 0.2 * 16 / 100) = 0.0516 after one iteration, 0.0516 * 1.032 = 0.05325 after two
+    ctl = AdaptiveKLController(0.05, 1.0, 100.0)
+    ctl.update(10.0, 16)
+    ctl.update(10.0, 16)
+    assert ctl.value == pytest.approx(0.05 * 1.032 ** 2)
+    lengths, zero_adv = [3, 4], [0.0, 0.0]  # no policy-gradient term: the actor's gradient is beta * grad KL
+    _, grad_unit, _ = run(ppo_kl_in_loss(), experience(lengths, zero_adv, kl_coef=1.0), micro=2, reference=True)
+    _, grad, _ = run(ppo_kl_in_loss(), experience(lengths, zero_adv, kl_coef=ctl.value), micro=2, reference=True)
+    assert grad_unit.abs().max() > 1e-3
+    assert_close(grad, 0.05 * 1.032 ** 2 * grad_unit, atol=1e-7, rtol=1e-5)  # not 0.05 * grad_unit
+
+
+# ----------------------------------------------------------------------------- bug 9: 1 x 2b == 2 x b
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_value_loss_and_entropy_gradients_do_not_depend_on_the_micro_batches(agg):
+    # rows of 1, 0, 4 and 3 tokens: per-micro-batch means would weigh the 1 token of [1, 0] like the 7 of [4, 3]
+    # (and, per sequence, the one counted row of [1, 0] like the two of [4, 3])
+    cfg = PPOConfig()
+    cfg.rollout.max_new_tokens = 4
+    cfg.ppo.loss_agg, cfg.ppo.entropy_coef, cfg.ppo.kl_coef, cfg.ppo.value_clip_eps = agg, 0.1, 0.0, 0.2
+    exp = experience([1, 0, 4, 3], [0.0] * 4, on_policy=False)  # A = 0: the actor's gradient is the bonus only
+    stats_1, actor_1, critic_1 = run(cfg, exp, micro=4, critic=True)
+    stats_2, actor_2, critic_2 = run(cfg, exp, micro=2, critic=True)
+    assert actor_1.abs().max() > 1e-4 and critic_1.abs().max() > 1e-4
+    assert_close(actor_2, actor_1, atol=1e-7, rtol=1e-5)
+    assert_close(critic_2, critic_1, atol=1e-7, rtol=1e-5)
+    assert stats_2["value_loss"] == pytest.approx(stats_1["value_loss"], rel=1e-5)
+
+
+def test_value_loss_is_the_token_mean_over_the_mini_batch():
+    # two micro-batches of one row each, 1 and 3 tokens, no value clip: the loss DeepSpeed sees (the mean of the
+    # micro-batches' losses) is 0.5 * the mean of (V - R)^2 over the 4 tokens, not the mean of the two rows' means
+    cfg = PPOConfig()
+    cfg.rollout.max_new_tokens = 4
+    cfg.ppo.kl_coef, cfg.ppo.value_clip_eps = 0.0, None
+    exp = experience([1, 3], [0.0, 0.0], on_policy=False)
+    stats, _, _ = run(cfg, exp, micro=1, critic=True)
+    r, table = exp.rollout, TableCritic().table.detach()
+    v = table[r.response_ids.roll(1, dims=1)]  # V(s_t) is read at the token before t: the prompt's for t = 0
+    v[:, 0] = table[r.prompt_ids[:, 0]]
+    err = ((v - exp.returns) ** 2 * r.action_mask).tolist()
+    token_mean = 0.5 * (sum(err[0]) + sum(err[1])) / 4
+    per_row = 0.5 * (err[0][0] / 1 + sum(err[1]) / 3) / 2
+    assert abs(token_mean - per_row) > 1e-3
+    assert stats["value_loss"] == pytest.approx(token_mean, rel=1e-5)
+
+
+def test_the_entropy_bonus_raises_the_entropy():
+    # A = 0 and no KL: the actor's loss is -c * H alone, so a small step down its gradient must raise H
+    cfg = PPOConfig()
+    cfg.rollout.max_new_tokens = 4
+    cfg.ppo.entropy_coef, cfg.ppo.kl_coef = 0.1, 0.0
+    exp = experience([2, 4], [0.0, 0.0], on_policy=False)
+    stats, grad, _ = run(cfg, exp, micro=2)
+    r = exp.rollout
+    inputs = torch.cat([r.prompt_ids, r.response_ids[:, :-1]], 1)  # the token before each response token
+
+    def mean_entropy(table: torch.Tensor) -> float:
+        p = torch.softmax(table[inputs], -1)
+        h = -(p * p.log()).sum(-1)
+        return float((h * r.action_mask).sum() / r.action_mask.sum())
+
+    table = TableLM().table.detach()
+    assert stats["entropy"] == pytest.approx(mean_entropy(table), rel=1e-5)
+    assert mean_entropy(table - 0.5 * grad) > mean_entropy(table) + 1e-4
