@@ -8,6 +8,10 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,3 +156,40 @@ def write_marker_pairs(path: Path, n: int, seed: int = 0) -> Path:
             f.write(json.dumps({"prompt": f"Question {i}: say something about {rng.choice(plain)}",
                                 "chosen": f"{body} banana", "rejected": other}) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- fake models for unit tests of the RL loop
+
+
+class FixedLogitsLM(nn.Module):
+    """A causal LM stand-in: the same next-token logits (a learnable [V] vector) at every position, so its log-probs,
+    entropy and their gradients are worked out by hand. Takes the keyword arguments the RL code passes."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=None):
+        out = self.logits.expand(*input_ids.shape, -1)
+        return SimpleNamespace(logits=out if logits_to_keep is None else out[:, logits_to_keep])
+
+
+class FakeEngine(nn.Module):
+    """A DeepSpeed engine as the RL update uses it: forward; backward of loss / grad_accum (DeepSpeed averages the
+    micro-batches of a step); no optimizer step, so the gradients of a whole mini-batch accumulate for reading."""
+
+    def __init__(self, module: nn.Module, grad_accum: int = 1) -> None:
+        super().__init__()
+        self.module, self.grad_accum = module, grad_accum
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return False
+
+    def step(self) -> None:
+        pass

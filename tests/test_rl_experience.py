@@ -20,7 +20,7 @@ def test_rollout_logprobs_are_at_the_sampling_temperature(tiny_model_dir):
     rmask[0, 3:] = 0  # a row that ended early (right padding)
 
     def scored(temperature: float):
-        tensors = EpisodeTensors(ids, mask, resp, rmask.float(), rmask.float(), torch.zeros(b, 5))
+        tensors = EpisodeTensors(ids, mask, resp, rmask.float(), rmask.float(), torch.zeros(b, 5), torch.ones(b))
         return score_rollout(actor=model, reference=model, critic=None, tensors=tensors, scores=torch.zeros(b),
                              temperature=temperature)
 

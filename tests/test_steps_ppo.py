@@ -6,10 +6,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from torch.testing import assert_close
 
+from chatrl.steps.rl_models import EMA
 from helpers import (
     REPO,
     ROUNDING_EPS,
@@ -124,20 +128,51 @@ def test_ppo_killed_at_a_random_moment_and_resumed_gives_the_same_weights(word_s
     assert same_weights(straight / "critic", cut / "critic") == []
 
 
+def test_ema_update_by_hand() -> None:
+    """ema = decay * ema + (1 - decay) * w, with decay 0.9 (0.5 would hide a decay / 1 - decay swap)."""
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ema = EMA(SimpleNamespace(module=layer), decay=0.9, zero3=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[11.0, 22.0]]))
+    assert ema.weights["weight"].tolist() == [[1.0, 2.0]]  # a copy, not a view of the actor
+    ema.update()  # 0.9 * [1, 2] + 0.1 * [11, 22] = [2, 4]   (swapped: [10, 20])
+    assert_close(ema.weights["weight"], torch.tensor([[2.0, 4.0]]), rtol=1e-6, atol=0)
+    ema.update()  # 0.9 * [2, 4] + 0.1 * [11, 22] = [2.9, 5.8]
+    assert_close(ema.weights["weight"], torch.tensor([[2.9, 5.8]]), rtol=1e-6, atol=0)
+    assert layer.weight.tolist() == [[11.0, 22.0]]  # the actor is only read
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def test_ppo_ema_is_checkpointed_and_resumed(word_sft: Path, tmp_path: Path) -> None:
+    """The EMA (decay 0.8, updated once per iteration) is in the checkpoint; the resumed run continues it from the
+    saved values (not from the restored actor): EMA_3 = 0.8 EMA_2 + 0.2 actor_3; actor_ema holds EMA_3."""
     out = tmp_path / "ema"
     # keep_final_state: the second run continues the finished first one from its last checkpoint
-    args = ppo_args(word_sft, out, "ppo.ema_decay=0.5", "checkpoint.every=2", "checkpoint.keep_last=5",
+    args = ppo_args(word_sft, out, "ppo.ema_decay=0.8", "checkpoint.every=2", "checkpoint.keep_last=5",
                     "checkpoint.keep_final_state=true")
     proc = run_cli(*args, "ppo.iterations=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ema_file = out / "checkpoints" / "step-000002" / "ema.safetensors"
-    saved = load_file(str(ema_file))
-    assert saved and all(v.dtype.is_floating_point for v in saved.values())
+    ema2 = load_file(str(out / "checkpoints" / "step-000002" / "ema.safetensors"))
+    actor2 = load_file(str(out / "actor" / "model.safetensors"))
     proc = run_cli(*args, "ppo.iterations=3")  # resumes from step 2, EMA included
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
-    assert (out / "checkpoints" / "step-000003" / "ema.safetensors").exists()
+    ema3 = load_file(str(out / "checkpoints" / "step-000003" / "ema.safetensors"))
+    actor3 = load_file(str(out / "actor" / "model.safetensors"))
+    final = load_file(str(out / "actor_ema" / "model.safetensors"))
+    names = sorted(ema3.keys() & actor3.keys())
+    assert len(names) >= len(ema3) - 1  # all but a tied output embedding, saved once
+    for k in names:  # fp32 arithmetic: a few ulps
+        assert _rel(ema3[k], 0.8 * ema2[k].double() + 0.2 * actor3[k].double()) < 1e-6, k
+        assert final[k].equal(ema3[k]), k
+    # what a wrong EMA would give is far from it: decay swapped, or restarted from the restored actor
+    assert max(_rel(ema3[k], 0.2 * ema2[k].double() + 0.8 * actor3[k].double()) for k in names) > 1e-3
+    assert max(_rel(ema3[k], 0.8 * actor2[k].double() + 0.2 * actor3[k].double()) for k in names) > 1e-3
     assert load_with_plain_transformers(out / "actor_ema").startswith("OK")
 
 

@@ -34,7 +34,8 @@ class RewardSourceConfig:
                                  "columns it names are passed: reference, response_ids, conversation, and the "
                                  "dataset's / environment's extras")
     function_weights: list[float] = opt([], "weight per function (empty = all 1.0)")
-    clip: Optional[float] = opt(5.0, "clip the summed score to [-clip, clip] before adding it (None = no clip)")
+    clip: Optional[float] = opt(5.0, "clip the summed score to [-clip, clip] (None = no clip): the episode outcome "
+                                     "everywhere (advantages, dynamic sampling's ties, logged reward, RFT's choice)")
     eos_penalty: float = opt(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reward model")
     offload: bool = opt(False, "keep the reward model in CPU memory, moved to the accelerator only to score")
@@ -73,7 +74,8 @@ class EnvConfig:
                             "'pkg.module:Class' / 'path/to/file.py:Class' (a gymnasium.Env)")
     kwargs: dict = opt({}, "keyword arguments of the environment's constructor")
     max_turns: int = opt(1, "most assistant turns per episode (the environment may end it sooner)")
-    gamma: float = opt(1.0, "discount per turn: the episode return is sum_k gamma^k r_k")
+    gamma: float = opt(1.0, "discount per turn: the episode return is sum_k gamma^k r_k (the final score counts "
+                            "with the last turn's gamma^k); turn j's advantage then carries gamma^j")
     max_context: int = opt(1024, "most tokens of a whole conversation; an episode that would exceed it is "
                                  "truncated (and counted)")
 

@@ -10,7 +10,7 @@ kl           kl_k1, kl_k2, kl_k3, kl_abs, KL_ESTIMATORS, kl_penalty(logp, ref_lo
              kl_loss(logp, ref_logp, mask, kind="k3") -> 0-d, LOSS_KL_ESTIMATORS (k2, k3: the ones with a KL gradient)
 controllers  FixedKLController(beta), AdaptiveKLController(init_beta, target, horizon):
              .value, .update(current_kl, n_steps), state_dict()/load_state_dict()
-rewards      shape_rewards(scores[B], kl[B,R], mask, beta, clip=None) -> [B, R],
+rewards      shape_rewards(scores[B], kl[B,R], mask, beta, clip=None) -> [B, R], final_reward(score, discount, clip),
              last_token_index(mask) -> [B], contains_eos(ids, mask, eos_id) -> [B], eos_penalty(scores, has_eos, p),
              overlong_penalty(lengths[B], max_len, buffer, factor) -> [B] (DAPO),
              turn_rewards(values[B,K], positions[B,K], valid[B,K], R, gamma) -> [B, R] (multi-turn episodes)
@@ -68,6 +68,7 @@ from chatrl.algorithms.masked import local_moments, masked_mean, masked_sum, mas
 from chatrl.algorithms.rewards import (
     contains_eos,
     eos_penalty,
+    final_reward,
     last_token_index,
     overlong_penalty,
     shape_rewards,
@@ -95,6 +96,7 @@ __all__ = [
     "entropy_from_logits",
     "eos_penalty",
     "expectile_loss",
+    "final_reward",
     "gae_advantages",
     "grpo_advantages",
     "guided_logits",

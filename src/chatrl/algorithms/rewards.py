@@ -8,6 +8,10 @@ Shapes: B = batch, R = response length; masks are 1 on generated tokens up to an
 
 Also: DAPO's soft overlong penalty on the response length, and the placement of a multi-turn episode's
 per-turn rewards on the token that ended each turn (discounted per turn).
+
+The episode's outcome, the one number dynamic sampling, logging, RFT's selection and the advantages compare, is
+final_reward(score) + sum_k gamma^k r_k: the score is clipped, and discounted like the environment's reward of
+the last turn, whose last token it shares. A trainer passes `final_reward`'s output as `scores` (no second clip).
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ def shape_rewards(
     has_token = mask.bool().any(dim=-1)
     bonus = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
     return rewards.scatter_add(1, last_token_index(mask).unsqueeze(1), bonus.unsqueeze(1))
+
+
+def final_reward(score: torch.Tensor, discount: torch.Tensor | float, clip: float | None = None) -> torch.Tensor:
+    """The final score as the episode's return counts it, [B] -> [B]: clamped to [-clip, clip] (clip > 0;
+    DeepSpeed-Chat's clip_reward_value), times `discount` ([B] or a float): gamma^k of the last turn k, since the
+    score lands on that turn's last generated token, as that turn's environment reward does (`turn_rewards`)."""
+    if clip is not None:
+        score = score.clamp(-clip, clip)
+    return score * discount
 
 
 def contains_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:

@@ -47,7 +47,7 @@ def play_and_score(m: RLModels, cfg: RLStepConfig, first_prompt: int, settings: 
     tensors = episode_tensors(episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
     return score_episodes(episodes, tensors, m.functions, m.reward_model, model_weight=cfg.reward.model_weight,
                           eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
-                          overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens)
+                          overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens, clip=cfg.reward.clip)
 
 
 def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSettings, rank: int,
@@ -112,11 +112,12 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
         m.train_mode()
     times["score"] = times.get("score", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
-    # 3. rewards: the score at the last generated token, per-turn env rewards, -beta * kl_t if the KL is a reward
+    # 3. rewards: the score (already clipped and discounted: Scored) at the last generated token, per-turn env
+    #    rewards, -beta * kl_t if the KL is a reward
     mask = rollout.action_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, p.kl_estimator) * mask
     reward_beta = beta if p.kl_in == "reward" and m.reference is not None else 0.0
-    rewards = shape_rewards(rollout.scores, kl, mask, reward_beta, cfg.reward.clip) + tensors.env_rewards
+    rewards = shape_rewards(rollout.scores, kl, mask, reward_beta) + tensors.env_rewards
     # 4. advantages (GAE over generated tokens, or group-relative over episode returns); whitening across ranks
     adv, returns = compute_advantages(p.advantage, rewards, rollout.values if m.critic is not None else None, mask,
                                       gamma=p.gamma, lam=p.lam if isinstance(p, PPOOptions) else 1.0, group_size=g,

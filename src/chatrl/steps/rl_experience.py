@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from chatrl.algorithms.losses import token_logprobs
-from chatrl.algorithms.rewards import overlong_penalty, turn_rewards
+from chatrl.algorithms.rewards import final_reward, overlong_penalty, turn_rewards
 from chatrl.batches import Rollout
 from chatrl.models.loading import last_positions
 from chatrl.models.reward import position_ids_from_mask, sequence_scores, token_values
@@ -63,6 +63,7 @@ class EpisodeTensors:
     response_mask: torch.Tensor
     action_mask: torch.Tensor
     env_rewards: torch.Tensor    # [B, R] per-turn rewards on each turn's last generated token, discounted per turn
+    final_discount: torch.Tensor  # [B] gamma^k of the last turn k: the final score's discount (same token)
 
 
 def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torch.device) -> EpisodeTensors:
@@ -90,8 +91,10 @@ def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torc
         positions[i, :k] = torch.tensor(batch.turn_ends[i], dtype=torch.long)
         valid[i, :k] = 1
     env_rewards = turn_rewards(values, positions, valid, rlen, gamma)
+    final_discount = torch.tensor([gamma ** max(len(t) - 1, 0) for t in batch.turn_rewards], dtype=torch.float32)
     return EpisodeTensors(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device),
-                          response_mask.to(device), action_mask.to(device), env_rewards.to(device))
+                          response_mask.to(device), action_mask.to(device), env_rewards.to(device),
+                          final_discount.to(device))
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -101,10 +104,12 @@ def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torc
 class Scored:
     """Episodes with their rewards, before any KL (per-row, so rows of several sampling rounds can be selected and
     joined): `score` lands on the last generated token, the environment's per-turn rewards on each turn's last
-    token; `outcome` (their sum: the episode return) is what group-relative estimators compare."""
+    token; `outcome` (their sum: the episode return) is what group-relative estimators, dynamic sampling's tie
+    test, the logged reward mean and RFT's selection compare (`algorithms.rewards`: one definition)."""
 
     episodes: EpisodeBatch
-    score: torch.Tensor                    # [B] reward functions + reward model + penalties
+    score: torch.Tensor                    # [B] final_reward(reward functions + reward model + penalties): clipped,
+                                           #     discounted like the last turn
     outcome: torch.Tensor                  # [B] score + the environment's (discounted) return
     has_eos: torch.Tensor                  # [B] the final reply ended with EOS
     by_function: dict[str, torch.Tensor]   # [B] each reward function's raw value
@@ -126,9 +131,10 @@ class Scored:
 @torch.no_grad()
 def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: RewardFunctions,
                    reward_model: nn.Module | None, *, model_weight: float, eos_penalty: float,
-                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int) -> Scored:
+                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int, clip: float | None) -> Scored:
     """Reward functions on the final replies, the reward model at each conversation's last token, and the
-    length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length)."""
+    length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length); their sum
+    clipped to [-clip, clip] and discounted like the last turn (`final_reward`)."""
     device = tensors.response_ids.device
     columns = columns_of(batch.infos, response_ids=batch.last_reply_ids, conversation=batch.conversations)
     fn = functions.score(batch.prompts, batch.replies, columns)
@@ -143,6 +149,7 @@ def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: Rewa
     if overlong_buffer > 0:
         lengths = torch.tensor([len(r) for r in batch.last_reply_ids], device=device)
         score = score + overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_factor)
+    score = final_reward(score, tensors.final_discount, clip)
     outcome = score + tensors.env_rewards.sum(-1)
     return Scored(batch, score, outcome, has_eos, {k: v.to(device) for k, v in fn.by_function.items()}, rm)
 
