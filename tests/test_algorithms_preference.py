@@ -12,7 +12,8 @@ from chatrl.algorithms.preference import PREFERENCE_LOSSES, REFERENCE_FREE, Pair
 from chatrl.config_offline import DPOConfig, DPOOptions
 from chatrl.configbase import help_lines, load_config
 from chatrl.errors import ChatrlError
-from chatrl.steps.dpo import preference_loss
+from chatrl.models import loading
+from chatrl.steps.dpo import preference_loss, reference_dtype
 
 
 def _pair(**over: float) -> PairLogps:
@@ -127,3 +128,16 @@ def test_dpo_step_passes_ipo_logratio_and_refuses_it_elsewhere() -> None:
     with pytest.raises(ChatrlError, match="dpo.ipo_logratio applies to dpo.loss=ipo"):
         load_config(DPOConfig, None, ["dpo.loss=sigmoid", "dpo.ipo_logratio=sum"])
     assert "dpo.ipo_logratio ('token_mean' | 'sum', default 'token_mean')" in "\n".join(help_lines(DPOConfig))
+
+
+def test_reference_dtype_auto_is_the_policys(monkeypatch) -> None:
+    """On a CPU with native bf16 (where model.dtype=auto means bf16), an fp32 policy still gets an fp32 reference:
+    at step 1 both score the pairs alike (a bf16 reference gave a margin of 5e-4 instead of 0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: True)
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=fp32"])) == "fp32"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=auto"])) == "bf16"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=fp32", "dpo.reference_dtype=bf16"])) == "bf16"
+    monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: False)
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=bf16"])) == "bf16"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=auto"])) == "fp32"

@@ -82,6 +82,12 @@ def reference_name(cfg: DPOConfig) -> str:
     return name
 
 
+def reference_dtype(cfg: DPOConfig) -> str:
+    """dpo.reference_dtype resolved: auto = the policy's dtype (model.dtype, itself resolved), bf16 or fp32."""
+    name = cfg.dpo.reference_dtype if cfg.dpo.reference_dtype != "auto" else cfg.model.dtype
+    return "bf16" if resolve_dtype(name) == torch.bfloat16 else "fp32"
+
+
 def run_dpo(cfg: DPOConfig) -> Path:
     """Train and save `<output_dir>/model` (a plain HF folder). Returns that path."""
     # 1. start: process group, seed, tokenizer, config.yaml
@@ -97,7 +103,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     # 3. the reference: cached log-probs (one pass, then released) or a live frozen model
     reference: torch.nn.Module | None = None
     if cfg.uses_reference():
-        name, dtype = reference_name(cfg), cfg.dpo.reference_dtype
+        name, dtype = reference_name(cfg), reference_dtype(cfg)
 
         def load_reference() -> torch.nn.Module:
             return load_frozen_causal_lm(name, dtype=resolve_dtype(dtype), tokenizer=tok,
