@@ -67,7 +67,6 @@ class DPOConfig(SupervisedStepConfig):
 
 
 # ============================================================================ ilql
-# (ILQLOptions, ILQLConfig: added below this line)
 
 
 @dataclass
@@ -120,7 +119,6 @@ class ILQLConfig(SupervisedStepConfig):
 
 
 # ============================================================================ rft
-# (RFTOptions, RFTConfig: added below this line)
 
 
 @dataclass
