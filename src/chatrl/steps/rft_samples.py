@@ -121,7 +121,8 @@ def play(policy: Policy, scorer: Scorer, cfg: RFTConfig, tasks: list[Task], sett
         tensors = episode_tensors(episodes, policy.tokenizer.pad_token_id, cfg.env.gamma, policy.engine.device)
         scored = score_episodes(episodes, tensors, scorer.functions, scorer.reward_model,
                                 model_weight=scorer.model_weight, eos_penalty=scorer.eos_penalty, overlong_buffer=0,
-                                overlong_factor=0.0, max_new_tokens=cfg.rollout.max_new_tokens, clip=scorer.clip)
+                                overlong_factor=0.0, max_new_tokens=cfg.rollout.max_new_tokens, clip=scorer.clip,
+                                eos_id=policy.tokenizer.eos_token_id)
         for row, ((task, index), conv) in enumerate(zip(chunk, episodes.conversations, strict=True)):
             out.append(Sample(task.task, index, conv, float(scored.outcome[row]), episodes.success[row],
                               {k: float(v[row]) for k, v in scored.by_function.items()}))

@@ -47,7 +47,8 @@ def play_and_score(m: RLModels, cfg: RLStepConfig, first_prompt: int, settings: 
     tensors = episode_tensors(episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
     return score_episodes(episodes, tensors, m.functions, m.reward_model, model_weight=cfg.reward.model_weight,
                           eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
-                          overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens, clip=cfg.reward.clip)
+                          overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens, clip=cfg.reward.clip,
+                          eos_id=m.tokenizer.eos_token_id)
 
 
 def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSettings, rank: int,

@@ -131,8 +131,10 @@ class Scored:
 @torch.no_grad()
 def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: RewardFunctions,
                    reward_model: nn.Module | None, *, model_weight: float, eos_penalty: float,
-                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int, clip: float | None) -> Scored:
-    """Reward functions on the final replies, the reward model at each conversation's last token, and the
+                   overlong_buffer: int, overlong_factor: float, max_new_tokens: int, clip: float | None,
+                   eos_id: int | None = None) -> Scored:
+    """Reward functions on the final replies, the reward model at each conversation's end-of-turn token
+    (`reward_model_inputs`: appended to replies cut at max_new_tokens when eos_id is given), and the
     length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length); their sum
     clipped to [-clip, clip] and discounted like the last turn (`final_reward`)."""
     device = tensors.response_ids.device
@@ -141,7 +143,7 @@ def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: Rewa
     score = fn.total.to(device)
     rm = None
     if reward_model is not None:
-        ids, mask = joined(tensors.prompt_ids, tensors.prompt_mask, tensors.response_ids, tensors.response_mask)
+        ids, mask = reward_model_inputs(tensors, batch.last_reply_eos, eos_id)
         rm = sequence_scores(reward_model, ids, mask).float()
         score = score + model_weight * rm
     has_eos = torch.tensor(batch.last_reply_eos, dtype=torch.bool, device=device)
@@ -152,6 +154,25 @@ def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: Rewa
     score = final_reward(score, tensors.final_discount, clip)
     outcome = score + tensors.env_rewards.sum(-1)
     return Scored(batch, score, outcome, has_eos, {k: v.to(device) for k, v in fn.by_function.items()}, rm)
+
+
+def reward_model_inputs(tensors: EpisodeTensors, has_eos: list[bool],
+                        eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + response ids and mask [B, P+R+1] for the reward model, with `eos_id` appended to every reply that
+    was cut at max_new_tokens. A reward model learns to score a conversation at the reply's end-of-turn token
+    (`chatrl reward` and the eval both read it there); read at a cut reply's last sampled token it scores a
+    position it never saw in training. eos_id None: the ids as sampled, no extra column."""
+    ids, mask = joined(tensors.prompt_ids, tensors.prompt_mask, tensors.response_ids, tensors.response_mask)
+    if eos_id is None:
+        return ids, mask
+    ids = torch.cat([ids, torch.full_like(ids[:, :1], eos_id)], 1)  # [B, P+R+1]: room for one more token
+    mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
+    cut = torch.tensor([not e for e in has_eos], device=ids.device)
+    end = mask.shape[1] - mask.flip(-1).argmax(-1)  # one past each row's last real token
+    rows = cut.nonzero().squeeze(-1)
+    ids[rows, end[rows]] = eos_id
+    mask[rows, end[rows]] = 1
+    return ids, mask
 
 
 # ----------------------------------------------------------------------------- log-probs and values
