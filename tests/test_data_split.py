@@ -122,3 +122,25 @@ def test_weights_in_config_blend_train_but_not_eval(tmp_path):
     assert (n_a, len(train) - n_a) == (30, 15)
     ev, _ = load_records(DataConfig(**base, weights=[1.0, 0.5]), "sft", "eval")
     assert len(ev) == 20
+
+
+def test_reward_shards_give_a_judge_pairs_the_reward_model_never_saw(tmp_path):
+    """data.reward_shards=[sft, rlhf]: the judge's training pairs are exactly the sft and rlhf shards' train pairs,
+    disjoint from the reward model's (reward shard) and from every held-out part; held-out pairs stay the reward
+    shard's."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"})
+                              for i in range(100)) + "\n")
+    rm_cfg = DataConfig(paths=[str(path)], split="2,4,4", eval_fraction=0.1)
+    judge_cfg = DataConfig(paths=[str(path)], split="2,4,4", eval_fraction=0.1, reward_shards=["sft", "rlhf"])
+    prompts = lambda recs: {r.prompt_messages[-1]["content"] for r in recs}  # noqa: E731
+    judge = prompts(load_records(judge_cfg, "reward", "train")[0])
+    everything, _ = load_all_records(rm_cfg)
+    held_out = {r.messages[-1]["content"] for r in everything["rlhf_eval"]} | prompts(everything["reward_eval"])
+    assert len(judge) == 18 + 36  # the sft and rlhf train parts of 100 pairs split 2,4,4 with 10% held out
+    sft_prompts = {[m for m in r.messages if m["role"] == "user"][-1]["content"] for r in everything["sft_train"]}
+    assert judge == sft_prompts | {r.messages[-1]["content"] for r in everything["rlhf_train"]}
+    assert not judge & prompts(everything["reward_train"]) and not judge & held_out
+    assert prompts(load_records(judge_cfg, "reward", "eval")[0]) == prompts(everything["reward_eval"])
+    with pytest.raises(ChatrlError, match="data.reward_shards"):
+        load_records(DataConfig(paths=[str(path)], reward_shards=["judge"]), "reward", "train")

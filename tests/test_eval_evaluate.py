@@ -183,3 +183,31 @@ def test_reward_scores_reports_progress_per_batch(tiny_rm_dir):
     done: list[int] = []
     scores = R.reward_scores(rm, tok, prompts, ["1", "2", "3", "4", "5"], batch_size=2, advance=done.append)
     assert len(scores) == 5 and sorted(done) == [1, 2, 2]  # batches of 2, 2 and 1 replies, each reported once
+
+
+def test_judge_scores_beside_the_reward_model(tiny_model_dir, tiny_rm_dir, other_policy_dir, tmp_path):
+    """eval's judge: a second reward model scores the same replies; its gain is this model minus the baseline per
+    prompt, computed from the judge's own scores (not the reward model's)."""
+    from transformers import AutoModelForSequenceClassification
+
+    judge_dir = tmp_path / "judge"
+    torch.manual_seed(1)  # another score head: the judge disagrees with the reward model
+    judge = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    judge.config.pad_token_id = 0
+    judge.save_pretrained(judge_dir)
+    R.load_tokenizer(tiny_model_dir).save_pretrained(judge_dir)
+    models = {"sft": tiny_model_dir, "other": other_policy_dir}
+    result = evaluate_models(models, PROMPTS, reward_model=tiny_rm_dir, judge_model=str(judge_dir),
+                             max_new_tokens=6, batch_size=2)
+    jm, jt = R.load_reward(str(judge_dir))
+    texts = {n: [s["responses"][n] for s in result.samples] for n in models}
+    expected = {n: R.reward_scores(jm, jt, [p.messages for p in PROMPTS], texts[n]) for n in models}
+    for n in models:
+        assert [s["judge"][n] for s in result.samples] == pytest.approx(expected[n], abs=1e-5)
+        assert [s["judge"][n] for s in result.samples] != pytest.approx([s["rewards"][n] for s in result.samples])
+    diffs = [a - b for a, b in zip(expected["other"], expected["sft"], strict=True)]
+    assert result.metrics["other"]["judge_gain"] == pytest.approx(sum(diffs) / 3, abs=1e-5)
+    mean = sum(diffs) / 3
+    se = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
+    assert result.metrics["other"]["judge_gain_se"] == pytest.approx(se, abs=1e-5)
+    assert result.metrics["sft"]["judge_gain"] is None and result.settings["judge_model"] == str(judge_dir)

@@ -118,3 +118,8 @@ def test_step_sections_refine_the_shared_model_but_inputs_are_chained(tmp_path: 
     assert plan.reward.model.name_or_path == str(tmp_path / "sft" / "model")  # always the SFT output
     assert plan.sft.model.lora.r == 4 and plan.reward.model.lora.r == 0
     assert plan.rl.actor.name_or_path == str(tmp_path / "sft" / "model")
+    # eval.judge=train: step 2's settings on the pairs step 2 never saw, from the SFT model, in its own folder
+    assert plan.judge.data.reward_shards == ["sft", "rlhf"] and plan.reward.data.reward_shards == ["reward"]
+    assert plan.judge.model.trainable_layers == 1 and plan.judge.optim == plan.reward.optim
+    assert plan.judge.model.name_or_path == str(tmp_path / "sft" / "model")
+    assert plan.judge.output_dir == str(tmp_path / "judge")

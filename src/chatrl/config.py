@@ -52,6 +52,9 @@ class DataConfig:
     schema: str = opt("auto", "force a schema (auto, preference, hh, chat, prompt_response, alpaca, prompt)")
     split: str = opt("2,4,4", "relative shares of each dataset for SFT, reward, RLHF (DeepSpeed-Chat's data_split)")
     eval_fraction: float = opt(0.05, "fraction of every shard held out for evaluation")
+    reward_shards: list[str] = opt(["reward"], "shards whose train pairs the reward step trains on: [reward] for "
+                                               "the policy's reward model; the eval's judge trains on [sft, rlhf], "
+                                               "pairs that model never saw (its held-out pairs: the reward shard's)")
     seed: int = opt(1234, "seed for the deterministic split and shuffling")
     max_length: int = opt(512, "max tokens of prompt + response")
     max_prompt_length: int = opt(256, "max prompt tokens (longer prompts are left-truncated or dropped)")
@@ -207,6 +210,9 @@ class EvalOptions:
     pass_k: int = opt(4, "algorithm=grpo with an environment: samples per task for pass@k (0 = skip)")
     reward_model: Optional[str] = opt(None, "score replies with this reward-model folder (default: the run's own "
                                            "step 2 output; algorithm=dpo has none, e.g. use another run's)")
+    judge: Optional[str] = opt(None, "an independent judge scoring the replies beside the reward model: 'train' = "
+                                     "a second reward model with step 2's settings on pairs step 2 never saw "
+                                     "(<run_dir>/judge, trained once), or a reward-model folder; None = no judge")
 
 
 @dataclass

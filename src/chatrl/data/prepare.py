@@ -148,10 +148,14 @@ def select_records(datasets: list[Dataset], cfg: DataConfig, step: str, part: st
     """The records of one (step, part) across datasets; train parts blended by data.weights."""
     if step not in STEPS or part not in ("train", "eval"):
         raise ChatrlError(f"unknown data step/part {step}/{part}; steps: {', '.join(STEPS)}, parts: train, eval")
+    shards = cfg.reward_shards if (step, part) == ("reward", "train") else [step]
+    unknown = [s for s in shards if s not in STEPS]
+    if unknown or not shards:
+        raise ChatrlError(f"data.reward_shards={shards}: expected a non-empty list of {', '.join(STEPS)}")
     per_dataset = []
     for d in datasets:
-        shard = split_dataset(d.examples, d.seed_name, cfg.split, cfg.eval_fraction, cfg.seed)[(step, part)]
-        per_dataset.append((d.seed_name, _to_records(shard, step)))
+        split = split_dataset(d.examples, d.seed_name, cfg.split, cfg.eval_fraction, cfg.seed)
+        per_dataset.append((d.seed_name, _to_records([e for s in shards for e in split[(s, part)]], step)))
     if part == "train":
         records = blend(per_dataset, cfg.weights, cfg.seed)
     else:

@@ -27,7 +27,8 @@ def _as_prompt(p: Prompt | str | Sequence[Message]) -> Prompt:
 
 
 def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Sequence[Message]], *,
-                    reward_model: str | None = None, reference_model: str | None = None,
+                    reward_model: str | None = None, judge_model: str | None = None,
+                    reference_model: str | None = None,
                     max_new_tokens: int = 128, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
                     batch_size: int = 8, seed: int = 0, dtype: str = "fp32", max_prompt_tokens: int | None = None,
                     log: Callable[[str], None] | None = None) -> EvalResult:
@@ -35,7 +36,9 @@ def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Seq
 
     models: name -> model path or alias, in order; the first is the baseline for win rates.
     prompts: `Prompt` records (or plain strings / message lists); a `reference` enables BLEU/ROUGE.
-    reward_model: a one-label sequence classifier folder (reward / win rate); reference_model: the model to
+    reward_model: a one-label sequence classifier folder (reward / win rate); judge_model: a second one, trained on
+    other pairs than the policy's reward model (judge_* metrics: the proxy's gain beside an independent one, so
+    reward over-optimisation shows); reference_model: the model to
     measure KL against (usually the SFT model; it must share the policies' tokenizer).
     """
     if not models:
@@ -62,15 +65,11 @@ def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Seq
         del model
         gc.collect()
     del ref
-    rewards: dict[str, list[float]] = {}
-    if reward_model:
-        log(f"scoring responses with reward model {reward_model}")
-        rm, rm_tok = R.load_reward(reward_model, dtype=dtype)
-        for name, gen in gens.items():
-            rewards[name] = R.reward_scores(rm, rm_tok, msgs, gen.texts, batch_size=batch_size)
-        del rm
+    rewards = _scores(reward_model, "reward model", gens, msgs, dtype, batch_size, log)
+    judged = _scores(judge_model, "judge", gens, msgs, dtype, batch_size, log)
     settings = {"num_prompts": len(recs), "max_new_tokens": max_new_tokens, "greedy": greedy,
-                "reward_model": reward_model, "reference_model": reference_model, "seed": seed}
+                "reward_model": reward_model, "judge_model": judge_model, "reference_model": reference_model,
+                "seed": seed}
     if not greedy:
         settings.update(temperature=temperature, top_p=top_p)
     result = EvalResult(models=dict(models), settings=settings)
@@ -78,13 +77,37 @@ def evaluate_models(models: dict[str, str], prompts: Sequence[Prompt | str | Seq
     for name, gen in gens.items():
         result.metrics[name] = model_metrics(gen, [r.reference for r in recs], rewards.get(name),
                                              rewards.get(baseline) if name != baseline else None, kls.get(name))
+        result.metrics[name].update(judge_metrics(judged.get(name), judged.get(baseline) if name != baseline
+                                                  else None))
     result.samples = [
         {"prompt": r.messages, "reference": r.reference,
          "responses": {n: g.texts[i] for n, g in gens.items()},
          "rewards": {n: s[i] for n, s in rewards.items()},
+         "judge": {n: s[i] for n, s in judged.items()},
          "kl": {n: k[i] for n, k in kls.items()}}
         for i, r in enumerate(recs)]
     return result
+
+
+def _scores(path: str | None, what: str, gens: dict[str, R.Generation], msgs: list, dtype: str, batch_size: int,
+            log: Callable[[str], None]) -> dict[str, list[float]]:
+    """Every model's responses scored by one reward model (loaded once); {} without one."""
+    if not path:
+        return {}
+    log(f"scoring responses with {what} {path}")
+    rm, rm_tok = R.load_reward(path, dtype=dtype)
+    return {name: R.reward_scores(rm, rm_tok, msgs, gen.texts, batch_size=batch_size) for name, gen in gens.items()}
+
+
+def judge_metrics(scores: Sequence[float] | None, baseline: Sequence[float] | None) -> dict[str, float | None]:
+    """judge_mean, and judge_gain with its s.e. against the baseline's judge scores (None where not judged)."""
+    out: dict[str, float | None] = dict.fromkeys(["judge_mean", "judge_gain", "judge_gain_se"])
+    if scores is not None:
+        out["judge_mean"] = M.score_stats(scores)["mean"]
+        if baseline is not None:
+            gain = M.paired_difference(scores, baseline)
+            out.update(judge_gain=gain.mean, judge_gain_se=gain.se)
+    return out
 
 
 def _kl(model, tok, ref: tuple, gen: R.Generation, batch_size: int, name: str) -> list[float]:

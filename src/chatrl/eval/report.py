@@ -278,6 +278,9 @@ def eval_headline(result: EvalResult) -> str | None:
         text += f", at KL {last['kl']:.2f} to the reference"
     if last.get("win_rate") is not None:
         text += f"; win rate {last['win_rate']:.0%}"
+    if last.get("judge_gain") is not None:  # the independent judge beside the proxy: over-optimisation shows here
+        text += "; by the judge, " + _verdict(names[-1], names[0], last["judge_gain"], last.get("judge_gain_se"),
+                                              "judge score")
     return text + "."
 
 

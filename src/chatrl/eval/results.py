@@ -30,6 +30,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "reward_gain_se": ("(s.e.)", "{:.3f}"),
     "reward_wins": ("wins", "{:.0f}"),      # prompts where the model's reward beat the baseline's
     "reward_losses": ("losses", "{:.0f}"),  # ... and fell below it (the rest tie)
+    "judge_mean": ("judge", "{:.3f}"),      # a second reward model, trained on other pairs (eval.judge)
+    "judge_gain": ("judge - baseline", "{:+.3f}"),
+    "judge_gain_se": ("(s.e.)", "{:.3f}"),
     "kl": ("KL to ref", "{:.3f}"),
     "length_mean": ("length (tok)", "{:.1f}"),
     "eos_rate": ("EOS rate", "{:.0%}"),

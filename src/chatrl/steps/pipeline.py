@@ -61,6 +61,7 @@ class Plan:
     reward: RewardConfig
     rl: Step3Config
     algorithm: str
+    judge: RewardConfig  # eval.judge=train: step 2's settings on the pairs step 2 never saw (data.reward_shards)
 
     @property
     def spec(self) -> Algorithm:
@@ -123,7 +124,11 @@ def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
     if use_rm:
         forced["reward"] = {**section.get("reward", {}), "model": rm_model}
     rl = _step_config(alg.config, cfg.algorithm, section, forced)
-    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm=cfg.algorithm)
+    judge_data = {**shared["data"], "reward_shards": ["sft", "rlhf"]}
+    judge = _step_config(RewardConfig, "reward", cfg.reward, {**shared, "data": judge_data,
+                                                              "output_dir": str(run / "judge"),
+                                                              "model": model_of(cfg.reward, "model", sft_model)})
+    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm=cfg.algorithm, judge=judge)
 
 
 def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
@@ -204,6 +209,19 @@ def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
     save_env_result(results, plan.run / "eval", env.name)
 
 
+def train_judge(plan: Plan) -> str:
+    """eval.judge=train: a second reward model with step 2's settings, trained on the sft and rlhf shards' pairs
+    (step 2 trains on the reward shard's; the eval prompts are the rlhf shard's held-out part), once per run."""
+    out = Path(plan.judge.output_dir) / "model"
+    if out.is_dir():
+        print(f"[pipeline] judge: {out} already trained, reusing it")
+    else:
+        print(f"[pipeline] judge: a second reward model on pairs step 2 never saw -> {out.parent}")
+        STEPS["reward"].load()(plan.judge)
+        release_freed_memory()
+    return str(out)
+
+
 def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
     """Base vs SFT vs the step-3 policy on held-out prompts: reward-model score, win rate, KL to the SFT model, ..."""
     outs = plan.outputs()
@@ -211,11 +229,13 @@ def run_final_eval(cfg: PipelineConfig, plan: Plan) -> None:
         print("[pipeline] eval skipped: not all steps have finished")
         return
     reward_model = cfg.eval.reward_model or (str(outs[2]) if outs[2].is_dir() else None)
+    judge = train_judge(plan) if cfg.eval.judge == "train" else cfg.eval.judge
     prompts, _ = load_records(cfg.data, "rlhf", "eval")
     prompts = prompts[:cfg.eval.num_prompts]
     models = {"base": cfg.model.name_or_path} if cfg.eval.include_base else {}
     models.update({"sft": str(outs[1]), plan.algorithm: str(outs[3])})
-    result = evaluate_models(models, prompts, reward_model=reward_model, reference_model=str(outs[1]),
+    result = evaluate_models(models, prompts, reward_model=reward_model, judge_model=judge,
+                             reference_model=str(outs[1]),
                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                              seed=cfg.seed, dtype=cfg.eval.dtype, max_prompt_tokens=cfg.data.max_prompt_length,
                              log=lambda msg: print(f"[eval] {msg}"))
