@@ -113,12 +113,36 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def cpu_kind() -> str:
+    """'AVX-512-bf16' (native bf16 matmuls: dtype=auto trains in bf16) or 'AVX2' (fp32; bf16 emulated), from the
+    kernel's CPU flags; 'unknown' where /proc/cpuinfo does not exist."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return "AVX-512-bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "AVX2"
+
+
 def machine() -> dict:
     """What the numbers depend on, recorded with every result file."""
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None
-    return dict(measured=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(), gpu=gpu,
-                cores=os.cpu_count(), load_avg_1min=round(os.getloadavg()[0], 2),
+    return dict(measured=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+                threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(), cpu_kind=cpu_kind(),
+                gpu=gpu, cores=os.cpu_count(), load_avg_1min=round(os.getloadavg()[0], 2),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default)"))
+
+
+def update_readme(text: str, marker: str, readme: Path = ROOT / "README.md") -> None:
+    """Replace README's block between `<!-- {marker}:start -->` and `<!-- {marker}:end -->` with `text`: every
+    number in such a block is written by the command that measured it."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    doc = readme.read_text()
+    if start not in doc or end not in doc:
+        sys.exit(f"bench: {readme} has no {start} ... {end} block to write the table into")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    print(f"wrote the {marker} table into {readme.name}")
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, machine, pct, table, write_json
+from common import RESULTS, ROOT, machine, pct, table, update_readme, write_json
 
 PARTS: dict[str, list[str]] = {
     "limits": ["limits.py"], "generate": ["generate.py"], "ppo": ["rl.py", "ppo"], "grpo": ["rl.py", "grpo"],
     "vs-trl": ["vs_trl.py"], "score": ["score.py"], "serve": ["serve.py"],
 }
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def run_part(name: str, out_dir: Path, quick: bool) -> float:
@@ -113,16 +112,6 @@ def render(rows: list[dict], out_dir: Path, quick: bool) -> str:
             + f". Per-part tables and JSON: `{os.path.relpath(out_dir, ROOT)}/`.")
 
 
-def update_readme(text: str, readme: Path = ROOT / "README.md") -> None:
-    doc = readme.read_text()
-    if README_START not in doc or README_END not in doc:
-        sys.exit(f"bench: {readme} has no {README_START} ... {README_END} block to write the table into")
-    head, rest = doc.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}")
-    print(f"wrote the results table into {readme.name}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="*", metavar="PART", help=f"parts to run (default: all): {', '.join(PARTS)}")
@@ -143,7 +132,7 @@ def main() -> None:
     (out_dir / "summary.md").write_text(text + "\n")
     write_json(out_dir / "summary.json", dict(headline=rows, part_seconds=seconds, quick=args.quick, machine=machine()))
     if args.readme:
-        update_readme(text)
+        update_readme(text, "bench")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ headline table is built from them — so the suite cannot rot. Speed itself is n
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ from helpers import REPO, cli_env
 sys.path.insert(0, str(REPO / "bench"))
 
 import common  # noqa: E402  (bench/common.py: FLOP and floor arithmetic, checked by hand below)
-import run as suite  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,18 @@ def test_every_part_writes_its_figures(quick_suite: Path) -> None:
         assert d["phases"]["train"]["of_limit"] > 0 and d["peak_rss_gib"] > d["rss_budget_gib"] > 0
     score = json.loads((quick_suite / "score.json").read_text())
     assert score["cases"]["length-sorted"]["sequences"] == 32  # 16 pairs, both replies
-    assert score["max_score_difference"] < 1e-4  # the batching order must not change a score
+    # the batching order must not change a score beyond rounding: a row scored in another row's place moves it by
+    # the scores' spread (0.28 for the tiny model's 32 scores, whose largest |score| is 0.26)
+    if score["config"]["dtype"] == "bf16":  # dtype=auto on a CPU with native bf16: the dtype `chatrl score` uses
+        # Both orders run the same bf16 model on the same tokens; only the padding differs, hence the summation
+        # order and where activations round to bf16. A score lies on the bf16 grid, whose spacing at the largest
+        # |score| is 2^(floor(log2 max|s|) - 7) (8 significant bits); a differently rounded hidden state (relative
+        # 2^-8) moves it by at most ~1 step and its own rounding by 1 more. Measured (AVX-512-bf16): 1.8e-4, 0.09 of
+        # a step of 2^-9 at max|s| 0.26; a misplaced row is ~140 steps.
+        step = 2.0 ** (math.floor(math.log2(score["max_abs_score"])) - 7)
+        assert score["max_score_difference"] <= 2 * step, (score["max_score_difference"], step)
+    else:
+        assert score["max_score_difference"] < 1e-5  # fp32: summation order only (measured 8e-8)
 
 
 def test_serve_part_measures_both_cases(quick_suite: Path) -> None:
@@ -91,9 +102,11 @@ def test_flop_and_floor_arithmetic_by_hand() -> None:
 
 def test_readme_block_is_replaced_in_place(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{suite.README_START}\nold table\n{suite.README_END}\nrest\n")
-    suite.update_readme("| new |", readme)
-    assert readme.read_text() == f"intro\n{suite.README_START}\n| new |\n{suite.README_END}\nrest\n"
+    start, end = "<!-- demo-rlhf:start -->", "<!-- demo-rlhf:end -->"
+    readme.write_text(f"intro\n<!-- bench:start -->\nbench\n<!-- bench:end -->\n{start}\nold table\n{end}\nrest\n")
+    common.update_readme("| new |", "demo-rlhf", readme)
+    assert readme.read_text() == (f"intro\n<!-- bench:start -->\nbench\n<!-- bench:end -->\n{start}\n| new |\n{end}"
+                                  "\nrest\n")
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:start"):
-        suite.update_readme("| new |", readme)
+        common.update_readme("| new |", "bench", readme)

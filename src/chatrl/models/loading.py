@@ -53,10 +53,16 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
     auto = bf16 when the accelerator (CUDA) or, without one, the CPU has native bf16 support;
     otherwise fp32 (emulated bf16 on an old CPU is slower than fp32 and no more accurate).
+    The environment variable CHATRL_AUTO_DTYPE=fp32|bf16 decides what auto means for a whole run (every step,
+    model and eval), e.g. to run on a bf16 machine what an AVX2 machine runs (`bench/demos.py --dtype fp32`).
     """
     if isinstance(name, torch.dtype):
         return name
     key = name.lower()
+    if key == "auto" and os.environ.get("CHATRL_AUTO_DTYPE"):
+        key = os.environ["CHATRL_AUTO_DTYPE"].lower()
+        if key not in ("bf16", "fp32"):
+            raise ChatrlError(f"CHATRL_AUTO_DTYPE={key!r}: use bf16 or fp32 (or unset it: auto)")
     if key in ("bf16", "bfloat16"):
         return torch.bfloat16
     if key in ("fp32", "float32"):
