@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 # subprocess importing torch/DeepSpeed on one core, so 2 workers on 2 cores took the suite from 34.5 to 18 minutes
 TEST_WORKERS ?= 2
 
-.PHONY: install demo demo-grpo demo-dpo test test-fast lint bench bench-quick clean constraints
+.PHONY: install demo demo-grpo demo-dpo demos-check test test-fast lint bench bench-quick clean constraints
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ constraints: install
 # DPO instead of reward model + PPO; its eval scores with `make demo`'s reward model (configs/demo-dpo.yaml)
 demo-dpo: install
 	$(VENV)/bin/chatrl pipeline --config configs/demo-dpo.yaml
+
+# every demo for 3 seeds against the issue-19 bars; writes bench/results/demos/ and the README's demo tables
+# (DTYPE=fp32 on a bf16 machine runs what an AVX2 machine runs)
+DTYPE ?= auto
+demos-check: install
+	$(PY) bench/demos.py --seeds 1,2,3 --dtype $(DTYPE) --readme
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

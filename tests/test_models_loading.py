@@ -42,6 +42,21 @@ def test_resolve_dtype_names(monkeypatch):
         resolve_dtype("fp8")
 
 
+def test_chatrl_auto_dtype_decides_what_auto_means(monkeypatch):
+    """CHATRL_AUTO_DTYPE=fp32 makes every 'auto' fp32 on a bf16 machine (how bench/demos.py --dtype fp32 runs an
+    AVX2 machine's recipe there); explicit dtypes are untouched; a wrong value is refused, naming the variable."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("CHATRL_AUTO_DTYPE", "fp32")
+    assert resolve_dtype("auto") is torch.float32 and resolve_dtype("bf16") is torch.bfloat16
+    monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("CHATRL_AUTO_DTYPE", "bf16")
+    assert resolve_dtype("auto") is torch.bfloat16
+    monkeypatch.setenv("CHATRL_AUTO_DTYPE", "fp16")
+    with pytest.raises(ChatrlError, match="CHATRL_AUTO_DTYPE"):
+        resolve_dtype("auto")
+
+
 @pytest.mark.parametrize(("caps", "native"), [
     ({"avx2": True, "avx512f": True, "avx512_bf16": False, "amx_bf16": False}, False),  # AVX-512 without bf16
     ({"avx2": True, "avx512_bf16": True}, True),   # Cooper Lake / Zen 4
