@@ -80,11 +80,13 @@ def run(args: argparse.Namespace) -> dict:
                            mfu=mfu(flops, secs, limits, dtype), scores=scores)
         print(f"{name}: {len(ids) / secs:.2f} sequences/s, {real / secs:.0f} tokens/s ({secs:.1f} s)", flush=True)
     sorted_, baseline = cases["length-sorted"], cases["data-order"]
-    worst = max(abs(a - b) for a, b in zip(sorted_.pop("scores"), baseline.pop("scores"), strict=True))
+    scores = sorted_.pop("scores")
+    worst = max(abs(a - b) for a, b in zip(scores, baseline.pop("scores"), strict=True))
     payload = dict(cases=cases, ratio=round(baseline["seconds"] / sorted_["seconds"], 2),
-                   max_score_difference=worst, config=dict(model=args.model, dtype=dtype, data=args.data,
-                                                           pairs=args.pairs, batch_size=args.batch_size,
-                                                           mean_tokens=round(real / len(ids), 1), max_tokens=max(lengths)),
+                   max_score_difference=worst, max_abs_score=max(map(abs, scores)),
+                   config=dict(model=args.model, dtype=dtype, data=args.data, pairs=args.pairs,
+                               batch_size=args.batch_size, mean_tokens=round(real / len(ids), 1),
+                               max_tokens=max(lengths)),
                    limits=limits, machine=machine())
     print(report(payload))
     write_json(args.out, payload)
