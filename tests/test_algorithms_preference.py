@@ -133,6 +133,7 @@ def test_dpo_step_passes_ipo_logratio_and_refuses_it_elsewhere() -> None:
 def test_reference_dtype_auto_is_the_policys(monkeypatch) -> None:
     """On a CPU with native bf16 (where model.dtype=auto means bf16), an fp32 policy still gets an fp32 reference:
     at step 1 both score the pairs alike (a bf16 reference gave a margin of 5e-4 instead of 0)."""
+    monkeypatch.delenv("CHATRL_AUTO_DTYPE", raising=False)  # auto as the machine decides it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: True)
     assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=fp32"])) == "fp32"
