@@ -18,8 +18,8 @@ import yaml
 from chatrl.config import RewardConfig
 from chatrl.configbase import load_config
 from chatrl.models.model_card import BaseModel, DataSource, ModelCard, base_model_of, data_source, front_matter, render
-from chatrl.steps.commands import STEPS
 from chatrl.steps.common import _CARD_KEYS, StepContext, key_settings, model_card
+from chatrl.steps.registry import STEPS
 from helpers import read_metrics, run_cli
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
