@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from chatrl.cli import main
-from chatrl.eval.report import collect_series, env_headline, eval_headline, group_keys, smooth, write_report
+from chatrl.eval.report import (
+    collect_series,
+    env_headline,
+    eval_headline,
+    group_keys,
+    lost_to_start,
+    smooth,
+    write_report,
+)
 from chatrl.eval.results import EvalResult, save_result
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -93,6 +101,27 @@ def test_headlines_say_what_changed():
                                                                     "vs_first_se": 0.0347}}
     assert env_headline(models) == ("grpo: held-out success 35.5% against 15.5% for base (+20.0 points, "
                                     "5.8 s.e. (paired)).")
+
+
+def test_judge_in_the_headline_and_the_lost_to_start_alarm():
+    result = EvalResult(models={"sft": "a", "ppo": "b"})
+    result.metrics = {"sft": {}, "ppo": {"reward_gain": 0.3, "reward_gain_se": 0.1, "judge_gain": -0.25,
+                                         "judge_gain_se": 0.1}}
+    assert eval_headline(result) == ("ppo beat sft by +0.3 reward, 3.0 s.e.; by the judge, ppo scored below sft by "
+                                     "-0.25 judge score, 2.5 s.e..")
+    assert lost_to_start(result) == "ppo lost to the starting model sft by the judge: -0.25 (2.5 s.e.)"
+    result.metrics["ppo"]["judge_gain"] = -0.19  # 1.9 s.e.: level, no alarm
+    assert lost_to_start(result) is None
+
+
+def test_alarms_show_in_a_red_box(tmp_path):
+    run = make_run(tmp_path)
+    _jsonl(run / "ppo" / "alarms.jsonl", [{"step": 7, "kind": "stale_rollout", "message": "differ by <0.5>"}])
+    page = write_report(run).read_text()
+    box = page[page.index("<div class='alarm'>"):]
+    assert "Alarms (1)" in box and "iteration 7: <b>stale_rollout</b> differ by &lt;0.5&gt;" in box
+    assert page.index("id='ppo'") < page.index("<div class='alarm'>")
+    assert page.count("<div class='alarm'") == 1  # sft and reward have none; the eval did not lose
 
 
 def test_report_html_sections_and_missing_parts(tmp_path):

@@ -50,7 +50,8 @@ th{background:#f3f3f3}td.num{text-align:right}.note{color:#8a5a00;font-style:ita
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;white-space:pre-wrap}img{max-width:100%}
 td.resp{white-space:pre-wrap;max-width:420px}.charts{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;border:1px solid #e3e3e3;padding:6px}figcaption{font-weight:600;margin-bottom:4px}
-p.headline{font-size:1.15em;background:#eef6ee;border-left:4px solid #3a7d3a;padding:8px 12px}""".replace(
+p.headline{font-size:1.15em;background:#eef6ee;border-left:4px solid #3a7d3a;padding:8px 12px}
+div.alarm{background:#fdecea;border-left:4px solid #c62828;padding:8px 12px;margin:1em 0;color:#7f1d1d}""".replace(
     "FONTS", _FONTS)
 
 
@@ -97,6 +98,7 @@ def _step_section(folder: Path, step: str) -> str:
              f"(<code>{html.escape(step)}/</code>)</h2>"]
     if not folder.is_dir():
         return parts[0] + _note(f"No {step}/ folder in this run: skipped.")
+    parts.append(alarms_html(folder / "alarms.jsonl"))
     if (folder / "config.yaml").is_file():
         parts.append(_config_block(folder / "config.yaml", f"{step} config"))
     else:
@@ -237,7 +239,11 @@ def _env_eval_html(path: Path) -> str:
     data = json.loads(path.read_text(encoding="utf-8"))
     models = data.get("models", {})
     k = next(iter(models.values()), {}).get("k", 0)
-    out = [_headline(env_headline(models)),
+    last = models[list(models)[-1]] if len(models) > 1 else {}
+    lost = (last.get("vs_first") is not None and last.get("vs_first_se") is not None
+            and last["vs_first"] <= -2 * last["vs_first_se"])
+    out = [_alarm(f"{list(models)[-1]} lost to the starting model on held-out success: {last['vs_first']:+.1%}"
+                  if lost else None), _headline(env_headline(models)),
            f"<p>Environment <code>{html.escape(str(data.get('env')))}</code>, held-out (eval split) tasks.</p>",
            "<table id='env-eval-table'><tr><th>model</th><th>tasks</th><th>success (greedy)</th><th>s.e.</th>"
            f"<th>pass@{k}</th><th>s.e.</th><th>mean return</th><th>vs first model (paired s.e.)</th></tr>"]
@@ -296,6 +302,32 @@ def env_headline(models: dict[str, dict]) -> str | None:
             f"({diff * 100:+.1f} points{sig}).")
 
 
+def alarms_html(path: Path) -> str:
+    """A red box listing a step's alarms: the lines of its alarms.jsonl ({"step", "kind", "message"}, written by
+    the RL steps' `steps.rl_alarms`); "" when it has none."""
+    rows, _ = read_metrics(path) if path.is_file() else ([], 0)
+    if not rows:
+        return ""
+    items = "".join(f"<li>iteration {r.get('step')}: <b>{html.escape(str(r.get('kind')))}</b> "
+                    f"{html.escape(str(r.get('message')))}</li>" for r in rows)
+    return f"<div class='alarm'><b>Alarms ({len(rows)})</b><ul>{items}</ul></div>"
+
+
+def lost_to_start(result: EvalResult) -> str | None:
+    """The alarm text when the last model scored below the first by 2 paired s.e. or more (reward or judge)."""
+    names = list(result.models)
+    last = result.metrics.get(names[-1], {}) if len(names) > 1 else {}
+    for key, what in (("reward_gain", "reward model"), ("judge_gain", "judge")):
+        gain, se = last.get(key), last.get(f"{key}_se")
+        if gain is not None and se is not None and gain <= -2 * se:
+            return f"{names[-1]} lost to the starting model {names[0]} by the {what}: {gain:+.3g} ({abs(gain) / max(se, 1e-12):.1f} s.e.)"
+    return None
+
+
+def _alarm(text: str | None) -> str:
+    return "" if text is None else f"<div class='alarm' id='eval-alarm'><b>Alarm:</b> {html.escape(text)}</div>"
+
+
 def _headline(text: str | None) -> str:
     return "" if text is None else f"<p class='headline' id='headline'>{html.escape(text)}</p>"
 
@@ -312,7 +344,8 @@ def _eval_section(folder: Path) -> str:
         result = load_result(path)
     except ChatrlError as e:
         return head + _note(f"eval/eval.json could not be read: {e}")
-    return head + _headline(eval_headline(result)) + eval_table_html(result) + samples_html(result)
+    return (head + _alarm(lost_to_start(result)) + _headline(eval_headline(result)) + eval_table_html(result)
+            + samples_html(result))
 
 
 def eval_table_html(result: EvalResult) -> str:
