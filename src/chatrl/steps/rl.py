@@ -23,6 +23,7 @@ from chatrl.log import MetricsLogger
 from chatrl.rollout.episodes import Task, run_episodes
 from chatrl.rollout.sampling import GenerationSettings
 from chatrl.steps.common import start_step
+from chatrl.steps.rl_alarms import Alarms
 from chatrl.steps.rl_experience import Scored, episode_tensors, score_episodes, score_rollout
 from chatrl.steps.rl_models import RLModels, build_models, save_models
 from chatrl.steps.rl_update import Experience, policy_update, single_on_policy_step
@@ -153,9 +154,15 @@ def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], 
         means["rm_score_raw"] = scored.rm_score.mean().item()
     out = global_means(means, sums=frozenset({"context_truncated", "empty_responses"}))
     _, reward_var = global_moments(scored.outcome, torch.ones_like(scored.outcome))
-    adv_mean, _ = global_moments(exp.advantages, exp.rollout.action_mask)
+    adv_mean, adv_var = global_moments(exp.advantages, exp.rollout.action_mask)
+    if g > 1:  # what group-relative advantages see (within) against what they remove (between prompts; per process)
+        groups = scored.outcome.reshape(-1, g)
+        spread = {"reward_sd_within_group": groups.var(dim=1).mean().item(),
+                  "reward_sd_between_groups": groups.mean(dim=1).var().item() if len(groups) > 1 else 0.0}
+        out.update({k: math.sqrt(max(v, 0.0)) for k, v in global_means(spread).items()})
     out.update(reward_std=reward_var.sqrt().item(), truncation_rate=1 - out["eos_rate"], kl_coef=beta,
-               advantage_mean=adv_mean.item(), **sampling, **{f"time_{k}": v for k, v in times.items()},
+               advantage_mean=adv_mean.item(), advantage_std=adv_var.sqrt().item(), **sampling,
+               **{f"time_{k}": v for k, v in times.items()},
                generate_tokens_per_s=lengths.sum().item() * world / max(times["generate"], 1e-9))
     return out
 
@@ -175,6 +182,7 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
     kl_ctl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if adaptive else FixedKLController(p.kl_coef)
     bad = BadSteps(cfg.actor_optim.max_bad_steps, setting="actor_optim.max_bad_steps")
     start, cursor = resume(m, cfg, kl_ctl, bad)
+    alarms = Alarms(cfg.output_dir, rank=ctx.rank)
     log = MetricsLogger(cfg.output_dir, rank=ctx.rank, total_steps=p.iterations, start_step=start,
                         report_to=cfg.logging.report_to, progress=cfg.logging.progress, desc=name)
     settings = GenerationSettings(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, do_sample=True,
@@ -205,6 +213,7 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
             metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
                                         r.samples_per_prompt)
             log.log(done, {**metrics, "bad_steps": bad.total})
+            alarms.check(done, metrics)  # a warning line and alarms.jsonl (the report's red box)
             log.advance(1, reward=metrics["reward_mean"], kl=metrics["kl"], len=metrics["response_length"],
                         gen_tok_s=metrics["generate_tokens_per_s"])
             # 7. resumable checkpoint: periodic, at the end, or now when any rank got SIGTERM / SIGINT

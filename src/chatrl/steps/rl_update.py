@@ -5,6 +5,7 @@ critic's update runs only when there is a critic, the KL term only when it sits 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
     local_mini = plan.grad_accum * micro
     max_len = cfg.rollout.max_new_tokens * cfg.env.max_turns  # Dr. GRPO's constant L_max
     sums: dict[str, float] = {}
+    norms: list[float] = []
     count = 0
     for _ in range(p.ppo_epochs):
         for mini in torch.randperm(n).split(local_mini):
@@ -77,7 +79,13 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+            norm = getattr(m.actor, "get_global_grad_norm", lambda: None)()  # of the step that just ran
+            if norm is not None and math.isfinite(float(norm)):
+                norms.append(float(norm))
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    if norms:
+        out["policy_grad_norm"] = sum(norms) / len(norms)  # before clipping, mean over the optimizer steps
+    return out
 
 
 def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
