@@ -91,8 +91,7 @@ def update_gradient(cfg: GRPOConfig, *, kl_coef: float = 0.0, reference: bool = 
                       response_ids=torch.ones(rows, width, dtype=torch.long), response_mask=ones.clone(),
                       action_mask=ones.clone(), logprobs=zeros.clone(), ref_logprobs=torch.full((rows, width), -LN2),
                       values=zeros.clone(), scores=torch.zeros(rows))
-    exp = Experience(rollout, zeros.clone(), zeros.clone(), zeros.clone(), on_policy=True)
-    exp.kl_coef = kl_coef  # the beta the rollout was scored with (the KL controller's), when the update reads it
+    exp = Experience(rollout, zeros.clone(), zeros.clone(), zeros.clone(), on_policy=True, kl_coef=kl_coef)
     actor = FixedLogitsLM([0.0, math.log(3.0)])
     m = SimpleNamespace(actor=FakeEngine(actor), critic=None, reference=object() if reference else None,
                         ptx_batches=None)
