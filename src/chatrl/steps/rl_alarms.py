@@ -23,6 +23,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from chatrl.eval.metrics import mean_se
+
 STALE_LOGPROB_GAP = 0.1  # nats per token, mean |sampler - trainer| log-prob
 ALARMS_FILE = "alarms.jsonl"
 
@@ -62,7 +64,7 @@ def reward_flat(rows: list[dict[str, float]], window: int) -> str | None:
     before, last = rows[-2 * window:-window], rows[-window:]
     r0, r1 = [r["reward_mean"] for r in before], [r["reward_mean"] for r in last]
     k0, k1 = statistics.mean(r["kl"] for r in before), statistics.mean(r["kl"] for r in last)
-    se = statistics.stdev(r0) / math.sqrt(window)
+    se = mean_se(r0)
     rise = statistics.mean(r1) - statistics.mean(r0)
     if rise < se and k1 > 1.5 * max(k0, 1e-3):
         return (f"the mean reward moved {rise:+.3f} (< 1 s.e. = {se:.3f}) over the last {window} iterations while "
