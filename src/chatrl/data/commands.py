@@ -15,11 +15,12 @@ from transformers import AutoTokenizer
 from chatrl.config import DataConfig, SFTConfig
 from chatrl.configbase import load_config
 from chatrl.data.clean import DataReport
-from chatrl.data.prepare import Dataset, load_all_records, read_examples, write_json_atomic
+from chatrl.data.prepare import Dataset, load_all_records, read_examples
 from chatrl.data.schemas import SCHEMAS
 from chatrl.data.templates import render
 from chatrl.errors import ChatrlError
 from chatrl.models.builtin import resolve_model_path
+from chatrl.paths import atomic_write, atomic_write_json
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -130,10 +131,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, records in shards.items():
         lines = "".join(json.dumps(dataclasses.asdict(r), ensure_ascii=False, default=str) + "\n" for r in records)
-        tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text(lines, encoding="utf-8")
-        tmp.replace(out / f"{name}.jsonl")
-    write_json_atomic(out / "report.json", {"config": dataclasses.asdict(cfg), **report.to_dict()})
+        atomic_write(out / f"{name}.jsonl", lines)
+    atomic_write_json(out / "report.json", {"config": dataclasses.asdict(cfg), **report.to_dict()}, ensure_ascii=False)
     print(report.summary())
     print(f"wrote {', '.join(f'{k}.jsonl ({len(v)})' for k, v in shards.items())} and report.json to {out}")
     return 0

@@ -11,8 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -26,7 +24,7 @@ from chatrl.data.templates import template_of
 from chatrl.data.tokenize import encode_conversation, encode_pair, encode_prompt
 from chatrl.data.types import Conversation, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
-from chatrl.paths import cache_dir
+from chatrl.paths import atomic_write_json, cache_dir
 
 log = logging.getLogger("chatrl.data")
 Step = Literal["sft", "reward", "rlhf"]
@@ -241,17 +239,6 @@ def cache_key(cfg: DataConfig, tokenizer: Any, step: str, part: str, train_on_pr
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def tokenized_rows(cfg: DataConfig, tokenizer: Any, step: Step, part: Part, *,
                    train_on_prompt: bool = False) -> list[dict[str, Any]]:
     """Tokenized rows for a step (plain lists, cached under cache_dir("tokenized")):
@@ -278,5 +265,5 @@ def tokenized_rows(cfg: DataConfig, tokenizer: Any, step: Step, part: Part, *,
                           f"data.max_prompt_length={cfg.max_prompt_length}, data.overlength={cfg.overlength}); "
                           "raise the limits or use data.overlength=truncate.\n" + report.summary())
     log.info("data %s/%s: %d tokenized rows\n%s", step, part, len(rows), report.summary())
-    write_json_atomic(path, {"rows": rows, "report": report.to_dict()})
+    atomic_write_json(path, {"rows": rows, "report": report.to_dict()}, ensure_ascii=False)
     return rows

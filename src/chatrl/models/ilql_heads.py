@@ -30,6 +30,7 @@ from torch import nn
 
 from chatrl.algorithms.ilql import polyak_update
 from chatrl.errors import ChatrlError
+from chatrl.paths import atomic_path, atomic_write
 
 WEIGHTS_FILE = "ilql_heads.safetensors"
 META_FILE = "ilql_heads.json"
@@ -154,12 +155,10 @@ def save_heads(heads: ILQLHeads, folder: str | os.PathLike, *, beta: float) -> N
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items() if k != STEP_BUFFER}
-    tmp_weights, tmp_meta = out / f".{WEIGHTS_FILE}.tmp", out / f".{META_FILE}.tmp"
-    save_file(state, str(tmp_weights), metadata={"format": FORMAT})
+    with atomic_path(out / WEIGHTS_FILE) as tmp_weights:
+        save_file(state, str(tmp_weights), metadata={"format": FORMAT})
     hidden, vocab, two_q = heads.meta_shape
-    tmp_meta.write_text(HeadsMeta(hidden, vocab, two_q, float(beta)).to_json())
-    os.replace(tmp_weights, out / WEIGHTS_FILE)
-    os.replace(tmp_meta, out / META_FILE)
+    atomic_write(out / META_FILE, HeadsMeta(hidden, vocab, two_q, float(beta)).to_json())
 
 
 def has_heads(folder: str | os.PathLike) -> bool:

@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.batches import PairBatch
-from chatrl.data.prepare import write_json_atomic
 from chatrl.models.loading import last_positions, resolve_source
-from chatrl.paths import cache_dir
+from chatrl.paths import atomic_write_json, cache_dir
 
 log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
@@ -117,8 +116,8 @@ def cached_reference_logps(rows: Rows, *, reference: str, dtype: str, load_model
         values = compute_reference_logps(model, rows, collate, batch_size)
         del model
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {"reference": reference, "dtype": dtype, "rows_sha256": rows_hash(rows),
-                                 "logps": [list(v) for v in values]})
+        atomic_write_json(path, {"reference": reference, "dtype": dtype, "rows_sha256": rows_hash(rows),
+                                 "logps": [list(v) for v in values]}, ensure_ascii=False)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     values = _read_cache(path, rows)

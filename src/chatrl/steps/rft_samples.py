@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from chatrl.eval.metrics import mean_se
 from chatrl.eval.responses import load_policy
 from chatrl.models.loading import resolve_dtype
 from chatrl.models.reward import load_reward_model
+from chatrl.paths import atomic_write, atomic_write_json
 from chatrl.reward_functions import RewardFunctions
 from chatrl.rollout.episodes import Task, run_episodes
 from chatrl.rollout.hybrid import HybridEngine
@@ -185,17 +184,7 @@ def sample_row(s: Sample) -> dict[str, object]:
 def write_jsonl_atomic(path: Path, samples: Iterable[Sample]) -> Path:
     """One JSON row per sample, written to a temp file and renamed: an existing file is always complete, so a
     restarted run may trust it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(sample_row(s), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, "".join(json.dumps(sample_row(s), ensure_ascii=False) + "\n" for s in samples))
 
 
 def read_samples(path: Path) -> list[Sample]:
@@ -207,7 +196,5 @@ def read_samples(path: Path) -> list[Sample]:
 
 def summary_json(path: Path, data: dict[str, object]) -> None:
     """A small JSON summary written atomically (its presence marks a finished round)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)
 
