@@ -5,9 +5,28 @@ Masks are 1 on real tokens that count and 0 on padding (or on tokens that must n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int,
+             side: Literal["left", "right"] = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ints -> (ids, mask), both [B, T] long with T the longest row (0 when every row is empty): ids
+    filled with `pad` on `side`, mask 1 on the rows' own entries. Left padding puts every row's end in the last
+    column (prompts before generation); right padding keeps position t at column t (training rows)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r}: expected 'left' or 'right'")
+    width = max((len(r) for r in rows), default=0)
+    ids, mask = [], []
+    for r in rows:
+        fill = width - len(r)
+        ids.append([pad] * fill + list(r) if side == "left" else list(r) + [pad] * fill)
+        mask.append([0] * fill + [1] * len(r) if side == "left" else [1] * len(r) + [0] * fill)
+    shape = (len(rows), width)
+    return (torch.tensor(ids, dtype=torch.long).reshape(shape), torch.tensor(mask, dtype=torch.long).reshape(shape))
 
 
 class _TensorBatch:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from chatrl.batches import PairBatch, PromptBatch, TokenBatch
+from chatrl.batches import PairBatch, PromptBatch, TokenBatch, pad_rows
 from chatrl.data.templates import end_of_turn_text, render
 from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
@@ -163,22 +163,12 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 
-def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Pad lists of ints to one [B, T] long tensor."""
-    width = max((len(s) for s in seqs), default=0)
-    rows = [([value] * (width - len(s)) + list(s)) if left else (list(s) + [value] * (width - len(s))) for s in seqs]
-    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width)
-
-
-def _mask(seqs: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
-    return _pad([[1] * len(s) for s in seqs], 0, left)
-
-
 def collate_sft(rows: Sequence[dict[str, Any]], pad_id: int) -> TokenBatch:
     """Right-pad SFT rows to [B, T]; labels are -100 on padding."""
     ids = [r["input_ids"] for r in rows]
-    return TokenBatch(input_ids=_pad(ids, pad_id), attention_mask=_mask(ids),
-                      labels=_pad([r["labels"] for r in rows], IGNORE))
+    input_ids, attention_mask = pad_rows(ids, pad_id)
+    return TokenBatch(input_ids=input_ids, attention_mask=attention_mask,
+                      labels=pad_rows([r["labels"] for r in rows], IGNORE)[0])
 
 
 def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int) -> PairBatch:
@@ -189,18 +179,20 @@ def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int) -> PairBatch:
     reply_mask = None
     if all("chosen_prompt_len" in r for r in rows):
         starts = [r["chosen_prompt_len"] for r in rows] + [r["rejected_prompt_len"] for r in rows]
-        reply_mask = _pad([[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, starts, strict=True)], 0)
+        reply_mask = pad_rows([[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, starts, strict=True)], 0)[0]
     ref = None
     if all("ref_logps" in r for r in rows):
         ref = torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows], dtype=torch.float32)
-    return PairBatch(input_ids=_pad(seqs, pad_id), attention_mask=_mask(seqs), margin=margin, reply_mask=reply_mask,
+    input_ids, attention_mask = pad_rows(seqs, pad_id)
+    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, margin=margin, reply_mask=reply_mask,
                      ref_logps=ref)
 
 
 def collate_prompts(rows: Sequence[dict[str, Any]], pad_id: int) -> PromptBatch:
     """LEFT-pad prompts to [B, P] so every prompt ends at the last column."""
     seqs = [r["prompt_ids"] for r in rows]
-    return PromptBatch(input_ids=_pad(seqs, pad_id, left=True), attention_mask=_mask(seqs, left=True))
+    input_ids, attention_mask = pad_rows(seqs, pad_id, side="left")
+    return PromptBatch(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:

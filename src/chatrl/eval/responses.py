@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from chatrl.algorithms.losses import token_logprobs
+from chatrl.batches import pad_rows
 from chatrl.data.tokenize import assistant_spans, encode_prompt, length_batches
 from chatrl.data.types import Message
 from chatrl.eval.metrics import position_kl
@@ -85,9 +86,7 @@ def generate(model, tok, prompts: Sequence[Sequence[Message]], *, max_new_tokens
     responses: list[list[int]] = [[] for _ in prompt_ids]
     for rows in length_batches([len(p) for p in prompt_ids], batch_size):  # prompts of similar length together
         chunk = [prompt_ids[i] for i in rows]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        input_ids, mask = pad_rows(chunk, pad, side="left")
         out, out_mask = engine_generate(model, input_ids, mask, settings, eos, pad)
         for i, row, n in zip(rows, out.tolist(), out_mask.sum(-1).tolist(), strict=True):
             responses[i] = row[:n]  # up to and including the first EOS
@@ -104,9 +103,8 @@ def response_step_logits(model, prompt_ids: Sequence[list[int]], response_ids: S
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
     for batch in length_batches(lengths, batch_size):
         rows = [list(prompt_ids[b]) + list(response_ids[b]) for b in batch]
-        width = max(len(x) for x in rows)
-        ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in rows])
-        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
+        ids, attn = pad_rows(rows, pad_id)
+        width = ids.shape[1]
         first = max(0, min(len(prompt_ids[b]) for b in batch) - 1)  # no prompt logits are ever read before this
         logits = model(input_ids=ids, attention_mask=attn,
                        logits_to_keep=last_positions(width, width - first)).logits  # B x (T - first) x V
@@ -155,9 +153,7 @@ def reward_scores(model, tok, prompts: Sequence[Sequence[Message]], replies: Seq
     encoded = [reward_ids(tok, m, r, max_len) for m, r in zip(prompts, replies, strict=True)]
     scores = [0.0] * len(encoded)
     for batch in length_batches([len(e) for e in encoded], batch_size):  # similar lengths: little padding
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.tensor([encoded[i] + [pad] * (width - len(encoded[i])) for i in batch])
-        attn = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
+        ids, attn = pad_rows([encoded[i] for i in batch], pad)
         for i, s in zip(batch, sequence_scores(model, ids, attn).tolist(), strict=True):
             scores[i] = s
         advance(len(batch))
