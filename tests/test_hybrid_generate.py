@@ -189,11 +189,15 @@ def test_sampling_top_k_1_is_greedy_and_seed_reproducible(model):
 
 
 def test_logprobs_match_training_forward(model):
-    """Log-probs returned while decoding == those of one teacher-forced forward over prompt + response."""
+    """Log-probs returned while decoding == those of one teacher-forced forward over prompt + response, under the
+    full softmax at the sampling temperature (not the top-k-truncated one, not EOS-blocked by min_new_tokens)."""
     ids, mask = left_padded()
-    s = GenerationSettings(max_new_tokens=9, do_sample=True, temperature=1.3, top_k=30, seed=1)
-    resp, resp_mask, logps = generate(model, ids, mask, s, eos_token_id=int(ids[0, -1]), pad_token_id=PAD,
-                                      return_logprobs=True)
+    s = GenerationSettings(max_new_tokens=9, min_new_tokens=2, do_sample=True, temperature=1.3, top_k=30, seed=1)
+    with torch.no_grad():  # EOS = row 0's likeliest first token, so blocking it at step 0 moves row 0's log-probs
+        first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    eos = int(first[0, -1].argmax())
+    assert torch.softmax(first[0, -1] / 1.3, -1)[eos] > 0.01  # log(1 - p_eos) < -0.01: far outside the tolerance
+    resp, resp_mask, logps = generate(model, ids, mask, s, eos_token_id=eos, pad_token_id=PAD, return_logprobs=True)
     full = torch.cat([ids, resp], dim=1)
     full_mask = torch.cat([mask, resp_mask], dim=1)
     pos = (full_mask.cumsum(1) - 1).clamp(min=0)
@@ -201,7 +205,7 @@ def test_logprobs_match_training_forward(model):
         logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.float()
     p = ids.shape[1]
     step_logits = logits[:, p - 1: -1]  # logits that predicted each response token
-    want = torch.log_softmax(step_logits, -1).gather(2, resp[..., None]).squeeze(2) * resp_mask
+    want = torch.log_softmax(step_logits / 1.3, -1).gather(2, resp[..., None]).squeeze(2) * resp_mask
     assert logps.shape == resp.shape
     torch.testing.assert_close(logps, want, atol=1e-4, rtol=1e-4)
     assert (logps[resp_mask == 0] == 0).all() and (logps[resp_mask == 1] < 0).all()
@@ -273,3 +277,22 @@ def test_warning_filters_error_on_deprecated_model_kwargs(model):
     with pytest.raises(FutureWarning, match="past_key_values"):
         model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)  # the current keyword: no error
+
+
+def test_pad_is_never_sampled(model):
+    """A model whose logits favour the pad token (+30 on it: p(pad) ~ 1) still never emits pad inside a reply, sampled
+    or greedy; with pad == eos the pad is EOS and is emitted (it ends the reply)."""
+    ids, mask = left_padded()
+    bias = torch.zeros(model.config.vocab_size)
+    bias[PAD] = 30.0
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+    try:
+        sample = GenerationSettings(max_new_tokens=6, do_sample=True, seed=3)
+        for s in (sample, greedy(6)):
+            resp, resp_mask = generate(model, ids, mask, s, eos_token_id=-1, pad_token_id=PAD)
+            assert resp.shape == (len(LENS), 6) and resp_mask.all()
+            assert not (resp == PAD).any()
+        resp, resp_mask = generate(model, ids, mask, sample, eos_token_id=PAD, pad_token_id=PAD)
+        assert (resp[:, 0] == PAD).all() and resp_mask.sum(1).tolist() == [1] * len(LENS)
+    finally:
+        hook.remove()

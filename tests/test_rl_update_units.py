@@ -221,3 +221,43 @@ def test_the_entropy_bonus_raises_the_entropy():
     table = TableLM().table.detach()
     assert stats["entropy"] == pytest.approx(mean_entropy(table), rel=1e-5)
     assert mean_entropy(table - 0.5 * grad) > mean_entropy(table) + 1e-4
+
+
+# ----------------------------------------------------------------------------- truncated importance sampling
+
+
+def test_tis_weights_each_tokens_policy_term_in_the_update():
+    """rollout.is_correction=tis: old log-probs = the actor's own (ratio 1), sampler log-probs = old - log w, so the
+    weights are w = [0.5, 3 -> capped 2] (A = +1) and [1, 0.25] (A = -1): the token-mean loss is
+    (-0.5 - 2 + 1 + 0.25) / 4 = -0.3125 (0 without the correction); mean weight 3.75 / 4, one token of 4 capped."""
+    from chatrl.steps.rl_experience import joined, response_logprobs
+
+    exp = experience([2, 2], [1.0, -1.0], on_policy=False, width=2)
+    r = exp.rollout
+    ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+    with torch.no_grad():
+        r.logprobs = response_logprobs(TableLM(), ids, attn, 1)
+    r.sampler_logprobs = r.logprobs - torch.tensor([[0.5, 3.0], [1.0, 0.25]]).log()
+    cfg = grpo()
+    stats, _, _ = run(cfg, exp, micro=2)
+    assert abs(stats["policy_loss"]) < 1e-6 and "is_weight_mean" not in stats
+    cfg.rollout.is_correction = "tis"
+    stats, _, _ = run(cfg, exp, micro=2)
+    assert stats["policy_loss"] == pytest.approx(-0.3125, abs=1e-6)
+    assert stats["is_weight_mean"] == pytest.approx(0.9375, abs=1e-6) and stats["is_capped_frac"] == 0.25
+
+
+def test_on_policy_update_records_its_first_forward_as_the_old_logprobs():
+    """The on-policy shortcut skips the scoring pass (rollout.logprobs = 0): the update writes its own first forward
+    there, so the agreement metrics compare the sampler with what the update used (micro-batches of 1 row each)."""
+    from chatrl.steps.rl_experience import joined, response_logprobs
+
+    exp = experience([2, 1, 2], [1.0, -1.0, 0.5], on_policy=True, width=2)
+    r = exp.rollout
+    assert not r.logprobs.any()
+    run(grpo(), exp, micro=1)
+    ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+    with torch.no_grad():
+        want = response_logprobs(TableLM(), ids, attn, 1)
+    assert (want < -0.01).all()
+    assert_close(r.logprobs, want)

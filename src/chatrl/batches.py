@@ -83,6 +83,8 @@ class Rollout(_TensorBatch):
     logprobs, ref_logprobs:   [B, R] log pi(a_t | s_t) of the actor / frozen reference at generation time
     values:                   [B, R] critic value of the state before each response token
     scores:                   [B]    sequence reward (reward model + reward functions), before KL shaping
+    sampler_logprobs:         [B, R] log-probs of the sampled tokens under the rollout's inference copy (full
+                              softmax(logits / T)), 0 off the actions; None when not recorded
     """
 
     prompt_ids: torch.Tensor
@@ -94,3 +96,9 @@ class Rollout(_TensorBatch):
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None
+
+    def rows(self, idx: torch.Tensor) -> Rollout:
+        """Rows `idx` of every tensor field (None fields stay None)."""
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                          for f in fields(self)})

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from chatrl.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from chatrl.algorithms.correction import IS_CORRECTIONS
 from chatrl.algorithms.kl import LOSS_KL_ESTIMATORS
 from chatrl.algorithms.losses import LOSS_AGGREGATIONS
 from chatrl.config import (
@@ -56,10 +57,18 @@ class RolloutConfig:
     prompts_per_rollout: int = opt(16, "prompts (episodes' tasks) per iteration, over all processes")
     samples_per_prompt: int = opt(1, "responses (episodes) sampled per prompt: the group size G")
     max_new_tokens: int = opt(64, "max tokens of one assistant turn")
-    min_new_tokens: int = opt(1, "EOS is blocked before this many tokens")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling mass")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
+    min_new_tokens: int = opt(1, "EOS is blocked before this many tokens (sampling only: the update scores the "
+                                 "full softmax, EOS included)")
+    temperature: float = opt(1.0, "sampling temperature; the update scores log-probs of softmax(logits / T) too")
+    top_p: float = opt(1.0, "nucleus sampling mass. Like top_k and min_new_tokens it truncates the distribution "
+                            "only at sampling: the update scores the full tempered softmax, so the sampled and the "
+                            "scored policies differ there (the pad token is never sampled, unless pad = eos)")
+    top_k: int = opt(0, "top-k sampling (0 = off); sampling only, as top_p")
+    is_correction: Literal[tuple(IS_CORRECTIONS)] = opt(
+        "none", "correction of the rollout/training mismatch (the inference copy's log-probs vs the actor's, logged "
+                "as agreement/*): tis = truncated importance sampling, each token's policy-gradient term times "
+                "min(exp(old_logprob - sampler_logprob), is_cap), detached (Yao et al. 2025; veRL rollout_is)")
+    is_cap: float = opt(2.0, "the cap of the truncated importance weight (rollout.is_correction=tis)")
     inference_dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the actor's inference copy")
     release_memory: bool = opt(True, "free the inference copy after each rollout (bounded peak memory)")
     compile: bool = opt(False, "torch.compile the decode step (Llama-architecture actors): ~1.3-1.5x faster "
@@ -235,6 +244,8 @@ class RLStepConfig:
             raise ChatrlError("dynamic_sampling needs rollout.samples_per_prompt >= 2 (it drops tied groups)")
         if r.min_new_tokens > r.max_new_tokens:
             raise ChatrlError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
+        if not r.is_cap > 0:
+            raise ChatrlError(f"rollout.is_cap={r.is_cap} must be > 0 (the truncated importance weight's cap)")
         if p.overlong_buffer < 0 or p.overlong_buffer > r.max_new_tokens:
             raise ChatrlError(f"overlong_buffer={p.overlong_buffer} must be in 0..rollout.max_new_tokens")
         if self.env.max_turns < 1 or self.env.max_context <= r.max_new_tokens:

@@ -24,6 +24,7 @@ losses       aggregate(per_token[B,R], mask, mode, denom=None) (token_mean / seq
              LOSS_AGGREGATIONS, POLICY_LOSSES, VALUE_LOSSES, REWARD_LOSSES
 ilql         ILQL (Snell et al. 2022): next_action_values, bellman_targets, q_bellman_loss, expectile_loss,
              cql_loss, awac_loss, ilql_loss -> (loss, stats), polyak_update, guided_logits, ILQL_LOSSES
+correction   truncated_is_weight(old_logp, sampler_logp, mask, cap) -> (weight, stats) (TIS), IS_CORRECTIONS
 registry     lookup(table, name, what): table[name] or a ValueError listing the choices
 """
 
@@ -36,6 +37,7 @@ from chatrl.algorithms.advantages import (
     rloo_advantages,
 )
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
+from chatrl.algorithms.correction import IS_CORRECTIONS, truncated_is_weight
 from chatrl.algorithms.ilql import (
     ILQL_LOSSES,
     awac_loss,
@@ -78,6 +80,7 @@ from chatrl.algorithms.rewards import (
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "ILQL_LOSSES",
+    "IS_CORRECTIONS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "LOSS_KL_ESTIMATORS",
@@ -121,6 +124,7 @@ __all__ = [
     "sft_loss",
     "shape_rewards",
     "token_logprobs",
+    "truncated_is_weight",
     "turn_rewards",
     "value_loss",
     "zero_masked",

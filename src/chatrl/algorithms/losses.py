@@ -11,7 +11,8 @@ a dict of DETACHED 0-d tensors (call `.item()` when logging; tensors can be aver
                 seq_mean_token_sum_norm: sum_{i,t} l_it m_it / (B * L_max)            (Dr. GRPO: L_max constant)
   policy_loss   L = agg_t max(-A_t r_t, -A_t clip(r_t, 1-e_low, 1+e_high)),  r_t = exp(logp_t - old_logp_t)
                 (e_high > e_low is DAPO's clip-higher); GSPO (Zheng et al. 2025, level="sequence"):
-                r_t = exp(mean_t' (logp_t' - old_logp_t')) for every token of the row (one ratio per sequence)
+                r_t = exp(mean_t' (logp_t' - old_logp_t')) for every token of the row (one ratio per sequence);
+                each token's term times a detached weight w_t when given (truncated IS: `correction`)
   value_loss    L = 0.5 * agg_t max((v_t - R_t)^2, (clip(v_t, old_t - e, old_t + e) - R_t)^2)
   entropy       H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv
   pairwise      L = mean_i -log sigmoid(r_c,i - r_r,i - m_i) + c * mean_i (r_c,i + r_r,i)^2
@@ -85,12 +86,14 @@ def policy_loss(
     agg: str = "token_mean",
     max_len: int | None = None,
     denom: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """Clipped PPO surrogate (Schulman et al. 2017), [B, R] inputs -> 0-d loss.
 
     ratio r = exp(logprobs - old_logprobs) per token (level="token"), or GSPO's one ratio per sequence
     exp(mean_t log-ratio) (level="sequence"); per token max(-A r, -A clip(r, 1 - e_low, 1 + e_high)) with
     e_low = clip_eps and e_high = clip_eps_high (default: clip_eps); reduced with `aggregate(agg, denom=denom)`.
+    weights: a per-token factor [B, R] on that term, used detached (`algorithms.correction`: truncated IS).
     stats: clipfrac = share of counted tokens where the clipped term is the larger one (strictly); of which
            clipfrac_low (r < 1 - e_low, A < 0) and clipfrac_high (r > 1 + e_high, A > 0);
            approx_kl = masked mean of 0.5 (logprobs - old_logprobs)^2, ratio_mean = masked mean of r.
@@ -106,7 +109,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len=max_len, denom=denom)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = aggregate(per_token, mask, agg, max_len=max_len, denom=denom)
     with torch.no_grad():
         was_clipped = clipped > unclipped
         stats = {

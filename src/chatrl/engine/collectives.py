@@ -40,6 +40,15 @@ def global_sum_tensor(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def global_max(value: float) -> float:
+    """The largest `value` over ranks."""
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def global_mean(value: float) -> float:
     return global_sum(value) / (dist.get_world_size() if distributed() else 1)
 

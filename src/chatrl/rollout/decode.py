@@ -230,8 +230,12 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
 
     prompt_ids, prompt_mask: [B, P].
     Returns (response_ids [B, R], response_mask [B, R]) — right padded with `pad_token_id` after EOS, mask 1
-    up to and including EOS — plus logprobs [B, R] (float32, log pi(token) under the raw logits seen while
-    decoding, 0 on padding) when `return_logprobs`. R = the longest response (<= max_new_tokens).
+    up to and including EOS — plus logprobs [B, R] when `return_logprobs`: float32 log softmax(logits / T)[token]
+    of each sampled token under this model's full tempered distribution (T = settings.temperature when sampling,
+    1 when greedy), taken BEFORE the sampler's truncation (EOS blocked before min_new_tokens, pad blocked, top-k,
+    top-p): the distribution the trainer scores (`steps.rl_experience.response_logprobs`); 0 on padding.
+    R = the longest response (<= max_new_tokens).
+    The pad token is never emitted as a reply token (blocked at every step unless pad == eos).
 
     synced: several processes (ZeRO-3): every rank keeps running forwards (a 1-row dummy once its own rows
       are done) until all ranks are done, so per-forward collectives stay matched; R is then equal on all ranks.
@@ -273,15 +277,20 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
     done = torch.zeros(b0, dtype=torch.bool, device=device)
     dummy = False  # True once this rank only runs placeholder forwards for the others (synced)
     steps = 0
+    scale = settings.temperature if settings.do_sample else 1.0
+    block_pad = pad_token_id != eos_token_id and 0 <= pad_token_id
     for t in range(max_new):
+        scored = logits / scale if logps is not None else None  # full tempered softmax, before any blocking
         if t < settings.min_new_tokens:
             block_token(logits, eos_token_id)
+        if block_pad and pad_token_id < logits.shape[-1]:  # a pad mid-reply would count as a real token
+            block_token(logits, pad_token_id)
         tok = pick_tokens(logits, settings, gen)
         tok = tok.masked_fill(done, pad_token_id)  # rows finished since the last check emit pad
         if not dummy:
             out[rows, t] = tok
-            if logps is not None:
-                logps[rows, t] = token_logprobs(logits[:, None], tok[:, None])[:, 0].masked_fill(done, 0.0)
+            if scored is not None:
+                logps[rows, t] = token_logprobs(scored[:, None], tok[:, None])[:, 0].masked_fill(done, 0.0)
         steps = t + 1
         done = done | (tok == eos_token_id)
         if t + 1 == max_new:

@@ -48,6 +48,8 @@ class EpisodeBatch:
     prompt_ids: list[list[int]] = field(default_factory=list)      # first observation + generation prompt
     response_ids: list[list[int]] = field(default_factory=list)    # model turns and environment messages
     action_mask: list[list[int]] = field(default_factory=list)     # 1 on tokens the model generated
+    sampler_logprobs: list[list[float]] = field(default_factory=list)  # log-prob of each generated token under the
+    #   inference copy's full softmax(logits / T), before top-k/top-p/EOS/pad blocking; 0 on environment tokens
     turn_ends: list[list[int]] = field(default_factory=list)       # column of each turn's last generated token
     turn_rewards: list[list[float]] = field(default_factory=list)  # the environment's reward per turn
     last_reply_ids: list[list[int]] = field(default_factory=list)  # the final turn's generated tokens
@@ -82,6 +84,7 @@ class _Episode:
     conversation: list[Message]
     response: list[int] = field(default_factory=list)
     actions: list[int] = field(default_factory=list)
+    sampler_logprobs: list[float] = field(default_factory=list)
     turn_ends: list[int] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
     last_reply: list[int] = field(default_factory=list)
@@ -165,21 +168,24 @@ def run_episodes(hybrid: HybridEngine, tokenizer: PreTrainedTokenizerBase, envs:
                 settings.seed = base_seed + turn * 1_000_003
             rows = [ep.prompt_ids + ep.response for ep in active] or [[pad_id]]  # a dummy row keeps ranks in step
             ids, mask = _left_pad(rows, pad_id, device)
-            out_ids, out_mask = hybrid.generate(ids, mask, settings, eos_token_id=eos_id, pad_token_id=pad_id,
-                                                synced=synced)
-            for ep, gen, n in zip(active, out_ids.tolist(), out_mask.sum(-1).tolist(), strict=False):
-                _take_turn(ep, gen[:n], tokenizer, env_name, eos_id, last_turn=turn == max_turns - 1)
+            out_ids, out_mask, out_logps = hybrid.generate(ids, mask, settings, eos_token_id=eos_id,
+                                                           pad_token_id=pad_id, synced=synced, return_logprobs=True)
+            for ep, gen, lps, n in zip(active, out_ids.tolist(), out_logps.tolist(), out_mask.sum(-1).tolist(),
+                                       strict=False):
+                _take_turn(ep, gen[:n], lps[:n], tokenizer, env_name, eos_id, last_turn=turn == max_turns - 1)
     settings.seed = base_seed
     return _collect(episodes)
 
 
-def _take_turn(ep: _Episode, reply_ids: list[int], tokenizer: PreTrainedTokenizerBase, env_name: str, eos_id: int,
-               last_turn: bool) -> None:
-    """Append one generated reply, step the environment with its text, append the environment's answer."""
+def _take_turn(ep: _Episode, reply_ids: list[int], reply_logprobs: list[float], tokenizer: PreTrainedTokenizerBase,
+               env_name: str, eos_id: int, last_turn: bool) -> None:
+    """Append one generated reply (and its sampler log-probs), step the environment with its text, append the
+    environment's answer (log-prob 0: the model did not sample it)."""
     ended = bool(reply_ids) and reply_ids[-1] == eos_id
     reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
     ep.response += reply_ids
     ep.actions += [1] * len(reply_ids)
+    ep.sampler_logprobs += reply_logprobs
     ep.turn_ends.append(max(len(ep.response) - 1, 0))
     ep.last_reply, ep.last_eos = reply_ids, ended
     result = validate_step(env_name, call_env(env_name, "step()", ep.env.step, reply))
@@ -194,12 +200,14 @@ def _take_turn(ep: _Episode, reply_ids: list[int], tokenizer: PreTrainedTokenize
     glue = continuation_ids(tokenizer, before, reply, ended, result.messages)
     ep.response += glue
     ep.actions += [0] * len(glue)
+    ep.sampler_logprobs += [0.0] * len(glue)
 
 
 def _collect(episodes: list[_Episode]) -> EpisodeBatch:
     return EpisodeBatch(
         prompt_ids=[ep.prompt_ids for ep in episodes], response_ids=[ep.response for ep in episodes],
-        action_mask=[ep.actions for ep in episodes], turn_ends=[ep.turn_ends for ep in episodes],
+        action_mask=[ep.actions for ep in episodes], sampler_logprobs=[ep.sampler_logprobs for ep in episodes],
+        turn_ends=[ep.turn_ends for ep in episodes],
         turn_rewards=[ep.turn_rewards for ep in episodes], last_reply_ids=[ep.last_reply for ep in episodes],
         last_reply_eos=[ep.last_eos for ep in episodes], prompts=[ep.prompt for ep in episodes],
         conversations=[ep.conversation for ep in episodes], infos=[ep.info for ep in episodes],

@@ -23,6 +23,7 @@ from chatrl.log import MetricsLogger
 from chatrl.rollout.episodes import Task, run_episodes
 from chatrl.rollout.sampling import GenerationSettings
 from chatrl.steps.common import start_step
+from chatrl.steps.rl_agreement import agreement_metrics, probe_before_update
 from chatrl.steps.rl_alarms import Alarms
 from chatrl.steps.rl_experience import Scored, episode_tensors, score_episodes, score_rollout
 from chatrl.steps.rl_models import RLModels, build_models, save_models
@@ -200,6 +201,7 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
             times["generate"] = time.perf_counter() - t0
             # 3-4. log-probs (actor, reference, critic), KL, token rewards, advantages
             exp = make_experience(m, cfg, scored, kl_ctl.value, times)
+            probe = probe_before_update(m, exp, r.temperature, settings.seed)  # sampler vs actor, full vocabulary
             # 5. policy (and critic) update over mini-batches (a step whose loss or gradients are not finite is
             #    skipped), then the Hybrid Engine's copy is marked stale
             t0 = time.perf_counter()
@@ -212,6 +214,7 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
             # 6. log rewards, success, KL, lengths, losses, clip fractions, sampling counts, phase times
             metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
                                         r.samples_per_prompt)
+            metrics.update(agreement_metrics(exp.rollout, *probe))  # the inference copy vs the trainer
             log.log(done, {**metrics, "bad_steps": bad.total})
             alarms.check(done, metrics)  # a warning line and alarms.jsonl (the report's red box)
             log.advance(1, reward=metrics["reward_mean"], kl=metrics["kl"], len=metrics["response_length"],

@@ -64,6 +64,8 @@ class EpisodeTensors:
     action_mask: torch.Tensor
     env_rewards: torch.Tensor    # [B, R] per-turn rewards on each turn's last generated token, discounted per turn
     final_discount: torch.Tensor  # [B] gamma^k of the last turn k: the final score's discount (same token)
+    sampler_logprobs: torch.Tensor | None = None  # [B, R] the sampler's log-probs (EpisodeBatch.sampler_logprobs),
+    #                                               0 off the actions; None when the batch carries none
 
 
 def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torch.device) -> EpisodeTensors:
@@ -92,9 +94,15 @@ def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torc
         valid[i, :k] = 1
     env_rewards = turn_rewards(values, positions, valid, rlen, gamma)
     final_discount = torch.tensor([gamma ** max(len(t) - 1, 0) for t in batch.turn_rewards], dtype=torch.float32)
+    sampler = None
+    if len(batch.sampler_logprobs) == n:
+        sampler = torch.zeros((n, rlen), dtype=torch.float32)
+        for i, lps in enumerate(batch.sampler_logprobs):
+            sampler[i, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        sampler = (sampler * action_mask).to(device)
     return EpisodeTensors(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device),
                           response_mask.to(device), action_mask.to(device), env_rewards.to(device),
-                          final_discount.to(device))
+                          final_discount.to(device), sampler)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -194,10 +202,10 @@ def score_rollout(*, actor: nn.Module | None, reference: nn.Module | None, criti
     values = response_values(critic, ids, mask, plen) if critic is not None else torch.zeros_like(logprobs)
     return Rollout(prompt_ids=t.prompt_ids, prompt_mask=t.prompt_mask, response_ids=t.response_ids,
                    response_mask=t.response_mask, action_mask=t.action_mask, logprobs=logprobs,
-                   ref_logprobs=ref_logprobs, values=values * t.action_mask, scores=scores)
+                   ref_logprobs=ref_logprobs, values=values * t.action_mask, scores=scores,
+                   sampler_logprobs=t.sampler_logprobs)
 
 
 def select(rollout: Rollout, idx: torch.Tensor, **extra: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:
     """Rows `idx` of a rollout (and of extra per-row tensors such as advantages)."""
-    fields = {k: getattr(rollout, k)[idx] for k in rollout.__dataclass_fields__}
-    return Rollout(**fields), {k: v[idx] for k, v in extra.items()}
+    return rollout.rows(idx), {k: v[idx] for k, v in extra.items()}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chatrl.algorithms.correction import IS_CORRECTIONS
 from chatrl.algorithms.kl import kl_loss
 from chatrl.algorithms.losses import (
     aggregate,
@@ -36,12 +37,12 @@ class Experience:
     kl: torch.Tensor           # per-token KL estimate (0 off the actions)
     advantages: torch.Tensor
     returns: torch.Tensor      # the critic's targets (GAE); = advantages for critic-free estimators
-    on_policy: bool = False    # rollout.logprobs were not computed: the update's forward (detached) stands in
+    on_policy: bool = False    # rollout.logprobs were not computed: the update's forward (detached) stands in,
+    #                            and `policy_update` writes it into rollout.logprobs (the agreement metrics read it)
     kl_coef: float = 0.0       # beta of a KL in the loss: the KL controller's value when the rollout was scored
 
     def rows(self, idx: torch.Tensor) -> Experience:
-        fields = {k: getattr(self.rollout, k)[idx] for k in self.rollout.__dataclass_fields__}
-        return Experience(Rollout(**fields), self.kl[idx], self.advantages[idx], self.returns[idx], self.on_policy,
+        return Experience(self.rollout.rows(idx), self.kl[idx], self.advantages[idx], self.returns[idx], self.on_policy,
                           self.kl_coef)
 
 
@@ -75,7 +76,10 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
             units = global_sum_tensor(aggregation_units(exp.rollout.action_mask[mini], p.aggregation))
             denom = units.clamp(min=1) / (plan.grad_accum * plan.world)
             for idx in mini.split(micro):
-                stats = _micro_step(m, exp.rows(idx), cfg, max_len, denom, bad)
+                mb = exp.rows(idx)
+                stats = _micro_step(m, mb, cfg, max_len, denom, bad)
+                if exp.on_policy:  # one epoch, one mini-batch: each row's first and only forward
+                    exp.rollout.logprobs[idx] = mb.rollout.logprobs
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -99,16 +103,19 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
     logits = response_logits(m.actor, ids, attn, plen, cfg.rollout.temperature)
     logprobs = token_logprobs(logits, r.response_ids)
     old_logprobs = logprobs.detach() if mb.on_policy else r.logprobs
+    if mb.on_policy:
+        r.logprobs = old_logprobs
+    weights, is_stats = _is_weights(cfg, old_logprobs, r.sampler_logprobs, mask)
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, p.clip_eps,
                                     clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
-                                    agg=p.aggregation, max_len=max_len, denom=denom)
+                                    agg=p.aggregation, max_len=max_len, denom=denom, weights=weights)
     # logged always (the token mean), a loss term only with a bonus: without one, no graph keeps its [B, R, V]
     # softmax for backward
     with torch.set_grad_enabled(p.entropy_coef != 0 and torch.is_grad_enabled()):
         entropy = entropy_from_logits(logits)
     loss = pg_loss - p.entropy_coef * agg(entropy, mask) if p.entropy_coef else pg_loss
     stats = {"policy_loss": pg_loss.item(), "entropy": masked_mean(entropy.detach(), mask).item(),
-             **{f"policy_{k}": float(v) for k, v in pg_stats.items()}}
+             **{f"policy_{k}": float(v) for k, v in pg_stats.items()}, **{k: float(v) for k, v in is_stats.items()}}
     if p.kl_in == "loss" and m.reference is not None:
         kl_term = kl_loss(logprobs, r.ref_logprobs, mask, p.kl_estimator, agg=agg)
         loss = loss + mb.kl_coef * kl_term  # the controller's beta (adaptive with kl_target), not the initial one
@@ -125,3 +132,15 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
         bad.backward_step(m.critic, v_loss)
         stats.update(value_loss=v_loss.item(), **{f"value_{k}": float(v) for k, v in v_stats.items()})
     return stats
+
+
+def _is_weights(cfg: RLStepConfig, old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor | None,
+                mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The per-token weight of `rollout.is_correction` (None for none) and its stats (is_weight_mean,
+    is_capped_frac)."""
+    r = cfg.rollout
+    if r.is_correction == "none":
+        return None, {}
+    if sampler_logprobs is None:
+        raise ValueError(f"rollout.is_correction={r.is_correction} needs the sampler's log-probs in the rollout")
+    return IS_CORRECTIONS[r.is_correction](old_logprobs, sampler_logprobs, mask, r.is_cap)
