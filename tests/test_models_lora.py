@@ -16,6 +16,7 @@ from chatrl.models.lora import (
     merge_adapters,
     merge_lora_for_save,
     merge_lora_state_dict,
+    plain_model,
     unmerge_adapters,
 )
 
@@ -117,3 +118,24 @@ def test_merge_lora_state_dict_matches_peft_merge(tiny_model_dir, tok):
     assert set(merged_sd) == set(reference)
     for k, v in reference.items():
         torch.testing.assert_close(merged_sd[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_model_looks_through_engine_chatrl_and_peft_wrappers(tiny_model_dir, tok) -> None:
+    """`plain_model`: the transformers model under a DeepSpeed-like `.module`, an `hf_model` holder and peft."""
+    peft_model = _lora_model(tiny_model_dir, tok)
+    model = peft_model.get_base_model()
+
+    class Holder(torch.nn.Module):  # a TokenValueModel / ILQL model: the HF model as `hf_model`
+        def __init__(self, inner):
+            super().__init__()
+            self.hf_model = inner
+
+    class Engine(torch.nn.Module):  # a DeepSpeed engine / DDP: the model as `module`
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    assert isinstance(peft_model, PeftModel) and not isinstance(model, PeftModel)
+    assert plain_model(Engine(Holder(peft_model))) is model
+    assert plain_model(Engine(model)) is model
+    assert plain_model(model) is model

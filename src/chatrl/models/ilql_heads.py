@@ -30,6 +30,7 @@ from torch import nn
 
 from chatrl.algorithms.ilql import polyak_update
 from chatrl.errors import ChatrlError
+from chatrl.models.lora import plain_model
 from chatrl.paths import atomic_path, atomic_write
 
 WEIGHTS_FILE = "ilql_heads.safetensors"
@@ -241,8 +242,7 @@ class ILQLModel(nn.Module):
                 actions: torch.Tensor | None = None) -> ILQLForward:
         """One backbone pass over input_ids/attention_mask [B, T]; the LM head and the ILQL heads read the same last
         hidden states, at `positions` [B, R] only (None = all T): outputs are [B, R(, V)], actions [B, R]."""
-        get_base = getattr(self.hf_model, "get_base_model", None)
-        hf = get_base() if callable(get_base) else self.hf_model  # peft: LoRA layers are injected in place
+        hf = plain_model(self.hf_model)
         backbone = getattr(hf, hf.base_model_prefix)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -53,6 +53,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under every wrapper: `unwrap`, then peft's (LoRA layers are injected into it in
+    place, so it runs the adapters too)."""
+    inner = unwrap(model)
+    return inner.get_base_model() if is_peft_model(inner) else inner
+
+
 def apply_lora(model: torch.nn.Module, lora_cfg: LoraConfig, *, keep_trainable: tuple[str, ...] = ()) -> PeftModel:
     """Inject LoRA adapters into `lora_cfg.target_modules` and return the peft model.
 

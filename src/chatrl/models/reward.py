@@ -26,7 +26,7 @@ from chatrl.models.loading import (
     resolve_source,
     weights_kwargs,
 )
-from chatrl.models.lora import unwrap
+from chatrl.models.lora import plain_model
 
 HEAD = "score"  # the attribute name of the scalar head in HF's *ForSequenceClassification models
 HEAD_INIT_SEED = 0
@@ -94,8 +94,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _per_token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    inner = unwrap(model)
-    hf = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    hf = plain_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)

@@ -20,7 +20,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from chatrl.errors import ChatrlError
-from chatrl.models.lora import is_peft_model, lora_scaling, merge_lora_for_save, merge_lora_state_dict, unwrap
+from chatrl.models.lora import (
+    is_peft_model,
+    lora_scaling,
+    merge_lora_for_save,
+    merge_lora_state_dict,
+    plain_model,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -46,7 +53,7 @@ def save_hf_folder(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
     peft = is_peft_model(inner)
     if state_dict is not None:
         state_dict = _normalise_state_dict(state_dict, inner if peft else None)
-        plain = inner.get_base_model() if peft else inner
+        plain = plain_model(inner)
     elif peft and merge_lora:
         plain = merge_lora_for_save(inner)
     else:

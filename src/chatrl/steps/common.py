@@ -12,12 +12,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from peft import PeftModel
 
 from chatrl.configbase import to_dict
 from chatrl.engine.deepspeed import device, init_distributed
 from chatrl.models.loading import load_tokenizer, resolve_dtype
-from chatrl.models.lora import unwrap
+from chatrl.models.lora import plain_model
 from chatrl.models.model_card import ModelCard, base_model_of, data_source, final_metrics, render
 from chatrl.models.saving import save_hf_folder
 from chatrl.steps.supervised import LoopSettings, full_state_dict, save_config
@@ -122,7 +121,5 @@ def key_settings(cfg: Any, step: str, world: int) -> dict[str, Any]:
 
 def _kind(module: torch.nn.Module) -> str:
     """`chat` for a causal LM, `score` for a sequence-score model (reward model, critic)."""
-    inner = unwrap(module)
-    if isinstance(inner, PeftModel):
-        inner = inner.get_base_model()
+    inner = plain_model(module)
     return "chat" if getattr(inner, "can_generate", lambda: False)() else "score"
