@@ -26,21 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from chatrl.engine.collectives import barrier, rank
 from chatrl.errors import ChatrlError
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -105,7 +96,7 @@ def find_resume_point(output_dir: str | Path, resume: str) -> Path | None:
             problem = checkpoint_problem(path)
             if problem is None:
                 return path
-            if _rank() == 0:
+            if rank() == 0:
                 print(f"chatrl: checkpoint {path} is damaged ({problem}); resuming from the one before it",
                       file=sys.stderr)
         return None
@@ -148,29 +139,29 @@ def save_checkpoint(output_dir: str | Path, step: int, engines: dict[str, Any], 
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise ChatrlError(f"could not write checkpoint {final} ({_one_line(e)}); {kept}. Free disk space or fix "
                           "the permissions, then run the same command again") from None
-    if _rank() == 0:
+    if rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
 def _write_checkpoint(tmp: Path, step: int, engines: dict[str, Any], state: dict[str, Any],
                       tensors: dict[str, dict[str, torch.Tensor]] | None) -> None:
     """Everything of checkpoint `step` into `tmp` (collective), COMPLETE last."""
-    if _rank() == 0:
+    if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     for tag, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=tag, save_latest=False)
-    torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save(_rng_state(), tmp / f"rng-rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
 
         for name, tensor_dict in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / f"{name}.safetensors"))
@@ -198,12 +189,12 @@ def mark_finished(output_dir: str | Path, step: int, keep_state: bool) -> None:
     delete its resumable checkpoints (optimizer state is most of a run's disk; the final folder is all a later
     step needs). Collective."""
     root = checkpoint_root(output_dir)
-    if _rank() == 0:
+    if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / FINISHED).write_text(json.dumps({"step": step}) + "\n")
         for path in [] if keep_state else list_checkpoints(output_dir):
             shutil.rmtree(path, ignore_errors=True)
-    _barrier()
+    barrier()
 
 
 def finished_without_state(output_dir: str | Path, resume: str, total: int) -> bool:
@@ -218,7 +209,7 @@ def finished_without_state(output_dir: str | Path, resume: str, total: int) -> b
         raise ChatrlError(f"{output_dir} holds a run that finished at step {step} and kept no checkpoint "
                           f"(checkpoint.keep_final_state=false), so it cannot continue to step {total}: use a new "
                           "output_dir, or set checkpoint.resume=never to train from scratch")
-    if _rank() == 0:
+    if rank() == 0:
         print(f"chatrl: {output_dir} already finished at step {step}/{total} (its final model is written, its "
               "checkpoints were not kept); nothing to train. To train again: checkpoint.resume=never", flush=True)
     return True
@@ -230,7 +221,7 @@ def load_checkpoint(path: Path, engines: dict[str, Any]) -> dict[str, Any]:
         load_path, _ = engine.load_checkpoint(str(path), tag=tag)
         if load_path is None:
             raise ChatrlError(f"checkpoint {path} has no state for '{tag}'; delete it or set checkpoint.resume=never")
-    rng = path / f"rng-rank{_rank()}.pt"
+    rng = path / f"rng-rank{rank()}.pt"
     if rng.exists():
         # our own file of plain tensors and tuples; not model weights
         _set_rng_state(torch.load(rng, weights_only=False))

@@ -13,6 +13,17 @@ def distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank."""
     if not distributed():

@@ -30,15 +30,10 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import torch
-import torch.distributed as dist
 
-from chatrl.engine.collectives import any_rank
+from chatrl.engine.collectives import any_rank, rank
 from chatrl.engine.deepspeed import shutdown_distributed
 from chatrl.errors import ChatrlError
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def resume_command() -> str:
@@ -82,7 +77,7 @@ class StopRequest:
 
     def exit(self, step: int, total: int, checkpoint: Path) -> NoReturn:
         """Say how to resume, end the process group, exit 0 (SystemExit, so the step's final save never runs)."""
-        if _rank() == 0:
+        if rank() == 0:
             by = self.signal_name or "a signal to another process"
             print(f"chatrl: stopped by {by} after step {step}/{total}; checkpoint: {checkpoint}\n"
                   f"chatrl: to resume, run the same command: {resume_command()}", flush=True)
@@ -165,7 +160,7 @@ class BadSteps:
         self.in_a_row += 1
         self.total += 1
         limit = f"{self.setting}={self.limit}" if self.limit else "no limit"
-        if _rank() == 0:
+        if rank() == 0:
             print(f"chatrl: warning: {self.where}: non-finite loss or gradients, update skipped "
                   f"({self.in_a_row} in a row, {self.total} in all; {limit})", file=sys.stderr, flush=True)
         if self.limit and self.in_a_row >= self.limit:

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
 from chatrl.configbase import to_dict
+from chatrl.engine.collectives import barrier
 from chatrl.engine.deepspeed import device, init_distributed
 from chatrl.models.loading import load_tokenizer, resolve_dtype
 from chatrl.models.lora import plain_model
@@ -83,8 +83,7 @@ def finish_model(ctx: StepContext, engine: Any, *, merge_lora: bool, dir_name: s
     if ctx.rank == 0:
         card = model_card(ctx, out, engine.module, base=base, data=data)
         save_hf_folder(engine.module, ctx.tokenizer, out, merge_lora=merge_lora, state_dict=state, card=card)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return out
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.batches import PairBatch
+from chatrl.engine.collectives import barrier
 from chatrl.models.loading import last_positions, resolve_source
 from chatrl.paths import atomic_write_json, cache_dir
 
@@ -118,8 +118,7 @@ def cached_reference_logps(rows: Rows, *, reference: str, dtype: str, load_model
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"reference": reference, "dtype": dtype, "rows_sha256": rows_hash(rows),
                                  "logps": [list(v) for v in values]}, ensure_ascii=False)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     values = _read_cache(path, rows)
     assert values is not None, f"{path} was just written"
     return values, path

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
 from chatrl.config import SFTConfig
 from chatrl.config_offline import RFTConfig
+from chatrl.engine.collectives import barrier
 from chatrl.errors import ChatrlError
 from chatrl.log import MetricsLogger
 from chatrl.rollout.episodes import Task
@@ -76,8 +76,7 @@ def sft_config(cfg: RFTConfig, k: int, start_model: str, kept: Path) -> SFTConfi
 def on_rank0(ctx: StepContext, fn: Callable[[], T]) -> T | None:
     """Sampling, scoring and evaluation run on rank 0 (they write the files every rank then reads)."""
     result = fn() if ctx.rank == 0 else None
-    if dist.is_initialized() and ctx.world > 1:
-        dist.barrier()
+    barrier()
     return result
 
 
