@@ -10,7 +10,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer
 
 from chatrl.config import DataConfig, SFTConfig
 from chatrl.configbase import load_config
@@ -18,8 +17,7 @@ from chatrl.data.clean import DataReport
 from chatrl.data.prepare import Dataset, load_all_records, read_examples
 from chatrl.data.schemas import SCHEMAS
 from chatrl.data.templates import render
-from chatrl.errors import ChatrlError
-from chatrl.models.builtin import resolve_model_path
+from chatrl.models.loading import load_tokenizer
 from chatrl.paths import atomic_write, atomic_write_json
 
 HIST_BINS = 10
@@ -47,17 +45,10 @@ def register(subparsers: Any) -> None:
 # ----------------------------------------------------------------------------- inspect
 
 
-def load_tokenizer(name: str) -> Any:
-    """A tokenizer from a model alias or folder (offline); None for 'none'."""
-    if name.lower() == "none":
-        return None
-
-
-    path = resolve_model_path(name)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ChatrlError(f"cannot load tokenizer '{name}' ({e}); give a local model folder or 'tiny-random'") from None
+def inspect_tokenizer(name: str) -> Any:
+    """The tokenizer `--tokenizer` names, loaded as every step loads it (`models.loading.load_tokenizer`); None for
+    'none'."""
+    return None if name.lower() == "none" else load_tokenizer(name)
 
 
 def token_lengths(tokenizer: Any, ds: Dataset) -> list[int]:
@@ -109,7 +100,7 @@ def _print_dataset(console: Any, ds: Dataset, report: DataReport, lengths: list[
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     console = Console()
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = inspect_tokenizer(args.tokenizer)
     for spec in args.files:
         cfg = DataConfig(paths=[spec], schema=args.schema, skip_bad_rows=args.skip_bad_rows)
         report = DataReport()

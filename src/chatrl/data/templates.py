@@ -2,6 +2,8 @@
 
 The fallback (for tokenizers without a chat template, e.g. a base GPT-2) is the hh-rlhf style
 "Human: ...\\n\\nAssistant: ...<eos>\\n\\n", so base models see the same format as the built-in data.
+It is the one fallback, `models.loading.FALLBACK_CHAT_TEMPLATE` (models is the lower layer: `load_tokenizer`
+installs it on such tokenizers and saved folders carry it), so rendering here and with a loaded tokenizer agree.
 """
 
 from __future__ import annotations
@@ -10,15 +12,7 @@ from typing import Any
 
 from chatrl.data.types import Message
 from chatrl.errors import ChatrlError
-
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\n\n' }}"
-    "{% else %}{{ 'Assistant: ' + message['content'] + (eos_token or '') + '\n\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+from chatrl.models.loading import FALLBACK_CHAT_TEMPLATE
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -26,11 +20,11 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def template_of(tokenizer: Any) -> str:
-    """The template text used for `tokenizer` (its own, else FALLBACK_TEMPLATE); part of cache keys."""
+    """The template text used for `tokenizer` (its own, else FALLBACK_CHAT_TEMPLATE); part of cache keys."""
     tpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tpl, dict):  # several named templates: the default one is used
         tpl = tpl.get("default") or next(iter(tpl.values()))
-    return tpl or FALLBACK_TEMPLATE
+    return tpl or FALLBACK_CHAT_TEMPLATE
 
 
 def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
@@ -38,7 +32,7 @@ def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool 
     where the model should start its reply (e.g. after "<|im_start|>assistant\\n")."""
     kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
     if not has_chat_template(tokenizer):
-        kwargs["chat_template"] = FALLBACK_TEMPLATE
+        kwargs["chat_template"] = FALLBACK_CHAT_TEMPLATE
     try:
         text = tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as e:  # jinja raises TemplateError for e.g. "roles must alternate"

@@ -23,7 +23,8 @@ from chatrl.models.lora import apply_lora
 
 NEW_PAD_TOKEN = "<|pad|>"
 
-# Used when a tokenizer has no chat template (base models). Renders DeepSpeed-Chat's
+# Used when a tokenizer has no chat template (base models); the data pipeline renders with it too
+# (data/templates.py). Renders DeepSpeed-Chat's
 # "Human: ... Assistant: ..." format. The generation prompt is "Assistant:" and an assistant turn
 # renders as "Assistant: <content><eos>", so a rendered prompt is always a text prefix of the
 # rendered conversation and the reply naturally starts with a space-prefixed word token.
