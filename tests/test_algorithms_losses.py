@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 from chatrl.algorithms.losses import (
@@ -14,7 +13,6 @@ from chatrl.algorithms.losses import (
     mean_entropy,
     pairwise_reward_loss,
     policy_loss,
-    sft_loss,
     token_logprobs,
     value_loss,
 )
@@ -158,28 +156,7 @@ def test_pairwise_loss_by_hand():
     assert loss.item() == pytest.approx(0.7176620)
 
 
-# ---- SFT loss and token log-probs --------------------------------------------------------------
-def test_sft_loss_by_hand():
-    # position 0 ([0, 0]) predicts label 0: -ln 0.5 = 0.6931472; position 1 ([0, ln 3]) predicts
-    # label 1: -ln 0.75 = 0.2876821; last position predicts nothing -> mean 0.4904146
-    logits = torch.tensor([[[0.0, 0.0], [0.0, LN3], [9.0, -9.0]]])
-    labels = torch.tensor([[-100, 0, 1]])
-    assert sft_loss(logits, labels).item() == pytest.approx(0.4904146)
-    # an extra row with no targets changes nothing (token mean, not row mean)
-    logits2 = torch.cat([logits, torch.randn(1, 3, 2)])
-    labels2 = torch.cat([labels, torch.full((1, 3), -100)])
-    assert sft_loss(logits2, labels2).item() == pytest.approx(0.4904146)
-    assert sft_loss(logits, torch.full((1, 3), -100)).item() == 0.0  # not NaN
-
-
-def test_sft_loss_matches_torch_reference():
-    logits = torch.randn(3, 6, 10)
-    labels = torch.randint(0, 10, (3, 6))
-    labels[0, :3] = -100
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert_close(sft_loss(logits, labels), ref)
-
-
+# ---- token log-probs --------------------------------------------------------------
 def test_token_logprobs_by_hand_and_vs_log_softmax():
     # [0, 0] token 1 -> ln 0.5; [0, ln 3] token 1 -> ln 0.75 = -0.2876821; [2, 2] token 0 -> ln 0.5
     logits = torch.tensor([[[0.0, 0.0], [0.0, LN3], [2.0, 2.0]]])

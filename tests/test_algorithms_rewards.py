@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.testing import assert_close
 
-from chatrl.algorithms.rewards import contains_eos, eos_penalty, last_token_index, shape_rewards
+from chatrl.algorithms.rewards import last_token_index, shape_rewards
 
 SCORES = torch.tensor([2.0, -3.0])
 KL = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
@@ -39,15 +39,3 @@ def test_last_token_index():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]])
     assert last_token_index(mask).tolist() == [2, 1, 0, 2, 3]
 
-
-def test_contains_eos_only_in_counted_part():
-    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [5, 6, 2, 0]])
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
-    assert contains_eos(ids, mask, 2).tolist() == [True, False, False]
-    assert contains_eos(ids, mask, [8, 2]).tolist() == [True, True, False]
-
-
-def test_eos_penalty():
-    # subtract 2 from the reply without EOS: 1 - 2 = -1
-    out = eos_penalty(torch.tensor([1.0, 1.0, -0.5]), torch.tensor([True, False, True]), 2.0)
-    assert_close(out, torch.tensor([1.0, -1.0, -0.5]))

@@ -14,7 +14,6 @@ from chatrl.data import prepare
 from chatrl.data.tokenize import (
     IGNORE,
     collate_pairs,
-    collate_prompts,
     collate_sft,
     encode_conversation,
     encode_pair,
@@ -124,9 +123,6 @@ def test_collators_pad_and_order():
     assert pairs.input_ids.tolist() == [[1, 2, 9], [4, 9, 9], [3, 9, 9], [5, 6, 7]]
     assert pairs.attention_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
     assert torch.equal(pairs.margin, torch.tensor([0.5, 0.0]))
-    prompts = collate_prompts([{"prompt_ids": [1, 2, 3]}, {"prompt_ids": [4]}], pad_id=0)
-    assert prompts.input_ids.tolist() == [[1, 2, 3], [0, 0, 4]]
-    assert prompts.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_pack_rows_fills_without_splitting_rows():

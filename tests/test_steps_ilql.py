@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from chatrl.batches import pad_rows
 from chatrl.config_offline import ILQLConfig
 from chatrl.configbase import load_config
-from chatrl.data.tokenize import collate_prompts, encode_prompt
+from chatrl.data.tokenize import encode_prompt
 from chatrl.errors import ChatrlError
 from chatrl.models.ilql_heads import META_FILE, ILQLHeads, load_heads, save_heads
 from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer
@@ -247,10 +248,10 @@ def marker_rate(model_dir: Path, beta: float, n: int = 16) -> float:
     tok = load_tokenizer(str(model_dir))
     lm = load_frozen_causal_lm(str(model_dir), "fp32", tokenizer=tok)
     heads, _ = load_heads(model_dir)
-    batch = collate_prompts([{"prompt_ids": encode_prompt(tok, fruit_prompt(1000 + i), 96)} for i in range(n)],
-                            tok.pad_token_id)
+    prompt_ids, prompt_mask = pad_rows([encode_prompt(tok, fruit_prompt(1000 + i), 96) for i in range(n)],
+                                       tok.pad_token_id, side="left")
     engine = HybridEngine(lm, inference_dtype=None, guidance=QGuidance(heads, beta))
-    ids, mask = engine.generate(batch.input_ids, batch.attention_mask, greedy(8), eos_token_id=tok.eos_token_id,
+    ids, mask = engine.generate(prompt_ids, prompt_mask, greedy(8), eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask, strict=True)]
     return sum(MARKER in t for t in texts) / n

@@ -62,15 +62,6 @@ class PairBatch(_TensorBatch):
 
 
 @dataclass
-class PromptBatch(_TensorBatch):
-    """Prompts for generation, LEFT padded so every row's last prompt token sits at column T-1.
-    input_ids/attention_mask: [B, T]."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
-@dataclass
 class Rollout(_TensorBatch):
     """What generation + scoring hand to the policy update.
 

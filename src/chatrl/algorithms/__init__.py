@@ -11,7 +11,7 @@ kl           kl_k1, kl_k2, kl_k3, kl_abs, KL_ESTIMATORS, kl_penalty(logp, ref_lo
 controllers  FixedKLController(beta), AdaptiveKLController(init_beta, target, horizon):
              .value, .update(current_kl, n_steps), state_dict()/load_state_dict()
 rewards      shape_rewards(scores[B], kl[B,R], mask, beta, clip=None) -> [B, R], final_reward(score, discount, clip),
-             last_token_index(mask) -> [B], contains_eos(ids, mask, eos_id) -> [B], eos_penalty(scores, has_eos, p),
+             last_token_index(mask) -> [B],
              overlong_penalty(lengths[B], max_len, buffer, factor) -> [B] (DAPO),
              turn_rewards(values[B,K], positions[B,K], valid[B,K], R, gamma) -> [B, R] (multi-turn episodes)
 advantages   gae_advantages(rewards, values, mask, gamma, lam) -> (adv, returns),
@@ -20,10 +20,10 @@ advantages   gae_advantages(rewards, values, mask, gamma, lam) -> (adv, returns)
 losses       aggregate(per_token[B,R], mask, mode, denom=None) (token_mean / seq_mean_token_mean /
              seq_mean_token_sum_norm), aggregation_units(mask, mode),
              policy_loss (clip-higher, GSPO sequence ratio), value_loss -> (loss, stats);
-             entropy_from_logits, mean_entropy; pairwise_reward_loss -> (loss, stats); sft_loss; token_logprobs;
-             LOSS_AGGREGATIONS, POLICY_LOSSES, VALUE_LOSSES, REWARD_LOSSES
+             entropy_from_logits, mean_entropy; pairwise_reward_loss -> (loss, stats); token_logprobs;
+             LOSS_AGGREGATIONS
 ilql         ILQL (Snell et al. 2022): next_action_values, bellman_targets, q_bellman_loss, expectile_loss,
-             cql_loss, awac_loss, ilql_loss -> (loss, stats), polyak_update, guided_logits, ILQL_LOSSES
+             cql_loss, awac_loss, ilql_loss -> (loss, stats), polyak_update, guided_logits
 correction   truncated_is_weight(old_logp, sampler_logp, mask, cap) -> (weight, stats) (TIS), IS_CORRECTIONS
 registry     lookup(table, name, what): table[name] or a ValueError listing the choices
 """
@@ -39,7 +39,6 @@ from chatrl.algorithms.advantages import (
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
 from chatrl.algorithms.correction import IS_CORRECTIONS, truncated_is_weight
 from chatrl.algorithms.ilql import (
-    ILQL_LOSSES,
     awac_loss,
     bellman_targets,
     cql_loss,
@@ -53,23 +52,17 @@ from chatrl.algorithms.ilql import (
 from chatrl.algorithms.kl import KL_ESTIMATORS, LOSS_KL_ESTIMATORS, kl_loss, kl_penalty
 from chatrl.algorithms.losses import (
     LOSS_AGGREGATIONS,
-    POLICY_LOSSES,
-    REWARD_LOSSES,
-    VALUE_LOSSES,
     aggregate,
     aggregation_units,
     entropy_from_logits,
     mean_entropy,
     pairwise_reward_loss,
     policy_loss,
-    sft_loss,
     token_logprobs,
     value_loss,
 )
 from chatrl.algorithms.masked import local_moments, masked_mean, masked_sum, masked_var, masked_whiten, zero_masked
 from chatrl.algorithms.rewards import (
-    contains_eos,
-    eos_penalty,
     final_reward,
     last_token_index,
     overlong_penalty,
@@ -79,14 +72,10 @@ from chatrl.algorithms.rewards import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
-    "ILQL_LOSSES",
     "IS_CORRECTIONS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "LOSS_KL_ESTIMATORS",
-    "POLICY_LOSSES",
-    "REWARD_LOSSES",
-    "VALUE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate",
@@ -94,10 +83,8 @@ __all__ = [
     "awac_loss",
     "bellman_targets",
     "compute_advantages",
-    "contains_eos",
     "cql_loss",
     "entropy_from_logits",
-    "eos_penalty",
     "expectile_loss",
     "final_reward",
     "gae_advantages",
@@ -121,7 +108,6 @@ __all__ = [
     "q_bellman_loss",
     "reinforce_returns",
     "rloo_advantages",
-    "sft_loss",
     "shape_rewards",
     "token_logprobs",
     "truncated_is_weight",

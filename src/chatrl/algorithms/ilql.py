@@ -141,5 +141,3 @@ def guided_logits(logits: torch.Tensor, q: torch.Tensor, values: torch.Tensor, b
         return logits
     return logits + beta * (q - values.unsqueeze(-1))
 
-
-ILQL_LOSSES = {"ilql": ilql_loss}  # one objective today; a config can name it like the other loss tables

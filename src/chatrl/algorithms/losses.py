@@ -1,4 +1,4 @@
-"""Training losses as pure functions: PPO actor/critic, entropy, reward model, SFT, and token log-probs.
+"""Training losses as pure functions: PPO actor/critic, entropy, reward model and token log-probs.
 
 Shapes: B = batch, T = sequence length, R = response length, V = vocabulary. mask [B, R]: 1 = the token
 counts, 0 = padding / after EOS / a token the environment wrote. Per-token losses are reduced by `aggregate`
@@ -16,7 +16,6 @@ a dict of DETACHED 0-d tensors (call `.item()` when logging; tensors can be aver
   value_loss    L = 0.5 * agg_t max((v_t - R_t)^2, (clip(v_t, old_t - e, old_t + e) - R_t)^2)
   entropy       H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv
   pairwise      L = mean_i -log sigmoid(r_c,i - r_r,i - m_i) + c * mean_i (r_c,i + r_r,i)^2
-  sft           L = sum_t CE(z_t, y_{t+1}) / #(y_{t+1} != -100)   (shifted causal-LM loss)
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 from chatrl.algorithms.masked import masked_mean, masked_sum, zero_masked
 
 Stats = dict[str, torch.Tensor]
-IGNORE_INDEX = -100
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", *, max_len: int | None = None,
@@ -204,23 +202,6 @@ def pairwise_reward_loss(
     return loss, stats
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM loss: logits [B, T, V] at position t predict labels[:, t + 1] ([B, T], UNshifted, HF style).
-
-    Mean cross-entropy (fp32) over target tokens != -100; 0 (not NaN) when there is none.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
-
-
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] per position: logits [B, T, V], tokens [B, T] (valid ids) -> [B, T] fp32.
 
@@ -234,7 +215,3 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         rows.append(picked - torch.logsumexp(row_logits.float(), dim=-1))
     return torch.stack(rows)
 
-
-POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {"ppo_clip": policy_loss}
-VALUE_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {"clipped": value_loss}
-REWARD_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {"bradley_terry": pairwise_reward_loss}

@@ -1,6 +1,6 @@
 """Name -> function tables (veRL style): configs name an estimator/loss by string, code looks it up here.
 
-Each algorithm module owns its table (KL_ESTIMATORS, ADVANTAGE_ESTIMATORS, POLICY_LOSSES, ...); `lookup`
+Each algorithm module owns its table (KL_ESTIMATORS, ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, ...); `lookup`
 gives one error message format for a wrong name. It raises ValueError (this package knows nothing of
 config files); the config layer should validate names against `table.keys()` and raise a ChatrlError
 that names the config field.

@@ -56,19 +56,6 @@ def final_reward(score: torch.Tensor, discount: torch.Tensor | float, clip: floa
     return score * discount
 
 
-def contains_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
-    """[B] bool: does the counted part (mask == 1) of each response [B, R] contain an EOS id?"""
-    ids = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
-    is_eos = torch.isin(response_ids, ids) & mask.bool()
-    return is_eos.any(dim=-1)
-
-
-def eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
-    """scores [B] minus `penalty` where has_eos [B] is False (truncated, unfinished replies), TRL's
-    `missing_eos_penalty`: score_b - penalty * (1 - has_eos_b). penalty >= 0 lowers unfinished replies."""
-    return scores - penalty * (~has_eos.bool()).to(scores.dtype)
-
-
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per response, lengths [B] -> [B]:
 

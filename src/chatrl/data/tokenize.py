@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from chatrl.batches import PairBatch, PromptBatch, TokenBatch, pad_rows
+from chatrl.batches import PairBatch, TokenBatch, pad_rows
 from chatrl.data.templates import end_of_turn_text, render
 from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
@@ -186,13 +186,6 @@ def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int) -> PairBatch:
     input_ids, attention_mask = pad_rows(seqs, pad_id)
     return PairBatch(input_ids=input_ids, attention_mask=attention_mask, margin=margin, reply_mask=reply_mask,
                      ref_logps=ref)
-
-
-def collate_prompts(rows: Sequence[dict[str, Any]], pad_id: int) -> PromptBatch:
-    """LEFT-pad prompts to [B, P] so every prompt ends at the last column."""
-    seqs = [r["prompt_ids"] for r in rows]
-    input_ids, attention_mask = pad_rows(seqs, pad_id, side="left")
-    return PromptBatch(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:

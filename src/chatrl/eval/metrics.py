@@ -76,18 +76,6 @@ def win_rate(new: Sequence[float], baseline: Sequence[float]) -> float:
     return paired_difference(new, baseline).win_rate if new else float("nan")
 
 
-def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence KL estimate: sum over response tokens of (logp_model - logp_ref).
-
-    logp, ref_logp: B x T log-probs of the sampled tokens under the model and the reference.
-    mask: B x T, 1 on response tokens (including a final EOS), 0 on prompt/padding.
-    Returns a B tensor; its mean over sequences is the reported KL (a Monte Carlo estimate of KL(model || ref)
-    when the responses were sampled from the model).
-    """
-    mask = mask.to(logp.dtype)
-    return ((logp - ref_logp) * mask).sum(dim=-1)
-
-
 def position_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Exact KL(p || q) of the next-token distributions at each position: sum_v p_v (log p_v - log q_v).
 

@@ -1,11 +1,8 @@
-"""LoRA through peft: apply, merge for saving, and exact in-place merge/unmerge for the Hybrid Engine.
+"""LoRA through peft: apply, merge for saving (on a copy, or from a gathered state dict), and the wrappers.
 
-`merge_adapters` / `unmerge_adapters` stash the original base weights and restore them bit-exactly:
-peft's own unmerge subtracts the delta again, which in bf16 does not give back the same weights
-and would drift a little on every generation phase of PPO.
-
-With ZeRO-3 the parameters are partitioned: gather them (deepspeed.zero.GatheredParameters) around
-these calls, or merge a gathered state dict with `merge_lora_state_dict`.
+The training model is never merged in place: the Hybrid Engine adds the LoRA deltas into its inference copy
+(rollout/hybrid.py), since peft's unmerge subtracts the delta again, which in bf16 does not give back the same
+weights. With ZeRO-3 the parameters are partitioned: save from a gathered state dict with `merge_lora_state_dict`.
 """
 
 from __future__ import annotations
@@ -84,11 +81,6 @@ def apply_lora(model: torch.nn.Module, lora_cfg: LoraConfig, *, keep_trainable: 
     return peft_model
 
 
-def is_lora(model: torch.nn.Module) -> bool:
-    """True when the (possibly wrapped) model carries LoRA adapters."""
-    return any(True for _ in lora_layers(model))
-
-
 def lora_layers(model: torch.nn.Module) -> Iterator[LoraLayer]:
     for module in unwrap(model).modules():
         if _is_lora_layer(module):
@@ -104,39 +96,10 @@ def merge_lora_for_save(model: torch.nn.Module) -> torch.nn.Module:
     if not is_peft_model(inner):
         return inner
     clone = copy.deepcopy(inner)
-    for layer in lora_layers(clone):  # a copy taken while merged (Hybrid Engine) must not be merged twice
-        _restore(layer)
-    return clone.merge_and_unload()
-
-
-def merge_adapters(model: torch.nn.Module) -> None:
-    """Merge every adapter into its base weight in place (fast inference); undo with `unmerge_adapters`."""
-    for layer in lora_layers(model):
+    for layer in lora_layers(clone):  # a model merged in place elsewhere (peft's merge_adapter) must not merge twice
         if layer.merged:
-            continue
-        base = layer.get_base_layer()
-        layer._chatrl_stash = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
-        layer.merge()
-
-
-def unmerge_adapters(model: torch.nn.Module) -> None:
-    """Undo `merge_adapters`, restoring the original base weights exactly."""
-    for layer in lora_layers(model):
-        _restore(layer)
-
-
-def _restore(layer: LoraLayer) -> None:
-    stash = getattr(layer, "_chatrl_stash", None)
-    if layer.merged:
-        if stash is None:
-            layer.unmerge()  # merged by someone else: peft's (approximate) unmerge
-        else:
-            with torch.no_grad():
-                for name, param in layer.get_base_layer().named_parameters(recurse=False):
-                    param.copy_(stash[name])
-            layer.merged_adapters.clear()
-    if stash is not None:
-        del layer._chatrl_stash
+            layer.unmerge()
+    return clone.merge_and_unload()
 
 
 def lora_scaling(peft_model: PeftModel, adapter: str = "default") -> float:
