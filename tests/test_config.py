@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from chatrl.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from chatrl.algorithms.kl import KL_ESTIMATORS
+from chatrl.algorithms.losses import LOSS_AGGREGATIONS
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
 from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig
 from chatrl.configbase import help_lines, load_config
@@ -117,3 +120,21 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f(10) == pytest.approx(0.0)
     linear = lr_lambda(load_config(SFTConfig, None, ["optim.scheduler=linear"]).optim, total_steps=4)
     assert [linear(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_policy_choices_are_the_registries_names() -> None:
+    """Every registered estimator / aggregation is a valid option (and nothing else is): a new one needs no config
+    edit. GRPO takes the critic-free advantages only."""
+    base = ["env.name=arithmetic", "rollout.samples_per_prompt=4", "grpo.kl_in=reward"]
+    for name, estimator in ADVANTAGE_ESTIMATORS.items():
+        if estimator.needs_critic:
+            with pytest.raises(ChatrlError):
+                load_config(GRPOConfig, None, [*base, f"grpo.advantage={name}"])
+        else:
+            assert load_config(GRPOConfig, None, [*base, f"grpo.advantage={name}"]).grpo.advantage == name
+    for name in KL_ESTIMATORS:
+        assert load_config(GRPOConfig, None, [*base, f"grpo.kl_estimator={name}"]).grpo.kl_estimator == name
+    for name in ("auto", *LOSS_AGGREGATIONS):
+        assert load_config(GRPOConfig, None, [*base, f"grpo.loss_agg={name}"]).grpo.loss_agg == name
+    with pytest.raises(ChatrlError):
+        load_config(GRPOConfig, None, [*base, "grpo.kl_estimator=k9"])

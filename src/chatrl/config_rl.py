@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from chatrl.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from chatrl.algorithms.correction import IS_CORRECTIONS
-from chatrl.algorithms.kl import LOSS_KL_ESTIMATORS
+from chatrl.algorithms.kl import KL_ESTIMATORS, LOSS_KL_ESTIMATORS
 from chatrl.algorithms.losses import LOSS_AGGREGATIONS
 from chatrl.config import (
     CheckpointConfig,
@@ -22,6 +22,11 @@ from chatrl.config import (
 )
 from chatrl.configbase import opt, sub
 from chatrl.errors import ChatrlError
+
+# The options' choices are the registries' names (chatrl.algorithms), so a new estimator or aggregation is one
+# function and one registry entry: the config, its check and --help pick it up.
+ADVANTAGES = tuple(ADVANTAGE_ESTIMATORS)
+CRITIC_FREE_ADVANTAGES = tuple(k for k, e in ADVANTAGE_ESTIMATORS.items() if not e.needs_critic)  # GRPO's
 
 
 @dataclass
@@ -94,7 +99,7 @@ class PolicyOptions:
     """Hyper-parameters of the policy update shared by PPO and GRPO (the math lives in chatrl.algorithms)."""
 
     iterations: int = opt(20, "iterations (rollout + update)")
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+    advantage: Literal[ADVANTAGES] = opt(
         "gae", "advantage estimator (all but gae skip the critic)")
     ppo_epochs: int = opt(1, "passes over each rollout")
     mini_batches: int = opt(1, "mini-batches per rollout (one optimizer step each, per epoch)")
@@ -104,14 +109,14 @@ class PolicyOptions:
     importance_sampling_level: Literal["token", "sequence"] = opt(
         "token", "token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio (use small clip "
                  "eps, e.g. 3e-4 / 4e-4; loss_agg=auto then weighs each sequence once, as the paper does)")
-    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = opt(
+    loss_agg: Literal[("auto", *LOSS_AGGREGATIONS)] = opt(
         "auto", "token_mean (DAPO), seq_mean_token_mean (original GRPO), seq_mean_token_sum_norm (Dr. GRPO: token "
                 "sums / a constant max length); auto = seq_mean_token_mean with importance_sampling_level=sequence "
                 "(GSPO's objective: one term per sequence), else token_mean. The value loss, the entropy bonus and "
                 "a KL in the loss reduce the same way")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
     gamma: float = opt(1.0, "discount per token (GAE, REINFORCE++ returns)")
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt(
+    kl_estimator: Literal[tuple(KL_ESTIMATORS)] = opt(
         "k1", "per-token KL estimator; with kl_in=loss only k2 (gradient of KL(pi||ref)) or k3 (gradient of "
               "KL(ref||pi)): k1's expected gradient is 0 and abs's is no KL's")
     kl_coef: float = opt(0.05, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
@@ -142,7 +147,7 @@ class PolicyOptions:
 class PPOOptions(PolicyOptions):
     """PPO: the policy options plus the critic's, the adaptive KL controller, EMA and the ptx loss."""
 
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+    advantage: Literal[ADVANTAGES] = opt(
         "gae", "advantage estimator (all but gae skip the critic)")
     value_clip_eps: Optional[float] = opt(0.2, "value clip epsilon (None = unclipped)")
     lam: float = opt(0.95, "GAE lambda")
@@ -158,9 +163,9 @@ class PPOOptions(PolicyOptions):
 class GRPOOptions(PolicyOptions):
     """GRPO family: critic-free, group-relative advantages over G samples per prompt."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = opt(
+    advantage: Literal[CRITIC_FREE_ADVANTAGES] = opt(
         "grpo", "grpo (group mean/std), dr_grpo (no std), rloo (leave-one-out), reinforce_pp (whitened returns)")
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = opt(
+    kl_estimator: Literal[tuple(KL_ESTIMATORS)] = opt(
         "k3", "per-token KL estimator (k3 = low-variance KL); in the loss only k3 (gradient of KL(ref||pi)) or k2 "
               "(gradient of KL(pi||ref)): k1's expected gradient is 0")
     kl_coef: float = opt(0.0, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
