@@ -9,22 +9,12 @@ import pytest
 
 from chatrl.engine import checkpoint as ckpt
 from chatrl.errors import ChatrlError
-
-
-class FakeEngine:
-    """What save_checkpoint needs of a DeepSpeed engine: a save that writes a file under its tag."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def save_checkpoint(self, folder: str, tag: str, save_latest: bool) -> None:
-        (Path(folder) / tag).mkdir()
-        (Path(folder) / tag / "weights.bin").write_bytes(self.payload)
+from helpers import SavingEngine
 
 
 def two_checkpoints(out: Path) -> tuple[Path, Path]:
-    first = ckpt.save_checkpoint(out, 1, {"actor": FakeEngine(b"a" * 4096)}, {}, keep_last=3)
-    second = ckpt.save_checkpoint(out, 2, {"actor": FakeEngine(b"b" * 4096)}, {}, keep_last=3)
+    first = ckpt.save_checkpoint(out, 1, {"actor": SavingEngine(b"a" * 4096)}, {}, keep_last=3)
+    second = ckpt.save_checkpoint(out, 2, {"actor": SavingEngine(b"b" * 4096)}, {}, keep_last=3)
     return first, second
 
 

@@ -23,8 +23,7 @@ from chatrl.engine import checkpoint as ckpt
 from chatrl.engine.faults import StopRequest
 from chatrl.errors import ChatrlError
 from chatrl.steps.supervised import LoopSettings, TrainTask, train
-from helpers import REPO, cli_env, read_metrics, run_cli, same_weights
-from test_checkpoint_manifest import FakeEngine
+from helpers import REPO, SavingEngine, cli_env, read_metrics, run_cli, same_weights
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 RESUME_LINE = re.compile(r"stopped by (SIG\w+) after step (\d+)/(\d+).*\n.*to resume, run the same command: chatrl ")
@@ -232,7 +231,7 @@ def test_max_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path: Pat
 # ----------------------------------------------------------------------------- failed writes
 
 
-class FullDiskEngine(FakeEngine):
+class FullDiskEngine(SavingEngine):
     def save_checkpoint(self, folder: str, tag: str, save_latest: bool) -> None:
         (Path(folder) / tag).mkdir()
         (Path(folder) / tag / "weights.bin").write_bytes(self.payload[:10])  # half written, then the disk is full
@@ -240,7 +239,7 @@ class FullDiskEngine(FakeEngine):
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path: Path, monkeypatch) -> None:
-    first = ckpt.save_checkpoint(tmp_path, 1, {"actor": FakeEngine(b"a" * 4096)}, {}, keep_last=1)
+    first = ckpt.save_checkpoint(tmp_path, 1, {"actor": SavingEngine(b"a" * 4096)}, {}, keep_last=1)
     with pytest.raises(ChatrlError) as err:
         ckpt.save_checkpoint(tmp_path, 2, {"actor": FullDiskEngine(b"b" * 4096)}, {}, keep_last=1)
     message = str(err.value)
@@ -253,7 +252,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path: 
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)  # torch.save reports ENOSPC as a RuntimeError
     with pytest.raises(ChatrlError, match="could not write checkpoint .*step-000002 .*PytorchStreamWriter"):
-        ckpt.save_checkpoint(tmp_path, 2, {"actor": FakeEngine(b"b" * 4096)}, {}, keep_last=1)
+        ckpt.save_checkpoint(tmp_path, 2, {"actor": SavingEngine(b"b" * 4096)}, {}, keep_last=1)
     assert ckpt.list_checkpoints(tmp_path) == [first]
 
 
@@ -289,7 +288,7 @@ def test_a_failed_final_model_write_keeps_the_previous_folder(tmp_path: Path, ti
 def test_mark_finished_deletes_state_unless_kept(tmp_path: Path) -> None:
     kept, dropped = tmp_path / "kept", tmp_path / "dropped"
     for out, keep in ((kept, True), (dropped, False)):
-        ckpt.save_checkpoint(out, 3, {"actor": FakeEngine(b"a")}, {}, keep_last=2)
+        ckpt.save_checkpoint(out, 3, {"actor": SavingEngine(b"a")}, {}, keep_last=2)
         ckpt.mark_finished(out, 3, keep_state=keep)
     assert [p.name for p in ckpt.list_checkpoints(kept)] == ["step-000003"]
     assert not ckpt.finished_without_state(kept, "auto", 3)  # resumes from its checkpoint as before

@@ -16,6 +16,7 @@ from chatrl.batches import Rollout
 from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig
 from chatrl.models.reward import TokenValueModel
 from chatrl.steps.rl_update import Experience, policy_update
+from helpers import FakeEngine
 
 V = 7  # vocabulary of the fake models
 
@@ -41,27 +42,6 @@ class TableCritic(TokenValueModel):
 
     def forward(self, input_ids, attention_mask):
         return self.table[input_ids] * attention_mask
-
-
-class FakeEngine(nn.Module):
-    """A DeepSpeed engine as the update uses it: forward; backward of loss / grad_accum (DeepSpeed averages the
-    micro-batches of a step); no optimizer step, so the gradients of a whole mini-batch accumulate for reading."""
-
-    def __init__(self, module: nn.Module, grad_accum: int) -> None:
-        super().__init__()
-        self.module, self.grad_accum = module, grad_accum
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        return False
-
-    def step(self) -> None:
-        pass
 
 
 @pytest.fixture(autouse=True)
