@@ -30,7 +30,8 @@ def test_cli_start_up_does_not_import_deepspeed_or_peft() -> None:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "start-up: []" in proc.stdout
-    assert "ppo: ['deepspeed', 'peft']" in proc.stdout  # the probe above can see them when they are loaded
+    # the probe can see the stack when it is loaded; peft itself waits for a LoRA model (models.lora.apply_lora)
+    assert "ppo: ['deepspeed']" in proc.stdout
 
 
 @pytest.mark.parametrize("name", sorted(STEPS))
