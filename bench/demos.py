@@ -27,7 +27,7 @@ from pathlib import Path
 import transformers
 from common import RESULTS, ROOT, machine, table, update_readme, write_json
 
-from chatrl.eval.metrics import paired_difference
+from chatrl.eval.metrics import paired_difference, proportion_se
 
 DEMOS = {"rlhf": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "configs/grpo-arithmetic.yaml"}
 OUT = RESULTS / "demos"
@@ -76,15 +76,24 @@ def measure(demo: str, run_dir: Path) -> dict:
     if demo == "rlhf":
         rm = _last_eval(run_dir / "reward" / "metrics.jsonl")
         out["rm_accuracy"], out["rm_pairs"] = rm.get("accuracy"), rm.get("pairs")
+        judge = _last_eval(run_dir / "judge" / "metrics.jsonl") if (run_dir / "judge").is_dir() else {}
+        out["judge_accuracy"] = judge.get("accuracy")
         g, b, j = out["vs_sft"], out["vs_base"], out["judge_vs_sft"]
         out["holds"] = (g["mean"] >= 2 * g["se"] and b["mean"] >= 2 * b["se"] and judge_ok
                         and j["mean"] > -j["se"])
     else:
         dpo = _last_eval(run_dir / "dpo" / "metrics.jsonl")
-        out["implicit_accuracy"] = dpo.get("accuracy")
+        out["implicit_accuracy"], out["dpo_pairs"] = dpo.get("accuracy"), dpo.get("pairs")
         j = out["judge_vs_sft"]
         out["holds"] = bool(dpo.get("accuracy", 0) >= 0.6 and judge_ok and j["mean"] >= 2 * j["se"])
     return out
+
+
+def _fmt_acc(acc: float | None, n: float | None) -> str:
+    """An accuracy on n held-out pairs with its binomial s.e."""
+    if acc is None:
+        return "-"
+    return f"{acc:.1%} ({proportion_se(acc, int(n)):.1%})" if n else f"{acc:.1%}"
 
 
 def _fmt_gain(g: dict | None) -> str:
@@ -100,13 +109,14 @@ def demo_table(demo: str, runs: list[dict]) -> str:
     else:
         policy = "PPO" if demo == "rlhf" else "DPO"
         extra = "RM held-out acc." if demo == "rlhf" else "implicit-reward acc."
+        acc = (lambda r: _fmt_acc(r.get("rm_accuracy"), r.get("rm_pairs"))) if demo == "rlhf" else (
+            lambda r: _fmt_acc(r.get("implicit_accuracy"), r.get("dpo_pairs")))
         rows = [[r["seed"], _fmt_gain(r["vs_sft"]), _fmt_gain(r["vs_base"]), _fmt_gain(r["judge_vs_sft"]),
-                 f"{r['kl'].get(policy.lower()) or 0:.2f}",
-                 "-" if r.get("rm_accuracy", r.get("implicit_accuracy")) is None
-                 else f"{r.get('rm_accuracy', r.get('implicit_accuracy')):.1%}",
+                 f"{r['kl'].get(policy.lower()) or 0:.2f}", acc(r),
+                 _fmt_acc(r.get("judge_accuracy"), r.get("rm_pairs")),
                  f"{r['minutes']:.1f}", "yes" if r["holds"] else "**no**"] for r in runs]
         body = table(["seed", f"{policy} - SFT, RM (s.e.); wins/losses", f"{policy} - base, RM",
-                      f"{policy} - SFT, judge", "KL to SFT", extra, "minutes", "holds"], rows)
+                      f"{policy} - SFT, judge", "KL to SFT", extra, "judge held-out acc.", "minutes", "holds"], rows)
     m = runs[-1]["machine"]
     return (f"{body}\n\nWritten by `bench/demos.py` ({DEMOS[demo]}) on {m['cores']} cores, {m['cpu_kind']} CPU, "
             f"dtype {runs[-1]['dtype']}, torch {m['torch']}, transformers {runs[-1]['transformers']}, "

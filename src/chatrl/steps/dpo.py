@@ -70,7 +70,7 @@ def evaluate_pairs(engine: torch.nn.Module, rows: Rows, collate: Callable[[Rows]
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(part)
     engine.train()
-    return {k: v / len(rows) for k, v in totals.items()}
+    return {**{k: v / len(rows) for k, v in totals.items()}, "pairs": float(len(rows))}
 
 
 def reference_name(cfg: DPOConfig) -> str:

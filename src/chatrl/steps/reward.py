@@ -49,7 +49,7 @@ def eval_pairs(engine, rows: list[dict], collate, micro_batch: int) -> dict[str,
     c, r = torch.cat(chosen), torch.cat(rejected)
     both = torch.cat([c, r])
     # same keys as the training stats of `pairwise_reward_loss`, so train and eval share a plot
-    return {"accuracy": (c > r).float().mean().item(), "chosen": c.mean().item(),
+    return {"accuracy": (c > r).float().mean().item(), "pairs": float(len(c)), "chosen": c.mean().item(),
             "rejected": r.mean().item(), "margin": (c - r).mean().item(),
             "score_std": both.std().item() if len(both) > 1 else 0.0,
             "score_p10": both.quantile(0.1).item(), "score_p90": both.quantile(0.9).item()}
