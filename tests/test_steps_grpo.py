@@ -93,3 +93,29 @@ def test_grpo_trains_on_multi_turn_episodes(word_sft: Path, tmp_path: Path) -> N
     for r in rows:
         assert 0 <= r["agreement/logprob_mean_abs_diff"] <= r["agreement/logprob_max_abs_diff"] < 1e-4, r
         assert 0 <= r["agreement/vocab_kl"] < 1e-6 and abs(r["is_weight_mean"] - 1) < 1e-3, r
+
+
+@pytest.mark.parametrize(("options", "keys"), [
+    (["grpo.policy_loss=cispo", "grpo.clip_eps_high=0.28"], ("policy_clipfrac", "policy_clipfrac_low",
+                                                             "policy_clipfrac_high")),
+    (["grpo.policy_loss=sapo", "grpo.importance_sampling_level=sequence"], ("policy_gate_mean", "policy_gatefrac")),
+    (["rollout.is_correction=mis"], ("policy_clipfrac", "is_weight_mean", "is_masked_frac")),
+], ids=["cispo", "sapo", "mis"])
+def test_grpo_runs_each_policy_loss_on_arithmetic(word_sft: Path, tmp_path: Path, options: list[str],
+                                                  keys: tuple[str, ...]) -> None:
+    """Two iterations on the arithmetic environment (+ the banana share, so that groups' rewards differ) per loss:
+    the loss's own fractions are logged, and the second mini-batch of an iteration sees the first one's step
+    (ratio != 1: approx_kl > 0), so the loss's gradient moved the actor. MIS with an fp32 copy drops nothing."""
+    out = tmp_path / "run"
+    proc = run_cli(*grpo_args(word_sft, out, "env.name=arithmetic", "reward.functions=[reward_fns:banana_share]",
+                              "grpo.iterations=2", "checkpoint.every=0", *options))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(key in r for r in rows for key in keys)
+    assert any(r["policy_approx_kl"] > 0 for r in rows) and all(r["reward_std"] > 0 for r in rows)
+    for r in rows:
+        assert all(0 <= r[key] <= 1 for key in keys), r
+        if "policy_gate_mean" in r:
+            assert 0.5 < r["policy_gate_mean"] <= 1 and r["policy_gatefrac"] == 0  # r stays near 1 in 2 steps
+        if "is_masked_frac" in r:
+            assert r["is_masked_frac"] == 0 and r["is_weight_mean"] == 1, r

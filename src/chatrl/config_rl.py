@@ -11,6 +11,7 @@ from chatrl.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from chatrl.algorithms.correction import IS_CORRECTIONS
 from chatrl.algorithms.kl import KL_ESTIMATORS, LOSS_KL_ESTIMATORS
 from chatrl.algorithms.losses import LOSS_AGGREGATIONS
+from chatrl.algorithms.policy_losses import POLICY_LOSSES, SAPO_TAU_NEG, SAPO_TAU_POS
 from chatrl.config import (
     CheckpointConfig,
     DataConfig,
@@ -72,8 +73,11 @@ class RolloutConfig:
     is_correction: Literal[tuple(IS_CORRECTIONS)] = opt(
         "none", "correction of the rollout/training mismatch (the inference copy's log-probs vs the actor's, logged "
                 "as agreement/*): tis = truncated importance sampling, each token's policy-gradient term times "
-                "min(exp(old_logprob - sampler_logprob), is_cap), detached (Yao et al. 2025; veRL rollout_is)")
-    is_cap: float = opt(2.0, "the cap of the truncated importance weight (rollout.is_correction=tis)")
+                "min(exp(old_logprob - sampler_logprob), is_cap), detached (Yao et al. 2025; veRL rollout_is); "
+                "mis = masked importance sampling, tokens whose exp(old_logprob - sampler_logprob) leaves "
+                "[is_low, is_cap] are dropped from the loss (weight 0; veRL rollout_is mask mode)")
+    is_cap: float = opt(2.0, "the cap of the truncated importance weight (tis); the top of the kept band (mis)")
+    is_low: Optional[float] = opt(None, "the bottom of the kept band of rollout.is_correction=mis (None = 1 / is_cap)")
     inference_dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the actor's inference copy")
     release_memory: bool = opt(True, "free the inference copy after each rollout (bounded peak memory)")
     compile: bool = opt(False, "torch.compile the decode step (Llama-architecture actors): ~1.3-1.5x faster "
@@ -104,6 +108,14 @@ class PolicyOptions:
     ppo_epochs: int = opt(1, "passes over each rollout")
     mini_batches: int = opt(1, "mini-batches per rollout (one optimizer step each, per epoch)")
     micro_batch_size: int = opt(4, "sequences per process per forward; grad accumulation is derived")
+    policy_loss: Literal[tuple(POLICY_LOSSES)] = opt(
+        "ppo_clip", "ppo_clip: max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high)); cispo (MiniMax-M1): "
+                    "-sg(clip(r, 1 - clip_eps, 1 + clip_eps_high)) A log pi, no token dropped from the gradient; "
+                    "sapo (Qwen): -(4 / tau) sigmoid(tau (r - 1)) A, a soft gate instead of the clip (tau = "
+                    "sapo_tau_pos where A > 0, else sapo_tau_neg). All take importance_sampling_level")
+    sapo_tau_pos: float = opt(SAPO_TAU_POS, "SAPO gate temperature for tokens with A > 0 (the paper's 1.0)")
+    sapo_tau_neg: float = opt(SAPO_TAU_NEG, "SAPO gate temperature for tokens with A <= 0 (the paper's 1.05: "
+                                            "negative updates are gated off faster)")
     clip_eps: float = opt(0.2, "policy ratio clip epsilon (the lower one when clip_eps_high is set)")
     clip_eps_high: Optional[float] = opt(None, "upper ratio clip (DAPO clip-higher, e.g. 0.28); None = clip_eps")
     importance_sampling_level: Literal["token", "sequence"] = opt(
@@ -251,6 +263,11 @@ class RLStepConfig:
             raise ChatrlError("rollout.min_new_tokens must be <= rollout.max_new_tokens")
         if not r.is_cap > 0:
             raise ChatrlError(f"rollout.is_cap={r.is_cap} must be > 0 (the truncated importance weight's cap)")
+        if r.is_low is not None and not 0 < r.is_low <= 1 <= r.is_cap:
+            raise ChatrlError(f"rollout.is_low={r.is_low} and is_cap={r.is_cap}: the kept band of "
+                              "rollout.is_correction=mis needs 0 < is_low <= 1 <= is_cap")
+        if not (p.sapo_tau_pos > 0 and p.sapo_tau_neg > 0):
+            raise ChatrlError(f"sapo_tau_pos={p.sapo_tau_pos} and sapo_tau_neg={p.sapo_tau_neg} must be > 0")
         if p.overlong_buffer < 0 or p.overlong_buffer > r.max_new_tokens:
             raise ChatrlError(f"overlong_buffer={p.overlong_buffer} must be in 0..rollout.max_new_tokens")
         if self.env.max_turns < 1 or self.env.max_context <= r.max_new_tokens:

@@ -16,11 +16,11 @@ from chatrl.algorithms.losses import (
     aggregate,
     aggregation_units,
     entropy_from_logits,
-    policy_loss,
     token_logprobs,
     value_loss,
 )
 from chatrl.algorithms.masked import masked_mean
+from chatrl.algorithms.policy_losses import POLICY_LOSSES
 from chatrl.batches import Rollout
 from chatrl.config_rl import BatchPlan, PPOOptions, RLStepConfig
 from chatrl.engine.collectives import global_sum_tensor
@@ -56,11 +56,11 @@ def single_on_policy_step(cfg: RLStepConfig, has_reference: bool, has_critic: bo
 
 def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPlan,
                   bad: BadSteps | None = None) -> dict[str, float]:
-    """The actor's clipped policy loss (+ KL term, entropy bonus, ptx) and the critic's value loss, averaged
-    over the micro-batches for logging. Every term is reduced with the policy's aggregation over the whole
-    mini-batch (all micro-batches, all ranks), so a gradient does not depend on how a mini-batch is cut. An
-    optimizer step whose loss or gradients are not finite is skipped and counted in `bad` (default: a counter that
-    never stops the run)."""
+    """The actor's policy loss (`policy_loss`: PPO-clip, CISPO or SAPO; + KL term, entropy bonus, ptx) and the
+    critic's value loss, averaged over the micro-batches for logging. Every term is reduced with the policy's
+    aggregation over the whole mini-batch (all micro-batches, all ranks), so a gradient does not depend on how a
+    mini-batch is cut. An optimizer step whose loss or gradients are not finite is skipped and counted in `bad`
+    (default: a counter that never stops the run)."""
     p = cfg.policy
     bad = bad if bad is not None else BadSteps(limit=0)
     n, micro = exp.rollout.response_ids.shape[0], p.micro_batch_size
@@ -99,16 +99,17 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
     agg = functools.partial(aggregate, mode=p.aggregation, max_len=max_len, denom=denom)
     mask, plen = r.action_mask, r.prompt_ids.shape[1]
     ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-    # actor: clipped surrogate (+ beta * KL when it sits in the loss) - entropy bonus (+ ptx LM loss)
+    # actor: the policy loss (PPO-clip, CISPO, SAPO) (+ beta * KL when it sits in the loss) - entropy bonus (+ ptx)
     logits = response_logits(m.actor, ids, attn, plen, cfg.rollout.temperature)
     logprobs = token_logprobs(logits, r.response_ids)
     old_logprobs = logprobs.detach() if mb.on_policy else r.logprobs
     if mb.on_policy:
         r.logprobs = old_logprobs
     weights, is_stats = _is_weights(cfg, old_logprobs, r.sampler_logprobs, mask)
-    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, mb.advantages, mask, p.clip_eps,
-                                    clip_eps_high=p.clip_eps_high, level=p.importance_sampling_level,
-                                    agg=p.aggregation, max_len=max_len, denom=denom, weights=weights)
+    gate = {"tau_pos": p.sapo_tau_pos, "tau_neg": p.sapo_tau_neg} if p.policy_loss == "sapo" else {}
+    pg_loss, pg_stats = POLICY_LOSSES[p.policy_loss](
+        logprobs, old_logprobs, mb.advantages, mask, p.clip_eps, clip_eps_high=p.clip_eps_high,
+        level=p.importance_sampling_level, agg=p.aggregation, max_len=max_len, denom=denom, weights=weights, **gate)
     # logged always (the token mean), a loss term only with a bonus: without one, no graph keeps its [B, R, V]
     # softmax for backward
     with torch.set_grad_enabled(p.entropy_coef != 0 and torch.is_grad_enabled()):
@@ -136,11 +137,11 @@ def _micro_step(m: RLModels, mb: Experience, cfg: RLStepConfig, max_len: int,
 
 def _is_weights(cfg: RLStepConfig, old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor | None,
                 mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The per-token weight of `rollout.is_correction` (None for none) and its stats (is_weight_mean,
-    is_capped_frac)."""
+    """The per-token weight of `rollout.is_correction` (None for none) and its stats (tis: is_weight_mean,
+    is_capped_frac; mis: is_weight_mean, is_masked_frac[_low|_high])."""
     r = cfg.rollout
     if r.is_correction == "none":
         return None, {}
     if sampler_logprobs is None:
         raise ValueError(f"rollout.is_correction={r.is_correction} needs the sampler's log-probs in the rollout")
-    return IS_CORRECTIONS[r.is_correction](old_logprobs, sampler_logprobs, mask, r.is_cap)
+    return IS_CORRECTIONS[r.is_correction](old_logprobs, sampler_logprobs, mask, r.is_cap, r.is_low)
