@@ -17,5 +17,8 @@ def test_right_and_left_padding_by_hand():
 def test_empty_rows_and_no_rows_keep_their_shape():
     assert pad_rows([[], []], 0)[0].shape == (2, 0)
     assert pad_rows([], 0)[1].shape == (0, 0)
+    ids, mask = pad_rows([[], []], 4, min_width=1)  # rl_experience: one response column even when every reply is empty
+    assert ids.tolist() == [[4], [4]] and mask.tolist() == [[0], [0]]
+    assert pad_rows([[1, 2, 3]], 0, side="left", min_width=2)[0].tolist() == [[1, 2, 3]]  # a floor, not a cut
     with pytest.raises(ValueError, match="side"):
         pad_rows([[1]], 0, side="middle")  # type: ignore[arg-type]

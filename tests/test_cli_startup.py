@@ -12,7 +12,8 @@ from chatrl.steps.registry import STEPS
 from helpers import REPO, cli_env
 
 # in a fresh interpreter: everything `chatrl chat` / `serve` / `data inspect` / `env check` import before they run,
-# then the PPO step's runner, which does need the stack
+# then the PPO step's runner (its module loads the stack only when it runs, like every step's), then what a running
+# step calls first (its device), which does load DeepSpeed
 PROBE = """
 import sys
 import chatrl.cli
@@ -22,6 +23,9 @@ print("start-up:", sorted(m for m in ("deepspeed", "peft") if m in sys.modules))
 from chatrl.steps.registry import STEPS
 STEPS["ppo"].load()
 print("ppo:", sorted(m for m in ("deepspeed", "peft") if m in sys.modules))
+from chatrl.engine.deepspeed import device
+device()
+print("running:", sorted(m for m in ("deepspeed", "peft") if m in sys.modules))
 """
 
 
@@ -30,8 +34,9 @@ def test_cli_start_up_does_not_import_deepspeed_or_peft() -> None:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "start-up: []" in proc.stdout
+    assert "ppo: []" in proc.stdout
     # the probe can see the stack when it is loaded; peft itself waits for a LoRA model (models.lora.apply_lora)
-    assert "ppo: ['deepspeed']" in proc.stdout
+    assert "running: ['deepspeed']" in proc.stdout
 
 
 @pytest.mark.parametrize("name", sorted(STEPS))

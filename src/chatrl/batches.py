@@ -12,14 +12,15 @@ from typing import Literal
 import torch
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad: int,
-             side: Literal["left", "right"] = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of ints -> (ids, mask), both [B, T] long with T the longest row (0 when every row is empty): ids
-    filled with `pad` on `side`, mask 1 on the rows' own entries. Left padding puts every row's end in the last
-    column (prompts before generation); right padding keeps position t at column t (training rows)."""
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, side: Literal["left", "right"] = "right",
+             min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ints -> (ids, mask), both [B, T] long with T the longest row, at least `min_width` (so 0 when every
+    row is empty, by default): ids filled with `pad` on `side`, mask 1 on the rows' own entries. Left padding puts
+    every row's end in the last column (prompts before generation); right padding keeps position t at column t
+    (training rows)."""
     if side not in ("left", "right"):
         raise ValueError(f"side={side!r}: expected 'left' or 'right'")
-    width = max((len(r) for r in rows), default=0)
+    width = max(max((len(r) for r in rows), default=0), min_width)
     ids, mask = [], []
     for r in rows:
         fill = width - len(r)

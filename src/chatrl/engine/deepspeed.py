@@ -2,7 +2,8 @@
 
 We generate the DeepSpeed JSON from our typed config (ZeRO stage, offload, precision, batch sizes,
 clipping) and hand DeepSpeed a torch LR schedule (warmup + cosine/linear/constant) so it is saved in
-checkpoints. A user's raw DeepSpeed JSON (`deepspeed.raw_config`) is merged over the generated one.
+checkpoints. A user's raw DeepSpeed JSON (`deepspeed.raw_config`) is merged over the generated one. `gathered` is
+the one way to read ZeRO-3's partitioned parameters whole (the rollout's inference copy, the EMA).
 
 Precision: bf16 under ZeRO >= 1 uses DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the ZeRO
 optimizer). ZeRO 0 has no master copy in DeepSpeed's bf16 mode (updates of 1e-5 vanish in bf16), so
@@ -11,12 +12,14 @@ there we keep fp32 weights and run the forward under DeepSpeed's torch_autocast 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,18 @@ def device() -> torch.device:
               flush=True)
     _device_said = True
     return dev
+
+
+def gathered(params: Iterable[torch.nn.Parameter], enabled: bool,
+             modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    """ZeRO-3's partitioned `params` gathered whole on every rank for the block (one all-gather for all of them),
+    partitioned again after; a no-op when not `enabled` (ZeRO 0-2 keep whole parameters). modifier_rank=None: the
+    block only reads them; a rank's number: its writes are broadcast on exit. A collective: every rank enters it."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed  # lazy: deepspeed takes seconds to import; only training needs it
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):

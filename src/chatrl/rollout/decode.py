@@ -29,7 +29,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from chatrl.algorithms.losses import token_logprobs
+from chatrl.engine.collectives import any_rank
 from chatrl.models.loading import last_positions
+from chatrl.models.lora import plain_model
 from chatrl.rollout.compiled_decode import CompiledDecoder
 from chatrl.rollout.sampling import GenerationSettings, block_token, pick_tokens
 
@@ -162,16 +164,13 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     """The keyword `model(...)` takes its KV cache under: `cache` since transformers renamed it in 5.x (the old
     `past_key_values` still works there but raises a FutureWarning and goes away in 5.40), `past_key_values` in
     older releases and remote-code models. Wrappers whose forward only has **kwargs (peft, a DeepSpeed engine)
-    are looked through; a model whose forward names neither gets what this transformers' own models take."""
-    seen: set[int] = set()
-    while model is not None and id(model) not in seen:
-        seen.add(id(model))
-        params = inspect.signature(model.forward).parameters
+    are looked through (`models.lora.plain_model`); a model whose forward names neither gets what this transformers'
+    own models take."""
+    for candidate in (model, plain_model(model)):
+        params = inspect.signature(candidate.forward).parameters
         for key in ("cache", "past_key_values"):
             if key in params:
                 return key
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else None
-        model = inner if inner is not None else getattr(model, "module", None)
     return _library_cache_kwarg()
 
 
@@ -212,13 +211,6 @@ def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     logits = _logits(model, prompt_ids[first], prompt_mask[first], pos[first], cache, cache_key)
     cache.batch_select_indices(inverse)
     return logits[inverse]
-
-
-def _global_any(flag: bool, device: torch.device) -> bool:
-    """True if `flag` holds on any rank (one tiny all-reduce)."""
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 @torch.no_grad()
@@ -298,7 +290,7 @@ def _generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_
         if (t + 1) % every == 0 and t + 1 >= settings.min_new_tokens:
             live = (~done).nonzero().squeeze(1)
             n_live = int(live.numel())
-            if synced and not _global_any(n_live > 0, device):
+            if synced and not any_rank(n_live > 0, device):
                 break
             if n_live == 0 and not synced:
                 break

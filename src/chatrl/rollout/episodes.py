@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import gymnasium
-import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from chatrl.batches import pad_rows
 from chatrl.data.templates import render
 from chatrl.data.tokenize import encode_prompt
 from chatrl.data.types import Message
+from chatrl.engine.collectives import any_rank
 from chatrl.envs.base import call_env, validate_reset, validate_step
 from chatrl.errors import ChatrlError
 from chatrl.rollout.hybrid import HybridEngine
@@ -120,23 +121,6 @@ def continuation_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[Mess
     return tokenizer(glue, add_special_tokens=False)["input_ids"]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _others_active(local: bool) -> bool:
-    """Under synced decoding (ZeRO-3) every rank must run the same number of decode calls: is any rank active?"""
-    flag = torch.tensor([1 if local else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def run_episodes(hybrid: HybridEngine, tokenizer: PreTrainedTokenizerBase, envs: Sequence[gymnasium.Env],
                  env_name: str, tasks: Sequence[Task], settings: GenerationSettings, *, max_turns: int,
                  max_prompt_tokens: int, max_context: int) -> EpisodeBatch:
@@ -160,14 +144,15 @@ def run_episodes(hybrid: HybridEngine, tokenizer: PreTrainedTokenizerBase, envs:
                 if not ep.done and ep.length + settings.max_new_tokens > max_context:
                     ep.done = ep.truncated = ep.context_truncated = True
             active = [ep for ep in episodes if not ep.done]
-            if synced and not _others_active(bool(active)):
+            # synced decoding (ZeRO-3): every rank runs the same number of decode calls while any rank is active
+            if synced and not any_rank(bool(active)):
                 break
             if not synced and not active:
                 break
             if base_seed is not None:
                 settings.seed = base_seed + turn * 1_000_003
             rows = [ep.prompt_ids + ep.response for ep in active] or [[pad_id]]  # a dummy row keeps ranks in step
-            ids, mask = _left_pad(rows, pad_id, device)
+            ids, mask = (t.to(device) for t in pad_rows(rows, pad_id, "left"))
             out_ids, out_mask, out_logps = hybrid.generate(ids, mask, settings, eos_token_id=eos_id,
                                                            pad_token_id=pad_id, synced=synced, return_logprobs=True)
             for ep, gen, lps, n in zip(active, out_ids.tolist(), out_logps.tolist(), out_mask.sum(-1).tolist(),

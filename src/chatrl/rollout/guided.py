@@ -20,12 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from chatrl.algorithms.ilql import guided_logits
 from chatrl.errors import ChatrlError
 from chatrl.models.ilql_heads import ILQLHeads, check_fits, has_heads, load_heads
-
-
-def _hf_model(lm: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (or `lm`)."""
-    get_base = getattr(lm, "get_base_model", None)
-    return get_base() if callable(get_base) else lm
+from chatrl.models.lora import plain_model
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor | None) -> torch.Tensor:
@@ -58,7 +53,7 @@ class QGuidedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor | None = None, **cache_kwargs: object) -> CausalLMOutputWithPast:
-        hf = _hf_model(self.lm)
+        hf = plain_model(self.lm)
         backbone = getattr(hf, hf.base_model_prefix)
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=use_cache, **cache_kwargs)

@@ -1,8 +1,9 @@
-"""Hybrid Engine: switch the PPO actor between its training layout and a fast inference layout.
+"""Hybrid Engine: switch a policy between its training layout and a fast inference layout.
 
-Plain PyTorch (no CUDA kernels), so it runs on CPU and GPU. During rollout the actor is served by an
-INFERENCE COPY of its weights:
-- under ZeRO-3 the partitioned parameters are gathered once per refresh (one `GatheredParameters` context
+It decodes the RL steps' rollouts (PPO, GRPO and the other policy-gradient algorithms), RFT's samples and the
+environment eval's episodes. Plain PyTorch (no CUDA kernels), so it runs on CPU and GPU. During rollout the actor
+is served by an INFERENCE COPY of its weights:
+- under ZeRO-3 the partitioned parameters are gathered once per refresh (one `engine.deepspeed.gathered` context
   around the whole copy), never per token or per layer;
 - LoRA adapters are folded in: W + scale * B @ A is computed into the copy (peft's `get_delta_weight`), so the
   training weights are never merged/unmerged in place (no fp drift from merge/unmerge round trips, and no
@@ -31,22 +32,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from chatrl.engine.deepspeed import gathered
+from chatrl.models.lora import plain_model, unwrap
 from chatrl.paths import setup_extension_cache
 from chatrl.rollout.compiled_decode import CompiledDecoder, why_unsupported
 from chatrl.rollout.decode import GenerationSettings, generate
 from chatrl.rollout.guided import QGuidance
-
-
-def unwrap_actor(actor: nn.Module) -> nn.Module:
-    """The nn.Module inside a DeepSpeed engine (or the module itself)."""
-    inner = getattr(actor, "module", None)
-    return inner if isinstance(inner, nn.Module) else actor
-
-
-def _base_model(module: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (or `module`)."""
-    get_base = getattr(module, "get_base_model", None)
-    return get_base() if callable(get_base) else module
 
 
 def _plain_name(name: str) -> str:
@@ -200,8 +191,8 @@ class HybridEngine:
                  compile_decode: bool = False, guidance: QGuidance | None = None):
         self.actor = actor
         self.guidance = guidance  # ILQL Q-guided decoding; may be replaced between rollouts (e.g. another beta)
-        self.module = unwrap_actor(actor)
-        self.base = _base_model(self.module)
+        self.module = unwrap(actor)  # what trains: the model inside a DeepSpeed engine (a peft model under LoRA)
+        self.base = plain_model(self.module)
         self.zero3 = zero3 or any(hasattr(p, "ds_id") for p in self.module.parameters())
         self.is_lora = self.base is not self.module
         self.inference_dtype = inference_dtype
@@ -229,14 +220,6 @@ class HybridEngine:
             return p.device
         return torch.device("cpu")
 
-    def _gathered(self) -> contextlib.AbstractContextManager:
-        if not self.zero3:
-            return contextlib.nullcontext()
-        import deepspeed  # lazy: deepspeed takes seconds to import; only training needs it
-
-        # All parameters at once, one gather for the whole refresh (modifier_rank=None: read only).
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
-
     def _inference_model(self) -> nn.Module:
         if not self.uses_copy:
             return self.base
@@ -244,7 +227,7 @@ class HybridEngine:
             dtype = self.inference_dtype or next(self.base.parameters()).dtype
             self._copy = InferenceCopy(self.base, dtype, self.device, self.pack_weights)
         if not self._copy.loaded or self._copy_version != self.version:
-            with self._gathered():
+            with gathered(self.module.parameters(), enabled=self.zero3):  # one gather for the whole refresh
                 self._copy.refresh(self.base)
             self._copy_version = self.version
         return self._copy.model

@@ -13,7 +13,7 @@ from torch import nn
 
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.algorithms.rewards import final_reward, overlong_penalty, turn_rewards
-from chatrl.batches import Rollout
+from chatrl.batches import Rollout, pad_rows
 from chatrl.models.loading import last_positions
 from chatrl.models.reward import position_ids_from_mask, sequence_scores, token_values
 from chatrl.reward_functions import RewardFunctions, columns_of
@@ -70,24 +70,15 @@ class EpisodeTensors:
 
 def episode_tensors(batch: EpisodeBatch, pad_id: int, gamma: float, device: torch.device) -> EpisodeTensors:
     n = len(batch)
-    plen = max(len(p) for p in batch.prompt_ids)
-    rlen = max(1, max(len(r) for r in batch.response_ids))
-    prompt_ids = torch.full((n, plen), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((n, plen), dtype=torch.long)
-    response_ids = torch.full((n, rlen), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((n, rlen), dtype=torch.float32)
-    action_mask = torch.zeros((n, rlen), dtype=torch.float32)
+    prompt_ids, prompt_mask = pad_rows(batch.prompt_ids, pad_id, "left")
+    # at least one response column, even when every reply is empty
+    response_ids, response_mask = pad_rows(batch.response_ids, pad_id, "right", min_width=1)
+    rlen = response_ids.shape[1]
+    response_mask = response_mask.float()
+    action_mask = pad_rows(batch.action_mask, 0, "right", min_width=rlen)[0].float()
     turns = max(1, max(len(t) for t in batch.turn_rewards))
     values, positions, valid = torch.zeros(n, turns), torch.zeros(n, turns, dtype=torch.long), torch.zeros(n, turns)
     for i in range(n):
-        p, r, a = batch.prompt_ids[i], batch.response_ids[i], batch.action_mask[i]
-        if p:
-            prompt_ids[i, plen - len(p):] = torch.tensor(p)
-            prompt_mask[i, plen - len(p):] = 1
-        if r:
-            response_ids[i, :len(r)] = torch.tensor(r)
-            response_mask[i, :len(r)] = 1
-            action_mask[i, :len(r)] = torch.tensor(a, dtype=torch.float32)
         k = len(batch.turn_rewards[i])
         values[i, :k] = torch.tensor(batch.turn_rewards[i])
         positions[i, :k] = torch.tensor(batch.turn_ends[i], dtype=torch.long)
@@ -204,8 +195,3 @@ def score_rollout(*, actor: nn.Module | None, reference: nn.Module | None, criti
                    response_mask=t.response_mask, action_mask=t.action_mask, logprobs=logprobs,
                    ref_logprobs=ref_logprobs, values=values * t.action_mask, scores=scores,
                    sampler_logprobs=t.sampler_logprobs)
-
-
-def select(rollout: Rollout, idx: torch.Tensor, **extra: torch.Tensor) -> tuple[Rollout, dict[str, torch.Tensor]]:
-    """Rows `idx` of a rollout (and of extra per-row tensors such as advantages)."""
-    return rollout.rows(idx), {k: v[idx] for k, v in extra.items()}

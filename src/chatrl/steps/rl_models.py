@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import deepspeed
 import gymnasium
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -20,7 +19,7 @@ from chatrl.batches import TokenBatch
 from chatrl.config_rl import BatchPlan, PPOConfig, RLStepConfig
 from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_sft
-from chatrl.engine.deepspeed import initialize
+from chatrl.engine.deepspeed import gathered, initialize
 from chatrl.envs.registry import make_env
 from chatrl.errors import ChatrlError
 from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype
@@ -55,12 +54,12 @@ class EMA:
     def __init__(self, actor: Any, decay: float, zero3: bool) -> None:
         self.actor, self.decay, self.zero3 = actor, decay, zero3
         params = dict(actor.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero3):
+        with gathered(params.values(), enabled=zero3):
             self.weights = {k: p.detach().float().cpu().clone() for k, p in params.items()}
 
     def update(self) -> None:
         params = dict(self.actor.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.zero3):
+        with gathered(params.values(), enabled=self.zero3):
             for name, p in params.items():
                 self.weights[name].mul_(self.decay).add_(p.detach().float().cpu(), alpha=1 - self.decay)
 
