@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 from chatrl.config import DataConfig
 from chatrl.data.adapters import ADAPTERS, find_adapter
 from chatrl.data.clean import SCHEMA_HELP, DataReport, clean_text, dedupe, row_key
-from chatrl.data.readers import Source, read_source, resolve_source
+from chatrl.data.readers import Source, read_source, resolve_data_source
 from chatrl.data.schemas import PAIR_SCHEMAS, SCHEMAS, Example, RowError, detect_schema, parse_row
 from chatrl.data.split import STEPS, blend, split_dataset
 from chatrl.data.templates import template_of
@@ -76,7 +76,7 @@ def _is_empty(ex: Example) -> bool:
 
 def read_examples(spec: str, cfg: DataConfig, report: DataReport) -> Dataset:
     """Read, parse and clean one `data.paths` entry; every dropped row is counted in `report`."""
-    src = resolve_source(spec)
+    src = resolve_data_source(spec)
     skip = cfg.skip_bad_rows or src.builtin
     if src.builtin and not cfg.skip_bad_rows:
         report.notes.append(f"bad rows of the shipped {spec} are skipped (and counted)")
@@ -220,7 +220,7 @@ def _file_fingerprint(path: Path) -> str:
 
 def data_fingerprint(spec: str) -> str:
     """Content hash of a data.paths entry (files hashed; hub names by name)."""
-    src = resolve_source(spec)
+    src = resolve_data_source(spec)
     if src.path is None:
         return f"hub:{spec}"
     files = sorted(p for p in src.path.rglob("*") if p.is_file()) if src.path.is_dir() else [src.path]

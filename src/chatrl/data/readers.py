@@ -53,7 +53,7 @@ class Source:
         return self.path.name + (f"#{self.split}" if self.split else "")
 
 
-def resolve_source(spec: str) -> Source:
+def resolve_data_source(spec: str) -> Source:
     """Map a `data.paths` entry to a local path or a hub name (no reading yet)."""
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]

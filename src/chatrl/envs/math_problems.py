@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatrl.data.clean import DataReport
-from chatrl.data.readers import RawRow, read_source, resolve_source
+from chatrl.data.readers import RawRow, read_source, resolve_data_source
 from chatrl.data.types import Message
 from chatrl.envs.answers import answers_match, extract_answer
 from chatrl.envs.base import TextEnv, system, user
@@ -70,7 +70,7 @@ def load_problems(path: str, question_key: str, answer_key: str) -> list[tuple[s
 @functools.lru_cache(maxsize=8)
 def _read_problems(path: str, question_key: str, answer_key: str, stamp: tuple[int, int]) -> tuple[tuple[str, str], ...]:
     """Read once per process: the trainer makes one environment instance per rollout row."""
-    rows = read_source(resolve_source(path), DataReport(), skip_bad_rows=False)
+    rows = read_source(resolve_data_source(path), DataReport(), skip_bad_rows=False)
     problems = []
     for row in rows:
         question = _field(row, question_key, "question")

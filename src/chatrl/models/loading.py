@@ -78,7 +78,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 # ============================================================================ paths
 
 
-def resolve_source(name_or_path: str) -> str:
+def resolve_model_source(name_or_path: str) -> str:
     """Resolve an alias / local folder / hub id to what `from_pretrained` takes; fail early on a missing folder."""
     resolved = resolve_model_path(name_or_path)
     expanded = os.path.expanduser(resolved)
@@ -177,7 +177,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer (right padding, pad token != EOS, a chat template always present)."""
-    source = resolve_source(name_or_path)
+    source = resolve_model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="right")
     except (OSError, ValueError) as err:
@@ -284,7 +284,7 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype | None = None, tokeni
     `load_tokenizer`) so the pad id and vocabulary size agree. LoRA is applied when cfg.lora.r > 0
     (the result is then a peft model); never when trainable=False.
     """
-    source = resolve_source(cfg.name_or_path)
+    source = resolve_model_source(cfg.name_or_path)
     weights = weights_kwargs(source, cfg.allow_pickle)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.name_or_path)
     dtype = dtype if dtype is not None else resolve_dtype(cfg.dtype)

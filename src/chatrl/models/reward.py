@@ -23,7 +23,7 @@ from chatrl.models.loading import (
     load_tokenizer,
     prepare_model,
     resolve_dtype,
-    resolve_source,
+    resolve_model_source,
     weights_kwargs,
 )
 from chatrl.models.lora import plain_model
@@ -44,7 +44,7 @@ def load_reward_model(name_or_path: str, *, dtype: torch.dtype | str = "auto",
     blocks and the head (`loading.freeze_lower_layers`). Pickle-only folders are refused unless `allow_pickle`
     (`loading.weights_kwargs`).
     """
-    source = resolve_source(name_or_path)
+    source = resolve_model_source(name_or_path)
     weights = weights_kwargs(source, allow_pickle, auto_class="AutoModelForSequenceClassification")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
     config = load_model_config(source, tokenizer, num_labels=1)

@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from chatrl.errors import ChatrlError
-from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer, resolve_dtype, resolve_source
+from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer, resolve_dtype, resolve_model_source
 from chatrl.rollout.decode import cache_kwarg
 from chatrl.rollout.guided import QGuidance, load_guidance
 from chatrl.rollout.sampling import GenerationSettings, pick_tokens
@@ -64,7 +64,7 @@ class ChatModel:
         torch_dtype = resolve_dtype(dtype)
         tokenizer = load_tokenizer(model_path)
         model = load_frozen_causal_lm(model_path, torch_dtype, tokenizer=tokenizer, allow_pickle=allow_pickle)
-        source = resolve_source(model_path)
+        source = resolve_model_source(model_path)
         self.guidance = load_guidance(source, model, ilql_beta)
         self._attach(self.guidance.wrap(model) if self.guidance else model, tokenizer, source, context_window)
 

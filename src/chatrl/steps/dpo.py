@@ -20,7 +20,7 @@ from chatrl.config_offline import DPOConfig
 from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_pairs
 from chatrl.errors import ChatrlError
-from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype, resolve_source
+from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype, resolve_model_source
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
 from chatrl.steps.dpo_reference import Rows, attach, cached_reference_logps, reply_logps
 from chatrl.steps.supervised import TrainTask, train
@@ -76,7 +76,7 @@ def evaluate_pairs(engine: torch.nn.Module, rows: Rows, collate: Callable[[Rows]
 def reference_name(cfg: DPOConfig) -> str:
     name = cfg.dpo.reference_model or cfg.model.name_or_path
     try:
-        resolve_source(name)
+        resolve_model_source(name)
     except ChatrlError as e:
         raise ChatrlError(f"dpo.reference_model: {e}") from None
     return name

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.batches import PairBatch
 from chatrl.engine.collectives import barrier
-from chatrl.models.loading import last_positions, resolve_source
+from chatrl.models.loading import last_positions, resolve_model_source
 from chatrl.paths import atomic_write_json, cache_dir
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def reply_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor,
 
 def model_fingerprint(name_or_path: str) -> str:
     """Identity of a model's weights: its folder's files (name, size, mtime) or the hub id."""
-    source = resolve_source(name_or_path)
+    source = resolve_model_source(name_or_path)
     folder = Path(source)
     if not folder.is_dir():
         return f"hub:{source}"

@@ -25,7 +25,7 @@ from chatrl.data.tokenize import IGNORE, collate_sft, encode_conversation
 from chatrl.data.types import Message, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
 from chatrl.models.ilql_heads import ILQLModel, check_fits, has_heads, heads_for, load_heads, save_heads
-from chatrl.models.loading import load_causal_lm, resolve_source
+from chatrl.models.loading import load_causal_lm, resolve_model_source
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
 from chatrl.steps.supervised import TrainTask, train
 
@@ -203,7 +203,7 @@ def build_model(cfg: ILQLConfig, ctx: StepContext) -> ILQLModel:
     """The LM (with LoRA / trainable_layers as configured) + heads: continued from the starting folder when it
     has them, new otherwise."""
     lm = load_causal_lm(cfg.model, dtype=ctx.weights_dtype, tokenizer=ctx.tokenizer)
-    source = resolve_source(cfg.model.name_or_path)
+    source = resolve_model_source(cfg.model.name_or_path)
     if has_heads(source):
         heads, meta = load_heads(source)
         check_fits(heads, lm, source)
