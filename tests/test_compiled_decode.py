@@ -10,8 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from chatrl.rollout.compiled_decode import CompiledDecoder, why_unsupported
 from chatrl.rollout.decode import _logits, _prefill_positions, decode_attention_enabled, make_cache
 from chatrl.rollout.hybrid import HybridEngine
-from test_hybrid_engine import NEW, greedy, rollout, train_steps
-from test_hybrid_generate import PAD, hf_greedy, left_padded, pick_eos, tiny_model
+from helpers import NEW, PAD, greedy, hf_greedy, left_padded, pick_eos, rollout, tiny_model, train_steps
 
 
 def teacher_forced_gap(model, decoder: CompiledDecoder, steps: int = 5) -> float:

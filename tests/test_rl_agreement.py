@@ -22,8 +22,8 @@ from chatrl.steps.rl_agreement import (
     vocab_kl,
 )
 from chatrl.steps.rl_experience import episode_tensors, score_rollout
+from helpers import tiny_model
 from rl_envs import ThreeTurnEnv
-from test_hybrid_generate import tiny_model
 
 T = 0.8
 

@@ -8,7 +8,7 @@ import torch
 from chatrl.models.reward import position_ids_from_mask
 from chatrl.rollout.episodes import EpisodeBatch
 from chatrl.steps.rl_experience import EpisodeTensors, episode_tensors, score_rollout
-from test_hybrid_generate import left_padded, tiny_model
+from helpers import left_padded, tiny_model
 
 
 def test_rollout_logprobs_are_at_the_sampling_temperature(tiny_model_dir):

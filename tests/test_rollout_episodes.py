@@ -13,8 +13,8 @@ from chatrl.rollout.episodes import Task, continuation_ids, run_episodes
 from chatrl.rollout.hybrid import HybridEngine
 from chatrl.rollout.sampling import GenerationSettings
 from chatrl.steps.rl_experience import episode_tensors
+from helpers import tiny_model
 from rl_envs import NaNRewardEnv, RaisingEnv, ThreeTurnEnv
-from test_hybrid_generate import tiny_model
 
 
 def play(tiny_model_dir, envs, n=2, max_turns=5, max_context=512, new=6):
@@ -75,7 +75,7 @@ def test_bad_environment_is_one_line_naming_it(tiny_model_dir, env, needle):
 def test_repeated_prompts_share_one_prefill_and_decode_like_hf(tiny_model_dir):
     """A GRPO rollout repeats each prompt G times: the decoder prefills each distinct prompt once and expands the
     KV cache; greedy tokens still equal transformers' generate() on the repeated batch, with EOS rows dropped."""
-    from test_hybrid_generate import PAD, hf_greedy, left_padded, pick_eos
+    from helpers import PAD, hf_greedy, left_padded, pick_eos
 
     model = tiny_model(tiny_model_dir).eval()
     ids, mask = left_padded()

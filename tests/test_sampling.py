@@ -17,25 +17,9 @@ import pytest
 import torch
 
 from chatrl.rollout.sampling import GenerationSettings, pick_tokens
+from helpers import P_MIN, Z, chi2_pvalue, nucleus
 
 N = 20_000
-P_MIN = 1e-4  # reject below this p-value: the chi2 quantile at 99.99%
-# 8 tokens in a shuffled order (so "the first k columns" is never the right answer), range 2 nats: at T=0.5 the
-# least likely token still expects ~150 draws in N, enough for the chi-square approximation (>= 5 per cell).
-Z = torch.tensor([0.1, 1.0, -0.5, 0.4, -1.0, 0.7, -0.2, -0.8])
-
-
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """P(chi2_{k-1} >= Pearson's statistic) for observed `counts` against `probs` over the k cells with probs > 0.
-    Draws in a cell of probability 0 give p = 0."""
-    counts, probs = counts.double(), probs.double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    keep = probs > 0
-    expected = probs[keep] / probs[keep].sum() * counts.sum()
-    stat = ((counts[keep] - expected) ** 2 / expected).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def draw(settings: GenerationSettings, logits: torch.Tensor = Z, n: int = N) -> torch.Tensor:
@@ -43,15 +27,6 @@ def draw(settings: GenerationSettings, logits: torch.Tensor = Z, n: int = N) -> 
     gen = torch.Generator().manual_seed(settings.seed if settings.seed is not None else 0)
     toks = pick_tokens(logits[None].repeat(n, 1), settings, gen)
     return torch.bincount(toks, minlength=logits.numel())
-
-
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Reference top-p: keep a token while the mass of strictly more likely tokens is < top_p; renormalise."""
-    order = torch.argsort(probs, descending=True)
-    before = torch.cumsum(probs[order], 0) - probs[order]
-    kept = torch.zeros_like(probs)
-    kept[order[before < top_p]] = probs[order[before < top_p]]
-    return kept / kept.sum()
 
 
 def test_chi2_pvalue_against_closed_forms_and_tables():

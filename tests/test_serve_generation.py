@@ -14,7 +14,7 @@ from chatrl.errors import ChatrlError
 from chatrl.serve.chat import ChatSession, build_messages, trim_to_window
 from chatrl.serve.generation import ChatModel, IncrementalDetokenizer, SamplingSettings, StopMatcher
 from chatrl.serve.worker import Event, GenerationWorker, Job
-from test_sampling import P_MIN, Z, chi2_pvalue, nucleus
+from helpers import P_MIN, Z, chi2_pvalue, nucleus
 
 
 @pytest.fixture(scope="module")

@@ -7,33 +7,19 @@ import copy
 import pytest
 import torch
 
-from chatrl.rollout.decode import GenerationSettings
 from chatrl.rollout.hybrid import HybridEngine, PackedLinear, can_pack
-from test_hybrid_generate import PAD, assert_bf16_greedy_within_rounding, hf_greedy, left_padded, pick_eos, tiny_model
-
-NEW = 10
-
-
-def greedy() -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=NEW, do_sample=False)
-
-
-def rollout(he: HybridEngine, eos: int) -> torch.Tensor:
-    ids, mask = left_padded()
-    return he.generate(ids, mask, greedy(), eos_token_id=eos, pad_token_id=PAD)[0]
-
-
-def train_steps(model, n: int, lr: float = 3e-2) -> None:
-    """n AdamW steps of next-token loss on random tokens (big lr so the greedy outputs really change)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(7)
-    model.train()
-    for _ in range(n):
-        x = torch.randint(3, 1000, (2, 8), generator=g)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+from helpers import (
+    NEW,
+    PAD,
+    assert_bf16_greedy_within_rounding,
+    greedy,
+    hf_greedy,
+    left_padded,
+    pick_eos,
+    rollout,
+    tiny_model,
+    train_steps,
+)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float32])

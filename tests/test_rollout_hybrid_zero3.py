@@ -56,7 +56,7 @@ def _main(model_dir: str, out_path: str) -> None:
 
     from chatrl.rollout.decode import GenerationSettings
     from chatrl.rollout.hybrid import HybridEngine
-    from test_hybrid_generate import PAD, hf_greedy, left_padded, tiny_model
+    from helpers import PAD, hf_greedy, left_padded, tiny_model
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
