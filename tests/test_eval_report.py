@@ -69,11 +69,14 @@ def make_run(root: Path) -> Path:
 
 def test_metric_grouping_and_series():
     groups = group_keys(["loss", "eval_loss", "kl", "reward/mean", "accuracy", "margin", "response_length",
-                         "tokens_per_s", "lr", "entropy"])
+                         "tokens_per_s", "lr", "entropy", "policy_grad_norm", "policy_approx_kl",
+                         "agreement/vocab_kl", "reward_sd_within_group", "misc"])
     assert groups["Losses"] == ["loss", "eval_loss"] and groups["KL"] == ["kl"]
-    assert groups["Accuracy"] == ["accuracy"] and groups["Rewards, scores and margins"] == ["reward/mean", "margin"]
+    assert groups["Accuracy"] == ["accuracy"]
+    assert groups["Rewards, scores and margins"] == ["reward/mean", "margin", "reward_sd_within_group"]
     assert groups["Response length"] == ["response_length"] and groups["Throughput and time"] == ["tokens_per_s"]
-    assert groups["Learning rate"] == ["lr"] and groups["Other"] == ["entropy"]
+    assert groups["Update diagnostics"] == ["entropy", "policy_grad_norm", "policy_approx_kl", "agreement/vocab_kl"]
+    assert groups["Learning rate"] == ["lr"] and groups["Other"] == ["misc"]
     series = collect_series([{"step": 1, "loss": 2.0, "done": True, "x": "s", "time": 1.7e9},
                              {"step": 2, "split": "eval", "loss": 1.5, "acc": float("nan")},
                              {"step": 3, "loss": 1.0}, {"step": 2, "loss": 1.2}, {"step": 3, "loss": 0.9}])

@@ -27,6 +27,9 @@ ONLY_IF_PRESENT = {"grpo", "dpo", "ilql", "rft"}  # the classic three steps get 
 # metric groups, first match wins: (title, substrings of the lower-cased key)
 GROUPS = [
     ("Success rate", ("success",)),
+    # the RL update's health (issue 19): is anything moving, and do the sampler and the trainer agree?
+    ("Update diagnostics", ("grad_norm", "clipfrac", "approx_kl", "entropy", "agreement/", "zero_variance",
+                            "is_weight", "is_capped", "is_masked", "gate")),
     ("Losses", ("loss", "perplexity", "ppl")),
     ("KL", ("kl",)),
     ("Accuracy", ("acc",)),
