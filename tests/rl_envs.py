@@ -62,6 +62,13 @@ class TiedEvenEnv(BananaEnv):
         return [], reward, True, False, {}
 
 
+class ConstantRewardEnv(BananaEnv):
+    """A deliberately broken reward: 1.0 whatever the reply, so every group is tied and nothing can be learned."""
+
+    def step(self, action):
+        return [], 1.0, True, False, {}
+
+
 class EvenTaskEnv(BananaEnv):
     """Solved exactly when the task number is even, whatever the reply: success rates are known by hand."""
 

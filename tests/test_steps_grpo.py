@@ -57,6 +57,29 @@ def test_dynamic_sampling_fills_the_batch_and_counts_drops(word_sft: Path, tmp_p
         assert row["zero_variance_groups"] == 0 and row["groups_tied_in_batch"] == 0
 
 
+def test_a_broken_reward_raises_an_alarm_in_the_log_and_the_report(word_sft: Path, tmp_path: Path) -> None:
+    """ConstantRewardEnv ties every group: the all_tied alarm fires in the first iteration (a warning line, alarms.jsonl)
+    and the report shows it in a red box; the diagnostics of issue 19 are logged every iteration."""
+    from chatrl.eval.report import write_report
+    from chatrl.steps.rl_alarms import read_alarms
+
+    out = tmp_path / "run" / "grpo"
+    proc = run_cli(*grpo_args(word_sft, out, "env.name=rl_envs:ConstantRewardEnv", "grpo.iterations=2",
+                              "checkpoint.every=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ALARM [all_tied] iteration 1" in proc.stderr
+    assert [(a.step, a.kind) for a in read_alarms(out)] == [(1, "all_tied")]  # once per window, not every iteration
+    rows = read_metrics(out)
+    for key in ("reward_sd_within_group", "reward_sd_between_groups", "advantage_std", "policy_grad_norm",
+                "policy_clipfrac", "policy_approx_kl", "entropy", "agreement/logprob_max_abs_diff",
+                "agreement/logprob_mean_abs_diff", "agreement/vocab_kl"):
+        assert key in rows[-1], key
+    assert rows[-1]["reward_sd_within_group"] == 0 and rows[-1]["advantage_std"] == 0
+    assert rows[-1]["policy_grad_norm"] == 0  # every advantage 0: the policy gradient is exactly 0
+    page = write_report(tmp_path / "run").read_text()
+    assert "<div class='alarm'><b>Alarms (1)</b>" in page and "<b>all_tied</b>" in page
+
+
 @pytest.mark.parametrize(("env", "needle"), [("rl_envs:NaNRewardEnv", "reward nan"),
                                              ("rl_envs:RaisingEnv", "the scorer is down")])
 def test_bad_environment_stops_with_one_line(word_sft: Path, tmp_path: Path, env: str, needle: str) -> None:

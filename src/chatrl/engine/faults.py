@@ -92,6 +92,12 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.detach()).all())
 
 
+def _grad_norm(engine: Any) -> float | None:
+    """The L2 norm of the gradients in `param.grad` (ZeRO-0 keeps them there until the step; None when none do)."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+
+
 def _grads_finite(engine: Any) -> bool:
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -139,6 +145,7 @@ class BadSteps:
 
     def __post_init__(self) -> None:
         self._loss_finite: dict[int, bool] = {}  # per engine: no non-finite loss since its last boundary
+        self._grad_norms: dict[int, float | None] = {}  # per engine: the gradient norm of its last optimizer step
 
     def backward_step(self, engine: Any, loss: torch.Tensor) -> bool | None:
         """`engine.backward(loss)` then `engine.step()`; at the boundary the update is skipped when non-finite.
@@ -149,9 +156,16 @@ class BadSteps:
         if not engine.is_gradient_accumulation_boundary():
             engine.step()
             return None
+        before = None if hasattr(engine.optimizer, "overflow") else _grad_norm(engine)  # ZeRO-0: read before the step
         applied = boundary_step(engine, self._loss_finite.pop(key))
+        measured = getattr(engine, "get_global_grad_norm", lambda: None)()  # DeepSpeed's, where its optimizer has one
+        self._grad_norms[key] = float(measured) if measured is not None else before
         self.record(applied)
         return applied
+
+    def grad_norm(self, engine: Any) -> float | None:
+        """The gradient norm (before clipping) of `engine`'s last optimizer step; None if not measured."""
+        return self._grad_norms.get(id(engine))
 
     def record(self, applied: bool) -> None:
         if applied:

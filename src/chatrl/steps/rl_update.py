@@ -83,7 +83,7 @@ def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPl
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-            norm = getattr(m.actor, "get_global_grad_norm", lambda: None)()  # of the step that just ran
+            norm = bad.grad_norm(m.actor)  # of the step that just ran
             if norm is not None and math.isfinite(float(norm)):
                 norms.append(float(norm))
     out = {k: v / max(count, 1) for k, v in sums.items()}
