@@ -120,7 +120,9 @@ def demo_table(demo: str, runs: list[dict]) -> str:
     m = runs[-1]["machine"]
     return (f"{body}\n\nWritten by `bench/demos.py` ({DEMOS[demo]}) on {m['cores']} cores, {m['cpu_kind']} CPU, "
             f"dtype {runs[-1]['dtype']}, torch {m['torch']}, transformers {runs[-1]['transformers']}, "
-            f"{m['measured'][:10]}; {sum(r['holds'] for r in runs)} of {len(runs)} seeds hold the bar.")
+            f"{m['measured'][:10]}; {sum(r['holds'] for r in runs)} of {len(runs)} seeds hold the bar. Minutes are "
+            f"wall time with the machine's load at the end (1-min average: "
+            f"{', '.join(str(r['machine']['load_avg_1min']) for r in runs)}; 2 = one job on 2 idle cores).")
 
 
 def main() -> None:
