@@ -33,15 +33,18 @@ DEMOS = {"rlhf": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "c
 OUT = RESULTS / "demos"
 
 
-def run_demo(demo: str, seed: int, overrides: list[str]) -> tuple[Path, float]:
+def run_demo(demo: str, seed: int, overrides: list[str]) -> tuple[Path, float | None]:
+    """Run one demo's pipeline; (run folder, seconds — None when an earlier, interrupted run had finished steps
+    that this one skipped, so its time is not the pipeline's)."""
     run_dir = ROOT / "runs" / "demos" / f"{demo}-s{seed}"
     cmd = [str(Path(sys.executable).with_name("chatrl")), "pipeline", "--config", DEMOS[demo], f"seed={seed}",
            f"run_dir={run_dir}", *overrides]
     print(f"\n=== {demo} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    resumed = (run_dir / "sft").is_dir() or (run_dir / demo).is_dir()  # finished steps are skipped: not timed
     t0 = time.perf_counter()
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         sys.exit(f"demos: {demo} seed {seed} failed (its error is above)")
-    return run_dir, time.perf_counter() - t0
+    return run_dir, None if resumed else time.perf_counter() - t0
 
 
 def _last_eval(metrics: Path) -> dict:
@@ -100,10 +103,14 @@ def _fmt_gain(g: dict | None) -> str:
     return "-" if g is None else f"{g['mean']:+.3f} ({g['se']:.3f}); {g['wins']}/{g['losses']}"
 
 
+def _minutes(run: dict) -> str:
+    return "resumed" if run["minutes"] is None else f"{run['minutes']:.1f}"
+
+
 def demo_table(demo: str, runs: list[dict]) -> str:
     if demo == "grpo":
         rows = [[r["seed"], f"{r['base_success']:.1%}", f"{r['rl_success']:.1%}",
-                 f"{r['gain'] * 100:+.1f} ({r['gain_se'] * 100:.1f})", f"{r['minutes']:.1f}",
+                 f"{r['gain'] * 100:+.1f} ({r['gain_se'] * 100:.1f})", _minutes(r),
                  "yes" if r["holds"] else "**no**"] for r in runs]
         body = table(["seed", "base success", "GRPO success", "GRPO - base, points (s.e.)", "minutes", "holds"], rows)
     else:
@@ -114,7 +121,7 @@ def demo_table(demo: str, runs: list[dict]) -> str:
         rows = [[r["seed"], _fmt_gain(r["vs_sft"]), _fmt_gain(r["vs_base"]), _fmt_gain(r["judge_vs_sft"]),
                  f"{r['kl'].get(policy.lower()) or 0:.2f}", acc(r),
                  _fmt_acc(r.get("judge_accuracy"), r.get("rm_pairs")),
-                 f"{r['minutes']:.1f}", "yes" if r["holds"] else "**no**"] for r in runs]
+                 _minutes(r), "yes" if r["holds"] else "**no**"] for r in runs]
         body = table(["seed", f"{policy} - SFT, RM (s.e.); wins/losses", f"{policy} - base, RM",
                       f"{policy} - SFT, judge", "KL to SFT", extra, "judge held-out acc.", "minutes", "holds"], rows)
     m = runs[-1]["machine"]
@@ -141,7 +148,8 @@ def main() -> None:
         runs = json.loads(dest.read_text())["runs"] if args.table_only else []
         for seed in ([] if args.table_only else [int(s) for s in args.seeds.split(",")]):
             run_dir, seconds = run_demo(demo, seed, [])
-            runs.append({"seed": seed, "minutes": seconds / 60, "dtype": args.dtype, "machine": machine(),
+            runs.append({"seed": seed, "minutes": None if seconds is None else seconds / 60, "dtype": args.dtype,
+                         "machine": machine(),
                          "transformers": transformers.__version__, **measure(demo, run_dir)})
             write_json(dest, {"demo": demo, "runs": runs})
         text = demo_table(demo, runs)
