@@ -72,6 +72,18 @@ def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1).expand_as(log_ratio)
 
 
+def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                     level: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """(r [B, R] with its graph, the per-token log-ratio zeroed off the mask): r = exp(logp - old_logp) per token
+    (level="token") or GSPO's one sequence ratio exp(mean_t log-ratio) on every token of the row ("sequence")."""
+    token_log_ratio = zero_masked(logprobs - old_logprobs, mask)  # zeroed first: exp(garbage) could overflow
+    if level == "sequence":
+        return torch.exp(sequence_log_ratio(token_log_ratio, mask)), token_log_ratio
+    if level != "token":
+        raise ValueError(f"unknown importance sampling level {level!r}; choose token or sequence")
+    return torch.exp(token_log_ratio), token_log_ratio
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -96,15 +108,9 @@ def policy_loss(
            clipfrac_low (r < 1 - e_low, A < 0) and clipfrac_high (r > 1 + e_high, A > 0);
            approx_kl = masked mean of 0.5 (logprobs - old_logprobs)^2, ratio_mean = masked mean of r.
     """
-    log_ratio = zero_masked(logprobs - old_logprobs, mask)  # zeroed first: exp(garbage) could overflow
-    token_log_ratio = log_ratio
-    if level == "sequence":
-        log_ratio = sequence_log_ratio(log_ratio, mask)
-    elif level != "token":
-        raise ValueError(f"unknown importance sampling level {level!r}; choose token or sequence")
+    ratio, token_log_ratio = importance_ratio(logprobs, old_logprobs, mask, level)
     advantages = zero_masked(advantages, mask)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)

@@ -22,26 +22,13 @@ from collections.abc import Callable
 
 import torch
 
-from chatrl.algorithms.losses import aggregate, policy_loss, sequence_log_ratio
+from chatrl.algorithms.losses import aggregate, importance_ratio, policy_loss
 from chatrl.algorithms.masked import masked_mean, zero_masked
 
 Stats = dict[str, torch.Tensor]
 
 SAPO_TAU_POS = 1.0   # the paper's temperatures (arXiv 2511.20347; also veRL's, ms-swift's and Trinity-RFT's defaults):
 SAPO_TAU_NEG = 1.05  # tau_neg > tau_pos, so negative-advantage tokens are gated off faster (they spread mass)
-
-
-def _ratios(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
-            level: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r [B, R] with its graph, the per-token log-ratio zeroed off the mask) at the token or sequence level."""
-    token_log_ratio = zero_masked(logprobs - old_logprobs, mask)  # zeroed first: exp(garbage) could overflow
-    if level == "sequence":
-        log_ratio = sequence_log_ratio(token_log_ratio, mask)
-    elif level == "token":
-        log_ratio = token_log_ratio
-    else:
-        raise ValueError(f"unknown importance sampling level {level!r}; choose token or sequence")
-    return torch.exp(log_ratio), token_log_ratio
 
 
 def cispo_loss(
@@ -65,7 +52,7 @@ def cispo_loss(
     stats: clipfrac = share of counted tokens whose weight was clipped (r < 1 - e_low or r > 1 + e_high, whatever
            the advantage's sign), split into clipfrac_low / clipfrac_high; approx_kl, ratio_mean as PPO-clip's.
     """
-    ratio, token_log_ratio = _ratios(logprobs, old_logprobs, mask, level)
+    ratio, token_log_ratio = importance_ratio(logprobs, old_logprobs, mask, level)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     weight = ratio.detach().clamp(1.0 - clip_eps, 1.0 + high)
     per_token = -weight * zero_masked(advantages, mask) * zero_masked(logprobs, mask)
@@ -111,7 +98,7 @@ def sapo_loss(
     """
     if tau_pos <= 0 or tau_neg <= 0:
         raise ValueError(f"SAPO temperatures must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
-    ratio, token_log_ratio = _ratios(logprobs, old_logprobs, mask, level)
+    ratio, token_log_ratio = importance_ratio(logprobs, old_logprobs, mask, level)
     advantages = zero_masked(advantages, mask)
     tau = torch.where(advantages > 0, tau_pos, tau_neg).to(ratio.dtype)
     soft = torch.sigmoid(tau * (ratio - 1.0))
