@@ -14,7 +14,7 @@ from chatrl.algorithms.policy_losses import POLICY_LOSSES, cispo_loss, sapo_loss
 from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import load_config
 from chatrl.errors import ChatrlError
-from test_rl_update_units import TableLM, experience, grpo, run
+from helpers import experience, grpo, run, weighted_experience
 
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 LOGP = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -1.2, 0.0]])
@@ -170,14 +170,8 @@ def test_mis_drops_out_of_band_tokens_in_the_update():
     """rollout.is_correction=mis: old = the actor's own log-probs (r = 1), sampler = old - log w with w = [0.5, 3]
     (A = +1) and [1, 0.25] (A = -1); band [0.4, 4] keeps all but 0.25: loss (-1 - 1 + 1 + 0) / 4 = -0.25, a quarter
     dropped. The default band [1 / 4, 4] keeps 0.25 (closed band): loss 0."""
-    from chatrl.steps.rl_experience import joined, response_logprobs
 
-    exp = experience([2, 2], [1.0, -1.0], on_policy=False, width=2)
-    r = exp.rollout
-    ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-    with torch.no_grad():
-        r.logprobs = response_logprobs(TableLM(), ids, attn, 1)
-    r.sampler_logprobs = r.logprobs - torch.tensor([[0.5, 3.0], [1.0, 0.25]]).log()
+    exp = weighted_experience([[0.5, 3.0], [1.0, 0.25]], [1.0, -1.0])
     cfg = grpo()
     cfg.rollout.is_correction, cfg.rollout.is_cap, cfg.rollout.is_low = "mis", 4.0, 0.4
     stats, _, _ = run(cfg, exp, micro=2)

@@ -4,91 +4,19 @@ and gradients that do not depend on how a mini-batch is cut into micro-batches."
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from torch import nn
 from torch.testing import assert_close
 
 from chatrl.algorithms.controllers import AdaptiveKLController
-from chatrl.batches import Rollout
-from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig
-from chatrl.models.reward import TokenValueModel
-from chatrl.steps.rl_update import Experience, policy_update
-from helpers import FakeEngine
-
-V = 7  # vocabulary of the fake models
-
-
-class TableLM(nn.Module):
-    """Logits of a position = a learned row per input token (enough to give every token its own gradient)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.table = nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)))
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=None):
-        logits = self.table[input_ids]
-        return SimpleNamespace(logits=logits if logits_to_keep is None else logits[:, logits_to_keep])
-
-
-class TableCritic(TokenValueModel):
-    """V(s_t) = a learned number per token."""
-
-    def __init__(self, seed: int = 1) -> None:
-        nn.Module.__init__(self)
-        self.table = nn.Parameter(torch.randn(V, generator=torch.Generator().manual_seed(seed)))
-
-    def forward(self, input_ids, attention_mask):
-        return self.table[input_ids] * attention_mask
+from chatrl.config_rl import PPOConfig
+from helpers import TableCritic, TableLM, experience, grpo, run, weighted_experience
 
 
 @pytest.fixture(autouse=True)
 def in_order(monkeypatch):
     """Mini-batches in row order (the update shuffles), so a test chooses what each micro-batch holds."""
     monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.arange(n))
-
-
-def experience(lengths: list[int], advantages: list[float], *, on_policy: bool = True, kl_coef: float = 0.0,
-               width: int = 4, seed: int = 3) -> Experience:
-    """Rows of one prompt token and `width` response tokens, the first lengths[i] of them actions with advantage
-    advantages[i]; old log-probs from the fake actor itself (ratio 1), reference log-probs shifted, returns and old
-    values drawn."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
-    rollout = Rollout(prompt_ids=torch.randint(0, V, (b, 1), generator=g), prompt_mask=torch.ones(b, 1, dtype=torch.long),
-                      response_ids=torch.randint(0, V, (b, width), generator=g), response_mask=torch.ones(b, width),
-                      action_mask=mask, logprobs=torch.zeros(b, width),
-                      ref_logprobs=-2.0 + 0.5 * torch.randn(b, width, generator=g),
-                      values=torch.randn(b, width, generator=g) * mask, scores=torch.zeros(b))
-    adv = torch.tensor(advantages).unsqueeze(1) * mask
-    returns = torch.randn(b, width, generator=g) * mask
-    return Experience(rollout, torch.zeros(b, width), adv, returns, on_policy, kl_coef=kl_coef)
-
-
-def run(cfg, exp: Experience, micro: int, *, critic: bool = False, reference: bool = False):
-    """One mini-batch of the whole experience in micro-batches of `micro` rows (one process); returns the logged
-    stats and the accumulated gradients of the actor (and critic)."""
-    n = exp.advantages.shape[0]
-    cfg.policy.micro_batch_size = micro
-    grad_accum = n // micro
-    actor, value = TableLM(), TableCritic() if critic else None
-    m = SimpleNamespace(actor=FakeEngine(actor, grad_accum),
-                        critic=FakeEngine(value, grad_accum) if critic else None,
-                        reference=object() if reference else None, ptx_batches=None)
-    plan = BatchPlan(rollout=n, per_process=n, mini_batch=n, grad_accum=grad_accum, world=1)
-    stats = policy_update(m, exp, cfg, plan)
-    return stats, actor.table.grad, None if value is None else value.table.grad
-
-
-def grpo(**options) -> GRPOConfig:
-    cfg = GRPOConfig()
-    cfg.rollout.max_new_tokens = 4
-    for k, v in options.items():
-        setattr(cfg.grpo, k, v)
-    return cfg
 
 
 # ----------------------------------------------------------------------------- bug 5: seq_mean_token_mean
@@ -210,14 +138,8 @@ def test_tis_weights_each_tokens_policy_term_in_the_update():
     """rollout.is_correction=tis: old log-probs = the actor's own (ratio 1), sampler log-probs = old - log w, so the
     weights are w = [0.5, 3 -> capped 2] (A = +1) and [1, 0.25] (A = -1): the token-mean loss is
     (-0.5 - 2 + 1 + 0.25) / 4 = -0.3125 (0 without the correction); mean weight 3.75 / 4, one token of 4 capped."""
-    from chatrl.steps.rl_experience import joined, response_logprobs
 
-    exp = experience([2, 2], [1.0, -1.0], on_policy=False, width=2)
-    r = exp.rollout
-    ids, attn = joined(r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
-    with torch.no_grad():
-        r.logprobs = response_logprobs(TableLM(), ids, attn, 1)
-    r.sampler_logprobs = r.logprobs - torch.tensor([[0.5, 3.0], [1.0, 0.25]]).log()
+    exp = weighted_experience([[0.5, 3.0], [1.0, 0.25]], [1.0, -1.0])
     cfg = grpo()
     stats, _, _ = run(cfg, exp, micro=2)
     assert abs(stats["policy_loss"]) < 1e-6 and "is_weight_mean" not in stats
