@@ -110,3 +110,42 @@ def test_readme_block_is_replaced_in_place(tmp_path: Path) -> None:
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench:start"):
         common.update_readme("| new |", "bench", readme)
+
+
+def test_demos_measure_the_bars_from_the_files_a_pipeline_wrote(tmp_path: Path) -> None:
+    """bench/demos.py reads a finished RLHF run: paired gains per prompt (PPO minus SFT / base, by the reward model and
+    the judge), the reward model's held-out accuracy, and whether issue 19's bar holds; the table states it."""
+    import demos
+
+    run = tmp_path / "rlhf-s1"
+    (run / "eval").mkdir(parents=True)
+    (run / "reward").mkdir()
+    rewards = [{"base": 0.0, "sft": 0.1, "ppo": 1.1}, {"base": 0.5, "sft": 0.2, "ppo": 0.8},
+               {"base": 1.0, "sft": 0.9, "ppo": 1.6}]
+    judge = [{"base": 0.0, "sft": 0.0, "ppo": -0.1}, {"base": 0.0, "sft": 0.0, "ppo": 0.1},
+             {"base": 0.0, "sft": 0.0, "ppo": 0.3}]
+    (run / "eval" / "eval.json").write_text(json.dumps({
+        "metrics": {m: {"reward_mean": 0.0, "kl": 1.5 if m == "ppo" else 0.0} for m in ("base", "sft", "ppo")},
+        "samples": [{"rewards": r, "judge": j} for r, j in zip(rewards, judge, strict=True)]}))
+    (run / "reward" / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "eval", "accuracy": 0.6,
+                                                             "pairs": 100}) + "\n")
+    out = demos.measure("rlhf", run)
+    # PPO - SFT per prompt: 1.0, 0.6, 0.7 -> mean 0.7667, sd 0.2082, s.e. 0.1202 (6.4 s.e.)
+    assert out["vs_sft"]["mean"] == pytest.approx(0.76667, abs=1e-4)
+    assert out["vs_sft"]["se"] == pytest.approx(0.12019, abs=1e-4) and out["vs_sft"]["wins"] == 3
+    # PPO - base: 1.1, 0.3, 0.6 -> mean 0.6667, s.e. 0.2333 (2.9 s.e.); judge - SFT: -0.1, 0.1, 0.3 -> 0.1 (0.1155)
+    assert out["vs_base"]["se"] == pytest.approx(0.23333, abs=1e-4)
+    assert out["judge_vs_sft"]["mean"] == pytest.approx(0.1, abs=1e-9) and out["holds"] is True
+    assert out["rm_accuracy"] == 0.6 and out["rm_pairs"] == 100
+    for j, v in zip(judge, (-0.5, -0.4, -0.6), strict=True):  # judge - SFT: mean -0.5, s.e. 0.0577: the bar fails
+        j["ppo"] = v
+    (run / "eval" / "eval.json").write_text(json.dumps({
+        "metrics": {m: {"reward_mean": 0.0, "kl": 0.0} for m in ("base", "sft", "ppo")},
+        "samples": [{"rewards": r, "judge": j} for r, j in zip(rewards, judge, strict=True)]}))
+    failed = demos.measure("rlhf", run)
+    assert failed["holds"] is False
+    row = {"seed": 1, "minutes": None, "dtype": "auto", "transformers": "5", "machine": {
+        "cores": 2, "cpu_kind": "AVX2", "torch": "2.13", "measured": "2026-12-02T08:00", "load_avg_1min": 2.0}}
+    text = demos.demo_table("rlhf", [{**row, **out}, {**row, **failed, "seed": 2}])
+    assert "| 1 | +0.767 (0.120); 3/0 |" in text and "| resumed | yes |" in text and "**no**" in text
+    assert "60.0% (4.9%)" in text and "1 of 2 seeds hold the bar" in text
