@@ -5,7 +5,7 @@ README by the run that measured it.
     .venv/bin/python bench/demos.py rlhf --seeds 7     # one demo, one seed
     .venv/bin/python bench/demos.py --table-only --readme  # rebuild the tables from bench/results/demos/*.json
 
-Demos (each a `chatrl pipeline` run in runs/demos/<demo>-s<seed>, its own seed for every step):
+Demos (each a `chatrl pipeline` run in runs/demos/<demo>-<dtype>-s<seed>, its own seed for every step):
   rlhf  configs/demo.yaml           SFT -> reward model (+ judge) -> PPO -> eval on held-out prompts
   dpo   configs/demo-dpo.yaml       SFT -> DPO -> eval, scored by the judge
   grpo  configs/grpo-arithmetic.yaml  GRPO on two-digit addition -> held-out problems
@@ -33,10 +33,10 @@ DEMOS = {"rlhf": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "c
 OUT = RESULTS / "demos"
 
 
-def run_demo(demo: str, seed: int, overrides: list[str]) -> tuple[Path, float | None]:
+def run_demo(demo: str, seed: int, dtype: str, overrides: list[str]) -> tuple[Path, float | None]:
     """Run one demo's pipeline; (run folder, seconds — None when an earlier, interrupted run had finished steps
     that this one skipped, so its time is not the pipeline's)."""
-    run_dir = ROOT / "runs" / "demos" / f"{demo}-s{seed}"
+    run_dir = ROOT / "runs" / "demos" / f"{demo}-{dtype}-s{seed}"  # a run of another dtype is not a finished step
     cmd = [str(Path(sys.executable).with_name("chatrl")), "pipeline", "--config", DEMOS[demo], f"seed={seed}",
            f"run_dir={run_dir}", *overrides]
     print(f"\n=== {demo} seed {seed}: {' '.join(cmd[1:])}", flush=True)
@@ -147,7 +147,7 @@ def main() -> None:
         dest = OUT / f"{demo}-{args.dtype}.json"
         runs = json.loads(dest.read_text())["runs"] if args.table_only else []
         for seed in ([] if args.table_only else [int(s) for s in args.seeds.split(",")]):
-            run_dir, seconds = run_demo(demo, seed, [])
+            run_dir, seconds = run_demo(demo, seed, args.dtype, [])
             runs.append({"seed": seed, "minutes": None if seconds is None else seconds / 60, "dtype": args.dtype,
                          "machine": machine(),
                          "transformers": transformers.__version__, **measure(demo, run_dir)})
