@@ -103,9 +103,19 @@ def mfu(flops: float, seconds: float, limits: dict | None, dtype: str) -> float 
 
 
 def load_limits(path: str | os.PathLike | None = None) -> dict | None:
-    """The limits measured by this suite run (bench/results/limits.json), or None when not measured yet."""
+    """The limits measured by this suite run (bench/results/limits.json), or None when not measured yet — or when
+    they were measured on another kind of CPU (an AVX2 machine's bf16 peak is ~500x below an AVX-512-bf16 one's:
+    fractions of it would be nonsense); then the part says so and reports no fractions (run bench/limits.py here)."""
     p = Path(path or os.environ.get("CHATRL_BENCH_LIMITS") or RESULTS / "limits.json")  # run.py sets the variable
-    return json.loads(p.read_text())["limits"] if p.exists() else None
+    if not p.exists():
+        return None
+    data = json.loads(p.read_text())
+    theirs, ours = data.get("machine", {}).get("cpu_kind"), cpu_kind()
+    if theirs != ours:
+        print(f"bench: {p} was measured on a {theirs or 'unrecorded'} CPU, this one is {ours}: its limits are not "
+              "used (run bench/limits.py on this machine first)", file=sys.stderr)
+        return None
+    return data["limits"]
 
 
 def peak_rss_gib() -> float:

@@ -149,3 +149,16 @@ def test_demos_measure_the_bars_from_the_files_a_pipeline_wrote(tmp_path: Path) 
     text = demos.demo_table("rlhf", [{**row, **out}, {**row, **failed, "seed": 2}])
     assert "| 1 | +0.767 (0.120); 3/0 |" in text and "| resumed | yes |" in text and "**no**" in text
     assert "60.0% (4.9%)" in text and "1 of 2 seeds hold the bar" in text
+
+
+def test_limits_from_another_kind_of_cpu_are_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A part run alone reads bench/results/limits.json: limits measured on another CPU kind (an AVX2 machine's
+    emulated bf16 peak on an AVX-512-bf16 machine gave "3577% of the floor") are not used."""
+    path = tmp_path / "limits.json"
+    path.write_text(json.dumps({"machine": {"cpu_kind": "AVX2"}, "limits": {"matmul_bf16_gflop_s": 0.3}}))
+    monkeypatch.setattr(common, "cpu_kind", lambda: "AVX-512-bf16")
+    assert common.load_limits(path) is None and "measured on a AVX2 CPU" in capsys.readouterr().err
+    monkeypatch.setattr(common, "cpu_kind", lambda: "AVX2")
+    assert common.load_limits(path) == {"matmul_bf16_gflop_s": 0.3}
+    path.write_text(json.dumps({"machine": {}, "limits": {}}))  # limits written before the kind was recorded
+    assert common.load_limits(path) is None
