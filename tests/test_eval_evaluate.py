@@ -131,9 +131,11 @@ def test_cli_eval_compare_score(tiny_model_dir, tiny_rm_dir, tmp_path, capsys):
     out = tmp_path / "run" / "eval"
     assert main(["eval", "--model", f"sft={tiny_model_dir}", "--model", f"ppo={tiny_model_dir}",
                  "--prompts", prompts, "--reward-model", tiny_rm_dir, "--reference", tiny_model_dir,
-                 "--max-new-tokens", "4", "--limit", "2", "--out", str(out)]) == 0
+                 "--judge", tiny_rm_dir, "--max-new-tokens", "4", "--limit", "2", "--out", str(out)]) == 0
     saved = json.loads((out / "eval.json").read_text())
     assert saved["settings"]["num_prompts"] == 2 and set(saved["metrics"]) == {"sft", "ppo"}
+    assert saved["settings"]["judge_model"] == tiny_rm_dir  # the same folder as judge: its scores are the RM's
+    assert [s["judge"]["ppo"] for s in saved["samples"]] == [s["rewards"]["ppo"] for s in saved["samples"]]
     printed = capsys.readouterr().out
     assert "Evaluation on 2 prompts" in printed and "eval.md" in printed
     assert "KL to ref" in printed and "win rate vs baseline" in printed

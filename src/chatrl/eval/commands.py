@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-turns", type=int, default=1, help="most assistant turns per episode (--env)")
     _prompt_args(p, prompts_required=False)
     p.add_argument("--reward-model", metavar="PATH", help="reward model folder: reward mean/std and win rate")
+    p.add_argument("--judge", metavar="PATH", help="a second reward model, trained on other pairs: judge_mean and "
+                                                   "judge_gain beside the reward model's (over-optimisation shows)")
     p.add_argument("--reference", metavar="PATH", help="reference (SFT) model for the KL metric")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default: runs/eval)")
     p.set_defaults(func=cmd_eval)
@@ -117,7 +119,8 @@ def cmd_eval(args) -> int:
     if not args.prompts:
         raise ChatrlError("chatrl eval needs --prompts FILE (or --env SPEC for an environment)")
     prompts = _load_prompts(args)
-    result = evaluate_models(models, prompts, reward_model=args.reward_model, reference_model=args.reference,
+    result = evaluate_models(models, prompts, reward_model=args.reward_model, judge_model=args.judge,
+                             reference_model=args.reference,
                              max_new_tokens=args.max_new_tokens, greedy=not args.sample,
                              temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                              seed=args.seed, log=_log)
