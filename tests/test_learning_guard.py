@@ -1,7 +1,7 @@
 """The learning regression guard (issue 19): a reduced `make demo-grpo` on the real SmolLM2-135M-Instruct must
 raise held-out success beyond noise, so a change that breaks learning fails CI, not a user.
 
-10 GRPO iterations of 8 problems x 8 samples on two-digit addition, then base vs GRPO on 200 held-out problems
+15 GRPO iterations of 8 problems x 8 samples on two-digit addition, then base vs GRPO on 200 held-out problems
 (greedy, the same problems): the gain must be positive by 2 paired standard errors. dtype=auto: bf16 on AVX-512-bf16
 machines, fp32 on AVX2 ones (CHATRL_AUTO_DTYPE=fp32 runs the fp32 path on a bf16 machine).
 """
@@ -15,7 +15,7 @@ import pytest
 from conftest import BUILTIN_FETCH_FAILED
 from helpers import run_cli
 
-ITERATIONS, TASKS = 10, 200
+ITERATIONS, TASKS = 15, 200
 
 
 @pytest.mark.slow
