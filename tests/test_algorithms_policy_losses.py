@@ -14,7 +14,7 @@ from chatrl.algorithms.policy_losses import POLICY_LOSSES, cispo_loss, sapo_loss
 from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import load_config
 from chatrl.errors import ChatrlError
-from helpers import experience, grpo, run, weighted_experience
+from rl_update_harness import experience, grpo, run, weighted_experience
 
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 LOGP = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -1.2, 0.0]])

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from chatrl.algorithms.controllers import AdaptiveKLController
 from chatrl.config_rl import PPOConfig
-from helpers import TableCritic, TableLM, experience, grpo, run, weighted_experience
+from rl_update_harness import TableCritic, TableLM, experience, grpo, run, weighted_experience
 
 
 @pytest.fixture(autouse=True)
