@@ -145,8 +145,10 @@ def main() -> None:
         os.environ["CHATRL_AUTO_DTYPE"] = "fp32"
     for demo in args.demos:
         dest = OUT / f"{demo}-{args.dtype}.json"
-        runs = json.loads(dest.read_text())["runs"] if args.table_only else []
-        for seed in ([] if args.table_only else [int(s) for s in args.seeds.split(",")]):
+        seeds = [] if args.table_only else [int(s) for s in args.seeds.split(",")]
+        # earlier runs of other seeds stay in the table; a seed run again replaces its row
+        runs = [r for r in (json.loads(dest.read_text())["runs"] if dest.exists() else []) if r["seed"] not in seeds]
+        for seed in seeds:
             run_dir, seconds = run_demo(demo, seed, args.dtype, [])
             runs.append({"seed": seed, "minutes": None if seconds is None else seconds / 60, "dtype": args.dtype,
                          "machine": machine(),
