@@ -84,6 +84,11 @@ def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: t
     return torch.exp(token_log_ratio), token_log_ratio
 
 
+def ratio_stats(ratio: torch.Tensor, token_log_ratio: torch.Tensor, mask: torch.Tensor) -> Stats:
+    """What every policy loss logs of its ratio: approx_kl = masked mean of 0.5 (logp - old_logp)^2, ratio_mean."""
+    return {"approx_kl": masked_mean(0.5 * token_log_ratio.pow(2), mask), "ratio_mean": masked_mean(ratio, mask)}
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -123,8 +128,7 @@ def policy_loss(
             "clipfrac": masked_mean(was_clipped.float(), mask),
             "clipfrac_low": masked_mean((was_clipped & (ratio < 1.0 - clip_eps)).float(), mask),
             "clipfrac_high": masked_mean((was_clipped & (ratio > 1.0 + high)).float(), mask),
-            "approx_kl": masked_mean(0.5 * token_log_ratio.pow(2), mask),
-            "ratio_mean": masked_mean(ratio, mask),
+            **ratio_stats(ratio, token_log_ratio, mask),
         }
     return loss, stats
 

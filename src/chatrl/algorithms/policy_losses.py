@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from chatrl.algorithms.losses import aggregate, importance_ratio, policy_loss
+from chatrl.algorithms.losses import aggregate, importance_ratio, policy_loss, ratio_stats
 from chatrl.algorithms.masked import masked_mean, zero_masked
 
 Stats = dict[str, torch.Tensor]
@@ -65,8 +65,7 @@ def cispo_loss(
             "clipfrac": masked_mean((low_side | high_side).float(), mask),
             "clipfrac_low": masked_mean(low_side.float(), mask),
             "clipfrac_high": masked_mean(high_side.float(), mask),
-            "approx_kl": masked_mean(0.5 * token_log_ratio.pow(2), mask),
-            "ratio_mean": masked_mean(ratio, mask),
+            **ratio_stats(ratio, token_log_ratio, mask),
         }
     return loss, stats
 
@@ -111,8 +110,7 @@ def sapo_loss(
         stats = {
             "gate_mean": masked_mean(gate, mask),
             "gatefrac": masked_mean((gate < 0.5).float(), mask),
-            "approx_kl": masked_mean(0.5 * token_log_ratio.pow(2), mask),
-            "ratio_mean": masked_mean(ratio, mask),
+            **ratio_stats(ratio, token_log_ratio, mask),
         }
     return loss, stats
 
