@@ -25,6 +25,8 @@ losses       aggregate(per_token[B,R], mask, mode, denom=None) (token_mean / seq
 ilql         ILQL (Snell et al. 2022): next_action_values, bellman_targets, q_bellman_loss, expectile_loss,
              cql_loss, awac_loss, ilql_loss -> (loss, stats), polyak_update, guided_logits
 correction   truncated_is_weight(old_logp, sampler_logp, mask, cap) -> (weight, stats) (TIS), IS_CORRECTIONS
+distill      reverse_kl_advantages(teacher_logp, student_logp, mask) -> [B, R] (on-policy distillation),
+             distill_advantages(..., env_advantages, teacher_weight) (mixed with an environment's advantages)
 registry     lookup(table, name, what): table[name] or a ValueError listing the choices
 """
 
@@ -38,6 +40,7 @@ from chatrl.algorithms.advantages import (
 )
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
 from chatrl.algorithms.correction import IS_CORRECTIONS, truncated_is_weight
+from chatrl.algorithms.distill import distill_advantages, reverse_kl_advantages
 from chatrl.algorithms.ilql import (
     awac_loss,
     bellman_targets,
@@ -84,6 +87,7 @@ __all__ = [
     "bellman_targets",
     "compute_advantages",
     "cql_loss",
+    "distill_advantages",
     "entropy_from_logits",
     "expectile_loss",
     "final_reward",
@@ -107,6 +111,7 @@ __all__ = [
     "polyak_update",
     "q_bellman_loss",
     "reinforce_returns",
+    "reverse_kl_advantages",
     "rloo_advantages",
     "shape_rewards",
     "token_logprobs",
