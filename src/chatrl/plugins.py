@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from chatrl.errors import ChatrlError
 
@@ -36,3 +37,11 @@ def load_object(spec: str, what: str, config_key: str) -> object:
     if not callable(obj):
         raise ChatrlError(f"{what} '{spec}' is not callable (got {type(obj).__name__}); check {config_key}")
     return obj
+
+
+def import_optional(module: str, extra: str, what: str) -> ModuleType:
+    """Import an optional dependency (a chatrl extra); missing -> one line saying which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ChatrlError(f"{what} needs the package '{module}' ({e}): pip install 'chatrl[{extra}]'") from None

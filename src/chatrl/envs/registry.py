@@ -6,6 +6,7 @@ same everywhere. What the spec names must be a `gymnasium.Env` subclass or a fac
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from chatrl.envs.arithmetic import ArithmeticEnv
 from chatrl.envs.chat import ChatEnv
 from chatrl.envs.guess_number import GuessNumberEnv
 from chatrl.envs.math_problems import MathEnv
+from chatrl.envs.reasoning_gym_env import ReasoningGymEnv
 from chatrl.errors import ChatrlError
 from chatrl.plugins import load_object
 
@@ -26,6 +28,12 @@ BUILTIN_ENVS: dict[str, type[gymnasium.Env]] = {
     "math": MathEnv,
     "guess_number": GuessNumberEnv,
     "chat": ChatEnv,
+}
+
+# `PREFIX:target` specs for environments people already have, dispatched before the `pkg.module:Class` plugin path;
+# each adapter imports its optional package itself (see README "Environments people already have")
+ADAPTERS: dict[str, Callable[..., gymnasium.Env]] = {
+    "reasoning_gym": ReasoningGymEnv,  # reasoning_gym:TASK
 }
 
 
@@ -65,6 +73,11 @@ def make_env(spec: str, kwargs: dict[str, Any] | None = None, *, data: DataConfi
         if getattr(cls, "uses_data", False) and data is not None and "data" not in kwargs:
             kwargs["data"] = data
         return _construct(spec, cls, kwargs, shown)  # type: ignore[return-value]
+    prefix, _, target = spec.partition(":")
+    if prefix in ADAPTERS:
+        if not target:
+            raise ChatrlError(f"env.name '{spec}' names nothing after '{prefix}:'")
+        return _construct(spec, functools.partial(ADAPTERS[prefix], target), kwargs, shown)  # type: ignore
     if ":" not in spec:
         raise ChatrlError(f"unknown environment '{spec}': built-ins are {', '.join(BUILTIN_ENVS)}; for your own "
                           "give 'pkg.module:Class' or 'path/to/file.py:Class' (set env.name)")
