@@ -17,6 +17,7 @@ from chatrl.envs import commands as env_commands
 from chatrl.errors import ChatrlError
 from chatrl.eval import commands as eval_commands
 from chatrl.export import commands as export_commands
+from chatrl.feedback import commands as feedback_commands
 from chatrl.serve import commands as serve_commands
 from chatrl.steps import commands as step_commands
 
@@ -28,6 +29,7 @@ COMMAND_MODULES = [
     serve_commands,    # chat, serve
     env_commands,      # env check (text environments for RL)
     export_commands,   # export --format gguf (llama.cpp, ollama)
+    feedback_commands, # users add|list, feedback stats|export (chatrl serve --db)
 ]
 
 

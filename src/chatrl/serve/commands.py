@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait (default 256)")
     serve.add_argument("--default-max-tokens", type=int, default=256,
                        help="answer length when a request gives no max_tokens (default 256)")
+    serve.add_argument("--db", default=None,
+                       help="store every conversation and take feedback (POST /v1/feedback) in this SQLite file, or "
+                            "any SQLAlchemy URL for several server processes; its users (`chatrl users add`) "
+                            "need their API keys (default: remember nothing)")
+    serve.add_argument("--rate-limit", type=int, default=0,
+                       help="requests per minute per API key, per server process (default 0: no limit)")
     serve.set_defaults(func=_run_serve)
 
 
@@ -83,7 +89,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    _check_positive(max_active=args.max_active, max_queue=args.max_queue,
+    _check_positive(max_active=args.max_active, max_queue=args.max_queue, rate_limit=args.rate_limit or None,
                     default_max_tokens=args.default_max_tokens, context_window=args.context_window)
     if not 0 <= args.port <= 65535:
         raise ChatrlError(f"--port must be in 0..65535 (got {args.port})")
@@ -95,9 +101,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     app = create_app(args.model, api_key=args.api_key, dtype=args.dtype, context_window=args.context_window,
                      max_active=args.max_active, max_queue=args.max_queue,
                      default_max_tokens=args.default_max_tokens, model_name=args.model_name,
-                     chat=_load_chat_model(args))
+                     chat=_load_chat_model(args), db=args.db, rate_limit=args.rate_limit)
+    if app.state.recorder is not None:
+        _say_who(app.state.recorder.store)
     run_server(app, host=args.host, port=args.port)
     return 0
+
+
+def _say_who(store) -> None:
+    """Without users, anyone who reaches the server is the one local user: say so."""
+    if store.has_users():
+        print(f"chatrl serve: storing conversations in {store.db.url}; API keys of its users required",
+              file=sys.stderr)
+    else:
+        print(f"chatrl serve: storing conversations in {store.db.url}; no users yet: every request is the one "
+              f"local user (`chatrl users add NAME --db ...` to require keys)", file=sys.stderr)
 
 
 def _load_chat_model(args: argparse.Namespace) -> ChatModel:

@@ -121,6 +121,9 @@ class ChatRequest(BaseModel):
     seed: StrictInt | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    # chatrl's own: the stored conversation (`conv-N`) this request continues (`chatrl serve --db`); without it a
+    # request that repeats a stored reply continues that reply's conversation, any other starts a new one
+    conversation_id: Annotated[StrictStr, Field(max_length=100)] | None = None
 
     @field_validator("seed")
     @classmethod

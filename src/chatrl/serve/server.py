@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatrl.errors import ChatrlError
 from chatrl.serve import schemas
 from chatrl.serve.generation import ChatModel, SamplingSettings
+from chatrl.serve.ratelimit import RateLimited, RateLimiter
 from chatrl.serve.worker import Event, GenerationWorker, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
@@ -48,25 +50,35 @@ class ApiError(Exception):
 def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "auto",
                context_window: int | None = None, max_active: int = 8, max_queue: int = 256,
                default_max_tokens: int = 256, model_name: str | None = None,
-               chat: ChatModel | None = None) -> FastAPI:
+               chat: ChatModel | None = None, db: str | None = None, rate_limit: int = 0) -> FastAPI:
     """Load the model (or reuse `chat`), start its worker thread, and return the app.
 
     `api_key`: when set, every endpoint except `/health` and the static page at `/` needs
-    `Authorization: Bearer <api_key>`.
+    `Authorization: Bearer <api_key>`. `db` (a file or SQLAlchemy URL): store every completion and take
+    feedback (`chatrl.feedback.api`; its users' keys are then required too). `rate_limit`: requests per minute
+    per key (0 = no limit).
     """
     chat = chat or ChatModel(model_path, dtype=dtype, context_window=context_window)
     worker = GenerationWorker(chat, max_active=max_active, max_queue=max_queue).start()
     name = model_name or Path(str(model_path).rstrip("/")).name
 
+    feedback = _feedback_api() if db is not None else None
+    recorder = feedback.open_recorder(db, chat.path, name) if feedback else None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         worker.stop()
+        if recorder is not None:
+            recorder.close()
 
     app = FastAPI(title="chatrl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.chat, app.state.worker, app.state.model_name = chat, worker, name
+    app.state.chat, app.state.worker, app.state.model_name, app.state.recorder = chat, worker, name, recorder
     _add_error_handlers(app)
-    auth = [Depends(_auth_dependency(api_key))]
+    gate = feedback.UserGate(recorder.store, api_key) if feedback else _auth_dependency(api_key)
+    auth = [Depends(gate), Depends(_rate_dependency(RateLimiter(rate_limit)))]
+    if feedback:
+        feedback.install(app, recorder, auth)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -98,6 +110,7 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
         req = await _parse_request(request)
         prompt_ids, settings = _prepare(chat, req, default_max_tokens)
         n = req.n or 1
+        on_done = await recorder.on_done(request.state.user, req, settings) if recorder else None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(prompt_ids, settings, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), n=n)
@@ -107,16 +120,44 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
             raise ApiError(503, f"server busy: {e}; retry later", "server_error", code="server_overloaded") from e
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            body = _sse(job, events, name, len(prompt_ids), include_usage)
+            body = _sse(job, events, name, len(prompt_ids), include_usage, on_done)
             # a client gone before the first chunk means the generator never starts (its `finally` never
             # runs): cancel the job when the generator is dropped too
             weakref.finalize(body, job.cancel)
             return StreamingResponse(body,
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(job, events, request, name, len(prompt_ids))
+        return await _complete(job, events, request, name, len(prompt_ids), on_done)
 
     return app
+
+
+# What a finished completion is handed to: stores it, returns the fields added to its response
+OnDone = Callable[[str, list[str], list[str | None]], Awaitable[dict[str, Any]]]
+
+
+def _feedback_api():
+    """`chatrl.feedback.api`, imported only for `--db`: SQLAlchemy and Alembic are the optional `feedback` extra."""
+    try:
+        from chatrl.feedback import api
+    except ModuleNotFoundError as e:
+        raise ChatrlError(f"--db needs the feedback extra ({e.name} is not installed): pip install "
+                          f"'chatrl[feedback]'") from None
+    return api
+
+
+def _rate_dependency(limiter: RateLimiter):
+    """Count the request against its key (or, without one, its address); 429 past the limit."""
+
+    async def check(request: Request) -> None:
+        who = request.headers.get("authorization") or (request.client.host if request.client else "unknown")
+        try:
+            limiter.check(who)
+        except RateLimited as e:
+            raise ApiError(429, f"rate limit reached: {limiter.per_minute} requests per minute per key; retry in "
+                                f"{e.retry_after:.0f} s", "requests", code="rate_limit_exceeded") from None
+
+    return check
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -160,13 +201,17 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(schemas.error_body(f"internal error: {exc}", "server_error"), status_code=500)
 
 
-async def _parse_request(request: Request) -> schemas.ChatRequest:
-    """The JSON body as a `ChatRequest`, whatever the Content-Type (curl -d sends a form type)."""
+async def read_json_body(request: Request) -> dict[str, Any]:
+    """The JSON object in the body, whatever the Content-Type (curl -d sends a form type); 400/413 otherwise."""
     raw = await _read_body(request)
     try:
-        body = schemas.decode_body(raw)
+        return schemas.decode_body(raw)
     except schemas.BodyError as e:
         raise ApiError(400, str(e), code=e.code) from None
+
+
+async def _parse_request(request: Request) -> schemas.ChatRequest:
+    body = await read_json_body(request)
     try:
         return schemas.ChatRequest.model_validate(body)
     except ValidationError as e:
@@ -233,7 +278,7 @@ def _render_checked(chat: ChatModel, req: schemas.ChatRequest) -> list[int]:
 
 
 async def _complete(job: Job, events: asyncio.Queue[Event], request: Request, model: str,
-                    prompt_tokens: int) -> JSONResponse:
+                    prompt_tokens: int, on_done: OnDone | None = None) -> JSONResponse:
     """Wait for all choices; if the client hangs up first, cancel the job (frees its worker slot)."""
     texts, finish, tokens = [""] * job.n, [None] * job.n, [0] * job.n
     gone = asyncio.ensure_future(_wait_disconnect(request))
@@ -255,7 +300,11 @@ async def _complete(job: Job, events: asyncio.Queue[Event], request: Request, mo
     finally:
         gone.cancel()
         job.cancel()
-    return JSONResponse(schemas.completion_body(schemas.new_id(), model, texts, finish, prompt_tokens, sum(tokens)))
+    cid = schemas.new_id()
+    body = schemas.completion_body(cid, model, texts, finish, prompt_tokens, sum(tokens))
+    if on_done is not None:
+        body.update(await on_done(cid, texts, finish))  # stored before it is answered: feedback on it can follow
+    return JSONResponse(body)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -269,16 +318,18 @@ def _sse_data(payload: dict[str, Any]) -> str:
 
 
 async def _sse(job: Job, events: asyncio.Queue[Event], model: str, prompt_tokens: int,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, on_done: OnDone | None = None) -> AsyncIterator[str]:
     """OpenAI-style SSE: a role chunk per choice, content chunks, a finish chunk per choice, usage, [DONE].
 
     Usage goes in its own final chunk with no choices when `stream_options.include_usage` asks for it
     (OpenAI's format), else on the last finish chunk. Closing this generator (client gone) cancels the job.
+    With `on_done`, the completion is stored before the last finish chunk, which carries the ids it returns.
     """
     cid, created = schemas.new_id(), int(time.time())
+    texts, finish = [""] * job.n, [None] * job.n
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        return _sse_data(schemas.chunk_body(cid, model, created, choices, usage))
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None, extra: dict | None = None) -> str:
+        return _sse_data({**schemas.chunk_body(cid, model, created, choices, usage), **(extra or {})})
 
     try:
         for i in range(job.n):
@@ -290,12 +341,14 @@ async def _sse(job: Job, events: asyncio.Queue[Event], model: str, prompt_tokens
                 yield _sse_data(schemas.error_body(ev.error, "server_error"))
                 return
             if ev.text:
+                texts[ev.index] += ev.text
                 yield chunk([schemas.chunk_choice(ev.index, {"content": ev.text})])
             if ev.finish_reason:
-                done, tokens = done + 1, tokens + ev.completion_tokens
+                done, tokens, finish[ev.index] = done + 1, tokens + ev.completion_tokens, ev.finish_reason
                 last = done == job.n and not include_usage
+                stored = await on_done(cid, texts, finish) if on_done is not None and done == job.n else None
                 yield chunk([schemas.chunk_choice(ev.index, {}, ev.finish_reason)],
-                            schemas.usage(prompt_tokens, tokens) if last else None)
+                            schemas.usage(prompt_tokens, tokens) if last else None, stored)
         if include_usage:
             yield chunk([], schemas.usage(prompt_tokens, tokens))
         yield "data: [DONE]\n\n"
