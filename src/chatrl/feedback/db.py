@@ -22,7 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from chatrl.errors import ChatrlError
@@ -159,7 +159,11 @@ class Database:
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = make_engine(url)
+        try:
+            self.engine = make_engine(url)
+        except (NoSuchModuleError, ModuleNotFoundError) as e:  # unknown dialect, or its driver not installed
+            raise ChatrlError(f"--db {url}: no SQLAlchemy driver for it ({e}); e.g. a file path for SQLite, or "
+                              f"postgresql+psycopg://... with psycopg installed") from None
         try:
             self.revision = upgrade(self.engine)
         except OperationalError as e:
