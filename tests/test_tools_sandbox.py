@@ -3,6 +3,7 @@ result, while this (the test) process goes on. Each run takes ~0.1 s; the timeou
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -135,7 +136,7 @@ def test_the_working_directory_is_private_writable_and_deleted_afterwards(monkey
     kept, cwd, tmp, env = result.stdout.splitlines()
     assert kept == "kept" and tmp == cwd and cwd.startswith(os.path.realpath(os.environ.get("TMPDIR", "/tmp")))
     assert not os.path.exists(cwd)
-    assert "CHATRL_TEST_SECRET" not in env and eval(env) == ["HOME", "LC_ALL", "PATH", "TMPDIR"]
+    assert "CHATRL_TEST_SECRET" not in env and ast.literal_eval(env) == ["HOME", "LC_ALL", "PATH", "TMPDIR"]
 
 
 def test_a_file_past_the_size_limit_fails_with_efbig():
