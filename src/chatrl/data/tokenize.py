@@ -138,11 +138,11 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int, max_promp
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt | list[Message], max_prompt_length: int,
-                  overlength: str = "truncate") -> list[int] | None:
+                  overlength: str = "truncate", tools: list[dict] | None = None) -> list[int] | None:
     """Prompt ids ending with the generation prompt (e.g. "<|im_start|>assistant\\n"); overlong prompts
-    keep their last max_prompt_length tokens (or are dropped)."""
+    keep their last max_prompt_length tokens (or are dropped). `tools`: function schemas offered (`render`)."""
     messages = prompt.messages if isinstance(prompt, Prompt) else prompt
-    ids, _ = _token_starts(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    ids, _ = _token_starts(tokenizer, render(tokenizer, messages, add_generation_prompt=True, tools=tools))
     if len(ids) > max_prompt_length:
         if overlength == "drop":
             return None

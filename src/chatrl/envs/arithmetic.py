@@ -15,6 +15,7 @@ from chatrl.data.types import Message
 from chatrl.envs.answers import answers_match, extract_answer
 from chatrl.envs.base import TextEnv, stable_seed, system, user
 from chatrl.errors import ChatrlError
+from chatrl.tools.schema import resolve_tools
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 EVAL_BUCKETS = 10  # 1 in 10 problems is eval-only
@@ -28,13 +29,16 @@ def is_eval_problem(a: int, op: str, b: int) -> bool:
 
 class ArithmeticEnv(TextEnv):
     """kwargs: digits (operand size), ops (subset of + - *), prompt (template with {a} {op} {b}), system (an
-    optional system message), format_reward (added when the reply holds a parseable answer at all)."""
+    optional system message), format_reward (added when the reply holds a parseable answer at all), tools (tools the
+    model may call inside its turn: built-in names such as "calculator" or "python", or 'pkg.module:fn'; the
+    config's env.tools adds to them)."""
 
     max_turns = 1
 
     def __init__(self, digits: int = 2, ops: list[str] | None = None, prompt: str = DEFAULT_PROMPT,
-                 system: str | None = None, format_reward: float = 0.0) -> None:
+                 system: str | None = None, format_reward: float = 0.0, tools: list[str] | None = None) -> None:
         super().__init__()
+        self.tools = tuple(resolve_tools(tools, "arithmetic: tools"))
         ops = ["+", "-"] if ops is None else list(ops)
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 9:
             raise ChatrlError(f"arithmetic: digits={digits!r} must be an integer from 1 to 9")

@@ -23,7 +23,7 @@ from chatrl.data.types import Message
 from chatrl.errors import ChatrlError
 
 SPLITS = ("train", "eval")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool result (rendered by the chat template)
 MAX_TEXT = 100_000  # documentation only: spaces are not used for validation
 # printable ASCII plus common Latin-1/typographic characters; real replies may hold anything (documentation only)
 CHARSET = string.printable + "".join(chr(c) for c in range(0xA0, 0x250)) + "\u2013\u2014\u2018\u2019\u201c\u201d\u2026"
@@ -44,15 +44,22 @@ def system(text: str) -> Message:
     return {"role": "system", "content": text}
 
 
+def tool_message(name: str, text: str) -> Message:
+    """A tool's result as the chat templates expect it (role "tool", the tool's name)."""
+    return {"role": "tool", "name": name, "content": text}
+
+
 class TextEnv(gymnasium.Env):
     """Base of the built-in environments: observations are lists of chat messages, actions are reply strings.
 
     Subclasses implement `_start(split, task) -> (messages, info)` (reset() handles seeding and options) and
     step(), which begins with `action = self._begin_step(action)` (checks the episode is running, counts the turn
-    in `self.turns`) and sets `self.done = True` when the episode ends."""
+    in `self.turns`) and sets `self.done = True` when the episode ends. `tools`: the tools the model may call
+    inside a turn (`chatrl.tools.schema`: callables, (schema, callable) pairs, built-in names or specs)."""
 
     metadata: dict[str, Any] = {"render_modes": []}
     max_turns: int = 1
+    tools: tuple[Any, ...] = ()
     observation_space = Text(MAX_TEXT, min_length=0, charset=CHARSET)  # really: a list of {"role", "content"}
     action_space = Text(MAX_TEXT, min_length=0, charset=CHARSET)
 
@@ -124,7 +131,10 @@ def _messages(name: str, what: str, value: object) -> list[Message]:
             raise _fail(name, what, f"message {i} = {_short(m)}", "a dict with str 'role' and 'content'")
         if m["role"] not in ROLES:  # chat templates know only these; a typo would fail much later
             raise _fail(name, what, f"message {i} with role {m['role']!r}", f"a role in {', '.join(ROLES)}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # a tool result keeps its tool's name (templates show it); everything else is role and content only
+    return [{"role": m["role"], "content": m["content"],
+             **({"name": m["name"]} if m["role"] == "tool" and isinstance(m.get("name"), str) else {})}
+            for m in value]
 
 
 def _info(name: str, what: str, value: object) -> dict[str, Any]:

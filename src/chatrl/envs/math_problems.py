@@ -21,6 +21,7 @@ from chatrl.data.types import Message
 from chatrl.envs.answers import answers_match, extract_answer
 from chatrl.envs.base import TextEnv, system, user
 from chatrl.errors import ChatrlError
+from chatrl.tools.schema import resolve_tools
 from chatrl.paths import builtin_data_dir
 
 DEFAULT_PROMPT = "{question}\nSolve it step by step, then give the final answer as 'The answer is N.'"
@@ -83,14 +84,16 @@ def _read_problems(path: str, question_key: str, answer_key: str, stamp: tuple[i
 
 class MathEnv(TextEnv):
     """kwargs: path, question_key, answer_key, eval_size (rows held out for split=eval), prompt (template with
-    {question}), system (optional system message), format_reward (for a parseable answer), split_seed."""
+    {question}), system (optional system message), format_reward (for a parseable answer), split_seed, tools (tools
+    the model may call inside its turn: built-in names such as "calculator" or "python", or 'pkg.module:fn')."""
 
     max_turns = 1
 
     def __init__(self, path: str | None = None, question_key: str = "question", answer_key: str = "answer",
                  eval_size: int = 200, prompt: str = DEFAULT_PROMPT, system: str | None = None,
-                 format_reward: float = 0.0, split_seed: int = 0) -> None:
+                 format_reward: float = 0.0, split_seed: int = 0, tools: list[str] | None = None) -> None:
         super().__init__()
+        self.tools = tuple(resolve_tools(tools, "math: tools"))
         try:
             prompt.format(question="?")
         except (KeyError, IndexError, ValueError, AttributeError) as e:
