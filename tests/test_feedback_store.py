@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text, update
 
+from chatrl.cli import main
 from chatrl.config import DataConfig
 from chatrl.data.clean import DataReport
 from chatrl.data.prepare import load_records, read_examples
@@ -21,7 +22,6 @@ from chatrl.feedback.db import Base, Feedback, User, open_db, utcnow
 from chatrl.feedback.export import Filters, export_rows, stats, write_jsonl
 from chatrl.feedback.store import FeedbackStore, Reply, StoreError, model_version
 from chatrl.serve.ratelimit import RateLimited, RateLimiter
-from helpers import run_cli
 
 Q = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
 
@@ -180,27 +180,30 @@ def test_exported_files_are_read_by_chatrl_data_readers(store: FeedbackStore, tm
     assert [json.loads(line)["label"] for line in kto.read_text().splitlines()] == [False, True, True]
 
 
-def test_cli_users_export_and_stats(tmp_path: Path):
+def test_cli_users_export_and_stats(tmp_path: Path, capsys: pytest.CaptureFixture):
     db = tmp_path / "chat.db"
-    added = run_cli("users", "add", "carol", "--db", str(db), "--admin", timeout=300)
-    assert added.returncode == 0, added.stderr[-2000:]
-    key = added.stdout.strip()  # stdout is the key alone (scripts capture it); the notice goes to stderr
-    assert key.startswith("sk-chatrl-") and "admin 'carol'" in added.stderr
+    assert main(["users", "add", "carol", "--db", str(db), "--admin"]) == 0
+    added = capsys.readouterr()
+    key = added.out.strip()  # stdout is the key alone (scripts capture it); the notice goes to stderr
+    assert key.startswith("sk-chatrl-") and "admin 'carol'" in added.err
     store = FeedbackStore(open_db(db))
     carol = store.authenticate(key)
     assert carol.is_admin
     rec = _record(store, carol, Q, ["Paris.", "Lyon."], "chatcmpl-c")
     store.add_pair(carol, rec.prompt_id, "chatcmpl-c", "chatcmpl-c:1")
     out = tmp_path / "pairs.jsonl"
-    exported = run_cli("feedback", "export", "--db", str(db), "--format", "pairs", "--out", str(out),
-                       "--since", "2000-01-01", timeout=300)
-    assert exported.returncode == 0 and "1 pairs rows" in exported.stderr, exported.stderr[-2000:]
-    inspected = run_cli("data", "inspect", str(out), "--tokenizer", "none", timeout=300)
-    assert inspected.returncode == 0 and "preference" in inspected.stdout, inspected.stdout + inspected.stderr
-    shown = run_cli("feedback", "stats", "--db", str(db), timeout=300)
-    assert shown.returncode == 0 and "carol" in shown.stdout and "per model version" in shown.stdout
-    bad = run_cli("feedback", "export", "--db", str(db), "--format", "kto", "--out", str(out), "--since", "soon")
-    assert bad.returncode == 2 and "--since 'soon'" in bad.stderr
+    assert main(["feedback", "export", "--db", str(db), "--format", "pairs", "--out", str(out),
+                 "--since", "2000-01-01"]) == 0
+    assert "1 pairs rows" in capsys.readouterr().err
+    assert main(["data", "inspect", str(out), "--tokenizer", "none"]) == 0
+    assert "preference" in capsys.readouterr().out
+    assert main(["feedback", "stats", "--db", str(db)]) == 0
+    shown = capsys.readouterr().out
+    assert "carol" in shown and "per model version" in shown
+    assert main(["feedback", "export", "--db", str(db), "--format", "kto", "--out", str(out), "--since", "soon"]) == 2
+    assert "--since 'soon'" in capsys.readouterr().err
+    assert main(["users", "add", "carol", "--db", str(db)]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_model_version_hashes_the_safetensors_files(tmp_path: Path):
