@@ -23,6 +23,7 @@ from chatrl.config import (
 )
 from chatrl.configbase import opt, sub
 from chatrl.errors import ChatrlError
+from chatrl.tools.toolbox import check_tool_settings
 
 # The options' choices are the registries' names (chatrl.algorithms), so a new estimator or aggregation is one
 # function and one registry entry: the config, its check and --help pick it up.
@@ -96,6 +97,16 @@ class EnvConfig:
                             "with the last turn's gamma^k); turn j's advantage then carries gamma^j")
     max_context: int = opt(1024, "most tokens of a whole conversation; an episode that would exceed it is "
                                  "truncated (and counted)")
+    tools: list[str] = opt([], "tools the model may call inside its turns, added to the environment's own `tools`: "
+                               "built-in names (calculator, python) or 'pkg.module:fn' (type hints + Google-style "
+                               "docstring; README: Tools)")
+    tool_parser: str = opt("auto", "how tool calls are found in a reply: auto, hermes (<tool_call>{...}</tool_call>, "
+                                   "Qwen), llama3 (JSON), mistral ([TOOL_CALLS]) or 'pkg.module:fn' "
+                                   "(text -> [{'name', 'arguments'}])")
+    max_tool_calls: int = opt(4, "most tool calls per turn; the reply after the last one goes to env.step() as is")
+    tool_timeout: float = opt(10.0, "seconds one tool call may take; then the model reads a timeout error")
+    tool_error_penalty: float = opt(0.0, "subtracted from the episode's reward per failed tool call (malformed, "
+                                         "raised, timed out)")
 
 
 @dataclass
@@ -272,6 +283,7 @@ class RLStepConfig:
             raise ChatrlError(f"overlong_buffer={p.overlong_buffer} must be in 0..rollout.max_new_tokens")
         if self.env.max_turns < 1 or self.env.max_context <= r.max_new_tokens:
             raise ChatrlError("env.max_turns must be >= 1 and env.max_context > rollout.max_new_tokens")
+        check_tool_settings(self.env)
         if p.kl_in == "loss" and p.kl_coef > 0 and p.kl_estimator not in LOSS_KL_ESTIMATORS:
             section = "ppo" if isinstance(p, PPOOptions) else "grpo"
             works = " or ".join(f"{k} ({v})" for k, v in LOSS_KL_ESTIMATORS.items())

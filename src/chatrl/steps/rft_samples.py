@@ -116,7 +116,7 @@ def play(policy: Policy, scorer: Scorer, cfg: RFTConfig, tasks: list[Task], sett
         settings.seed = None if base_seed is None else base_seed + start
         episodes = run_episodes(policy.engine, policy.tokenizer, policy.envs, cfg.env.name, [t for t, _ in chunk],
                                 settings, max_turns=cfg.env.max_turns, max_prompt_tokens=cfg.data.max_prompt_length,
-                                max_context=cfg.env.max_context)
+                                max_context=cfg.env.max_context, tool_settings=cfg.env)
         tensors = episode_tensors(episodes, policy.tokenizer.pad_token_id, cfg.env.gamma, policy.engine.device)
         scored = score_episodes(episodes, tensors, scorer.functions, scorer.reward_model,
                                 model_weight=scorer.model_weight, eos_penalty=scorer.eos_penalty, overlong_buffer=0,
@@ -197,4 +197,3 @@ def read_samples(path: Path) -> list[Sample]:
 def summary_json(path: Path, data: dict[str, object]) -> None:
     """A small JSON summary written atomically (its presence marks a finished round)."""
     atomic_write_json(path, data, indent=1)
-

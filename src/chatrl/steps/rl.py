@@ -28,6 +28,8 @@ from chatrl.steps.rl_alarms import Alarms
 from chatrl.steps.rl_experience import Scored, episode_tensors, score_episodes, score_rollout
 from chatrl.steps.rl_models import RLModels, build_models, save_models
 from chatrl.steps.rl_update import Experience, policy_update, single_on_policy_step
+from chatrl.tools.stats import tool_metrics
+from chatrl.tools.toolbox import toolbox_for
 
 # ----------------------------------------------------------------------------- steps 1-2: episodes and rewards
 
@@ -45,7 +47,7 @@ def play_and_score(m: RLModels, cfg: RLStepConfig, first_prompt: int, settings: 
     r, p = cfg.rollout, cfg.policy
     episodes = run_episodes(m.hybrid, m.tokenizer, m.envs, cfg.env.name, tasks_for(first_prompt, cfg, rank, world),
                             settings, max_turns=cfg.env.max_turns, max_prompt_tokens=cfg.data.max_prompt_length,
-                            max_context=cfg.env.max_context)
+                            max_context=cfg.env.max_context, tool_settings=cfg.env)
     tensors = episode_tensors(episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
     return score_episodes(episodes, tensors, m.functions, m.reward_model, model_weight=cfg.reward.model_weight,
                           eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
@@ -188,6 +190,7 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
                         report_to=cfg.logging.report_to, progress=cfg.logging.progress, desc=name)
     settings = GenerationSettings(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, do_sample=True,
                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    tools = toolbox_for(m.envs[0], cfg.env.name, cfg.env)  # None: the environment offers no tools
     with StopRequest() as stop:
         for it in range(start, p.iterations):
             times: dict[str, float] = {}
@@ -215,6 +218,8 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
             metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
                                         r.samples_per_prompt)
             metrics.update(agreement_metrics(exp.rollout, *probe))  # the inference copy vs the trainer
+            if tools is not None:  # calls, errors, timeouts, calls per episode, latency per tool (all ranks)
+                metrics.update(tool_metrics(scored.episodes.tool_results, tools.names, reduce=global_means))
             log.log(done, {**metrics, "bad_steps": bad.total})
             alarms.check(done, metrics)  # a warning line and alarms.jsonl (the report's red box)
             log.advance(1, reward=metrics["reward_mean"], kl=metrics["kl"], len=metrics["response_length"],
