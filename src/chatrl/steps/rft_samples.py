@@ -197,3 +197,4 @@ def read_samples(path: Path) -> list[Sample]:
 def summary_json(path: Path, data: dict[str, object]) -> None:
     """A small JSON summary written atomically (its presence marks a finished round)."""
     atomic_write_json(path, data, indent=1)
+
