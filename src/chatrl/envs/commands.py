@@ -1,4 +1,6 @@
-"""`chatrl env check SPEC [--kwargs JSON] [--episodes N]`: try an environment before training with it."""
+"""`chatrl env check SPEC`: try an environment before training with it; `chatrl env serve SPEC --port P`: serve
+it as an OpenEnv server (openenv_server.py); `chatrl env eval SPEC --base-url URL --model NAME`: play it against
+an OpenAI-compatible endpoint (remote_eval.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import json
 from typing import Any
 
+from chatrl.envs import openenv_server
 from chatrl.envs.check import ACTIONS, CheckReport, run_check
 from chatrl.envs.registry import BUILTIN_ENVS
 from chatrl.errors import ChatrlError
@@ -25,6 +28,16 @@ def register(subparsers: Any) -> None:
     check.add_argument("--max-turns", type=int, default=8,
                        help="turns an episode may take (at least the environment's own max_turns)")
     check.set_defaults(func=cmd_check)
+    serve = sub.add_parser("serve", help="serve an environment as an OpenEnv server (needs chatrl[openenv])",
+                           description="Any chatrl environment over OpenEnv's HTTP/WebSocket protocol, built with "
+                                       "openenv-core's server helpers; play it with env.name=openenv:URL.")
+    serve.add_argument("spec", metavar="SPEC", help="an environment as for env.name (built-in, 'file.py:Class', ...)")
+    serve.add_argument("--kwargs", default="{}", help="constructor arguments as a JSON object (env.kwargs)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    serve.add_argument("--max-sessions", type=int, default=64,
+                       help="concurrent client sessions, one environment each (default 64)")
+    serve.set_defaults(func=cmd_serve)
     env.set_defaults(func=lambda args: env.print_help() or 1)
 
 
@@ -63,3 +76,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     report = run_check(args.spec, parse_kwargs(args.kwargs), args.episodes, args.seed, args.max_turns)
     print_report(args.spec, report, args.episodes)
     return 2 if report.problems else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535 or args.max_sessions < 1:
+        raise ChatrlError(f"--port must be in 0..65535 and --max-sessions at least 1 (got {args.port}, "
+                          f"{args.max_sessions})")
+    openenv_server.serve(args.spec, parse_kwargs(args.kwargs), host=args.host, port=args.port,
+                         max_sessions=args.max_sessions)
+    return 0

@@ -19,6 +19,7 @@ from chatrl.envs.arithmetic import ArithmeticEnv
 from chatrl.envs.chat import ChatEnv
 from chatrl.envs.guess_number import GuessNumberEnv
 from chatrl.envs.math_problems import MathEnv
+from chatrl.envs.openenv_client import OpenEnvClientEnv
 from chatrl.envs.reasoning_gym_env import ReasoningGymEnv
 from chatrl.errors import ChatrlError
 from chatrl.plugins import load_object
@@ -34,6 +35,7 @@ BUILTIN_ENVS: dict[str, type[gymnasium.Env]] = {
 # each adapter imports its optional package itself (see README "Environments people already have")
 ADAPTERS: dict[str, Callable[..., gymnasium.Env]] = {
     "reasoning_gym": ReasoningGymEnv,  # reasoning_gym:TASK
+    "openenv": OpenEnvClientEnv,  # openenv:http://host:port
 }
 
 
