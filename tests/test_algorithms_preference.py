@@ -13,7 +13,8 @@ from chatrl.config_offline import DPOConfig, DPOOptions
 from chatrl.configbase import help_lines, load_config
 from chatrl.errors import ChatrlError
 from chatrl.models import loading
-from chatrl.steps.dpo import preference_loss, reference_dtype
+from chatrl.steps.dpo import preference_loss
+from chatrl.steps.dpo_reference import reference_dtype
 
 
 def _pair(**over: float) -> PairLogps:
@@ -136,9 +137,10 @@ def test_reference_dtype_auto_is_the_policys(monkeypatch) -> None:
     monkeypatch.delenv("CHATRL_AUTO_DTYPE", raising=False)  # auto as the machine decides it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: True)
-    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=fp32"])) == "fp32"
-    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=auto"])) == "bf16"
-    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=fp32", "dpo.reference_dtype=bf16"])) == "bf16"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=fp32"]), "dpo") == "fp32"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=auto"]), "dpo") == "bf16"
+    bf16_ref = load_config(DPOConfig, None, ["model.dtype=fp32", "dpo.reference_dtype=bf16"])
+    assert reference_dtype(bf16_ref, "dpo") == "bf16"
     monkeypatch.setattr(loading, "_cpu_has_native_bf16", lambda: False)
-    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=bf16"])) == "bf16"
-    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=auto"])) == "fp32"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=bf16"]), "dpo") == "bf16"
+    assert reference_dtype(load_config(DPOConfig, None, ["model.dtype=auto"]), "dpo") == "fp32"

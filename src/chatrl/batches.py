@@ -63,6 +63,29 @@ class PairBatch(_TensorBatch):
 
 
 @dataclass
+class UnpairedBatch(_TensorBatch):
+    """KTO batch, laid out as PairBatch's two halves (so `reply_logps` and the reference cache take either): rows
+    [0, B) are B examples (prompt + completion), rows [B, 2B) their mismatched KL rows (the prompt with another
+    example's completion). input_ids/attention_mask/reply_mask: [2B, T]; desirable: [B] bool; ref_logps: [2B] the
+    reference's summed reply log-probs when precomputed, else None."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    reply_mask: torch.Tensor
+    desirable: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+
+    def half(self, second: bool) -> UnpairedBatch:
+        """The examples (second=False) or the KL rows (True) alone, cut to their own longest row."""
+        n = self.desirable.shape[0]
+        rows = slice(n, 2 * n) if second else slice(0, n)
+        width = int(self.attention_mask[rows].sum(1).max())
+        return UnpairedBatch(input_ids=self.input_ids[rows, :width], attention_mask=self.attention_mask[rows, :width],
+                             reply_mask=self.reply_mask[rows, :width], desirable=self.desirable,
+                             ref_logps=None if self.ref_logps is None else self.ref_logps[rows])
+
+
+@dataclass
 class Rollout(_TensorBatch):
     """What generation + scoring hand to the policy update.
 

@@ -217,20 +217,22 @@ class EvalOptions:
 
 @dataclass
 class PipelineConfig:
-    """SFT -> reward model -> PPO | GRPO | RFT -> eval -> report in one run directory; or SFT -> DPO | ILQL -> eval
-    -> report (the preference pairs train the policy directly, no reward model step).
+    """SFT -> reward model -> PPO | GRPO | RFT -> eval -> report in one run directory; or SFT -> DPO | KTO | ILQL ->
+    eval -> report (the preference pairs, or KTO's labelled replies, train the policy directly, no reward model
+    step).
 
     `model`, `data`, `deepspeed` and `seed` are set once here and passed to every step; the sections
     `sft`, `reward` and the one of `algorithm` hold the rest of each step's config (same keys as `chatrl sft|reward|
-    ppo|grpo|rft|dpo|ilql --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline.
+    ppo|grpo|rft|dpo|kto|ilql --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline.
     With algorithm=grpo|rft and an environment that rewards by itself (grpo.env.name), the default is step 3 alone
-    on the base model; with algorithm=dpo|ilql, steps 1 and 3."""
+    on the base model; with algorithm=dpo|kto|ilql, steps 1 and 3."""
 
-    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|rft|dpo|ilql, eval, report.html")
+    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|rft|dpo|kto|ilql, eval, "
+                                    "report.html")
     seed: int = opt(42, "seed passed to every step")
-    algorithm: Literal["ppo", "grpo", "rft", "dpo", "ilql"] = opt(
-        "ppo", "step 3: ppo (actor + critic + reward model), grpo, rft (best-of-n + SFT rounds), or the offline dpo "
-               "and ilql (on the preference pairs; step 2 is not run)")
+    algorithm: Literal["ppo", "grpo", "rft", "dpo", "kto", "ilql"] = opt(
+        "ppo", "step 3: ppo (actor + critic + reward model), grpo, rft (best-of-n + SFT rounds), or the offline dpo, "
+               "kto and ilql (on the preference pairs, or kto's labelled replies; step 2 is not run)")
     model: ModelConfig = sub(ModelConfig)
     data: DataConfig = sub(DataConfig)
     deepspeed: DeepSpeedConfig = sub(DeepSpeedConfig)
@@ -240,5 +242,6 @@ class PipelineConfig:
     grpo: dict = opt({}, "step 3 settings with algorithm=grpo (see `chatrl grpo --help`)")
     rft: dict = opt({}, "step 3 settings with algorithm=rft (see `chatrl rft --help`)")
     dpo: dict = opt({}, "step 3 settings with algorithm=dpo (see `chatrl dpo --help`)")
+    kto: dict = opt({}, "step 3 settings with algorithm=kto (see `chatrl kto --help`)")
     ilql: dict = opt({}, "step 3 settings with algorithm=ilql (see `chatrl ilql --help`)")
     eval: EvalOptions = sub(EvalOptions)

@@ -1,6 +1,6 @@
-"""Configs of the offline alignment steps: `chatrl dpo` (preference losses), `chatrl ilql` (Q-learning for
-language) and `chatrl rft` (fine-tuning again from evaluation). They share the supervised sections
-(`SupervisedStepConfig`) and add one options section each.
+"""Configs of the offline alignment steps: `chatrl dpo` (preference losses), `chatrl kto` (unpaired feedback),
+`chatrl ilql` (Q-learning for language) and `chatrl rft` (fine-tuning again from evaluation). They share the
+supervised sections (`SupervisedStepConfig`) and add one options section each.
 """
 
 from __future__ import annotations
@@ -18,7 +18,22 @@ from chatrl.errors import ChatrlError
 
 
 @dataclass
-class DPOOptions:
+class ReferenceOptions:
+    """The frozen reference model of the steps that score replies against one (dpo, kto): its settings, once."""
+
+    reference: Literal["precompute", "live"] = opt(
+        "precompute", "precompute = one pass of the reference over the data, cached under the cache dir keyed by "
+                      "model + data + settings, so training holds one model; live = a frozen reference model "
+                      "scores every batch")
+    reference_model: Optional[str] = opt(None, "reference model folder / hub id / alias; None = the starting model")
+    reference_dtype: Literal["auto", "bf16", "fp32"] = opt(
+        "auto", "dtype of the frozen reference model; auto = the policy's (model.dtype), so that at step 1 the "
+                "policy and its reference score the pairs alike (an fp32 policy beside a bf16 reference starts "
+                "with a margin of bf16 rounding)")
+
+
+@dataclass
+class DPOOptions(ReferenceOptions):
     """The preference loss and its reference model."""
 
     loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = opt(
@@ -32,15 +47,6 @@ class DPOOptions:
                       "1/(2 beta) is per token whatever the length (as TRL, huggingface/trl#1265); sum = sequence "
                       "sums (the target is per pair: a long reply needs less margin per token)")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma")
-    reference: Literal["precompute", "live"] = opt(
-        "precompute", "precompute = one pass of the reference over the data, cached under the cache dir keyed by "
-                      "model + data + settings, so training holds one model; live = a frozen reference model "
-                      "scores every batch")
-    reference_model: Optional[str] = opt(None, "reference model folder / hub id / alias; None = the starting model")
-    reference_dtype: Literal["auto", "bf16", "fp32"] = opt(
-        "auto", "dtype of the frozen reference model; auto = the policy's (model.dtype), so that at step 1 the "
-                "policy and its reference score the pairs alike (an fp32 policy beside a bf16 reference starts "
-                "with a margin of bf16 rounding)")
 
 
 @dataclass
@@ -64,6 +70,45 @@ class DPOConfig(SupervisedStepConfig):
 
     def uses_reference(self) -> bool:
         return self.dpo.loss not in REFERENCE_FREE
+
+
+# ============================================================================ kto
+
+
+@dataclass
+class KTOOptions(ReferenceOptions):
+    """The unpaired loss (KTO) and its reference model."""
+
+    loss: Literal["kto"] = opt("kto", "the unpaired loss (algorithms.preference.UNPAIRED_LOSSES): kto = Kahneman-"
+                                      "Tversky optimisation (Ethayarajh et al. 2024)")
+    beta: float = opt(0.1, "inverse temperature of the implicit reward beta * log(pi / pi_ref) against the "
+                           "reference point z0 (the batch's KL estimate)")
+    desirable_weight: float = opt(1.0, "lambda_D, the loss weight of each desirable example; with n_D desirable and "
+                                       "n_U undesirable examples the paper advises lambda_D n_D / (lambda_U n_U) in "
+                                       "[1, 4/3] (e.g. 1 desirable to 9 undesirable: desirable_weight 9 to 12)")
+    undesirable_weight: float = opt(1.0, "lambda_U, the loss weight of each undesirable example (see "
+                                         "desirable_weight)")
+
+
+@dataclass
+class KTOConfig(SupervisedStepConfig):
+    """KTO on unpaired feedback: completions labelled desirable or undesirable (rows {prompt, completion, label}),
+    or preference pairs split into one desirable and one undesirable row; no reward model, no sampling."""
+
+    output_dir: str = opt("runs/kto", "where checkpoints, metrics and the final HF model folder go")
+    kto: KTOOptions = sub(KTOOptions)
+
+    def check(self) -> None:
+        super().check()
+        k = self.kto
+        if not k.beta > 0:
+            raise ChatrlError(f"kto.beta={k.beta}: must be > 0")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if not 0 < getattr(k, key) < float("inf"):
+                raise ChatrlError(f"kto.{key}={getattr(k, key)}: must be a finite number > 0")
+
+    def uses_reference(self) -> bool:
+        return True  # r = log pi - log ref: KTO always has a reference
 
 
 # ============================================================================ ilql

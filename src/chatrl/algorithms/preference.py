@@ -19,6 +19,18 @@ tensors) with the implicit rewards r_c, r_r whose difference the loss pushes up.
   orpo     L = -chosen / |y_c| - beta log sigma(log odds(y_c) - log odds(y_r)),
            log odds(y) = a - log(1 - exp(a)) with a = logp / |y|               r = beta a
            (Hong et al. 2024: the SFT loss on the chosen reply plus beta (their lambda) times the odds-ratio term)
+
+Unpaired losses (`UNPAIRED_LOSSES`) take one labelled completion per example instead of a pair (`UnpairedLogps`):
+
+  kto      r = logp - ref_logp (summed over the reply's tokens); z0 = max(0, mean(kl_logp - ref_kl_logp)), detached
+           L = lambda_D (1 - sigma(beta (r - z0)))   for a desirable completion
+           L = lambda_U (1 - sigma(beta (z0 - r)))   for an undesirable one;    mean over the batch's examples
+           (Ethayarajh et al. 2024, eq. 8; the reference point z0 is the batch's KL estimate from MISMATCHED
+           pairs: each example's prompt with another example's completion, so z0 measures how far the policy
+           drifted in general rather than on this completion; no gradient flows through it, as in the paper and
+           TRL). The mean over all examples (not per class) is TRL's normalisation: lambda_D, lambda_U weigh a
+           class's examples, so with n_D desirable and n_U undesirable examples the paper advises
+           lambda_D n_D / (lambda_U n_U) in [1, 4/3].
 """
 
 from __future__ import annotations
@@ -106,9 +118,45 @@ def orpo_loss(lp: PairLogps, beta: float, **_: float) -> tuple[torch.Tensor, Sta
     return loss, stats
 
 
+@dataclass
+class UnpairedLogps:
+    """Summed completion log-probs of a batch of B unpaired examples, [B] each: the policy's and the reference's
+    of each example (`logps`, `ref_logps`) and of its mismatched KL row (`kl_logps`, `ref_kl_logps`: its prompt
+    with another example's completion); `desirable` [B] bool labels."""
+
+    logps: torch.Tensor
+    ref_logps: torch.Tensor
+    kl_logps: torch.Tensor
+    ref_kl_logps: torch.Tensor
+    desirable: torch.Tensor
+
+    def log_ratios(self) -> torch.Tensor:
+        """r = log pi(y|x) - log ref(y|x) of each example: the implicit reward before beta."""
+        return self.logps - self.ref_logps
+
+    def reference_point(self) -> torch.Tensor:
+        """z0 = max(0, mean KL estimate over the mismatched rows), detached (a constant of the loss)."""
+        return (self.kl_logps - self.ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(lp: UnpairedLogps, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             **_: float) -> tuple[torch.Tensor, Stats]:
+    """KTO; formula in the module docstring. Stats of a class the batch lacks are left out (not reported as 0)."""
+    r, z0, good = lp.log_ratios(), lp.reference_point(), lp.desirable.bool()
+    losses = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    loss = losses.mean()
+    stats: Stats = {"loss": loss.detach(), "kl": z0}
+    for name, rows in (("desirable", good), ("undesirable", ~good)):
+        if rows.any():
+            stats[f"rewards/{name}"] = (beta * r[rows]).detach().float().mean()
+            stats[f"logps/{name}"] = lp.logps[rows].detach().float().mean()
+    return loss, stats
+
+
 PreferenceLoss = Callable[..., tuple[torch.Tensor, Stats]]
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "sigmoid": sigmoid_loss, "ipo": ipo_loss, "simpo": simpo_loss, "orpo": orpo_loss,
 }
 REFERENCE_FREE = frozenset({"simpo", "orpo"})
-
+UNPAIRED_LOSSES: dict[str, PreferenceLoss] = {"kto": kto_loss}

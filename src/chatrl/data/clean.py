@@ -29,6 +29,7 @@ SCHEMA_HELP = (
     '  preference:      {"prompt", "chosen", "rejected"[, "margin"]}  (prompt: string or message list; '
     "chosen/rejected: strings or message lists)\n"
     '  hh:              {"chosen", "rejected"}  whole "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts\n'
+    '  kto:             {"prompt", "completion", "label": true|false}  (unpaired feedback for chatrl kto)\n'
     '  chat:            {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}\n'
     '  prompt_response: {"prompt", "response"}\n'
     '  alpaca:          {"instruction", "input", "output"}\n'

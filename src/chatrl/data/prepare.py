@@ -3,6 +3,8 @@
 read -> detect schema / adapt -> parse -> clean (NFC, whitespace, empty, duplicates) -> max_rows ->
 split per dataset (sft / reward / rlhf shards, each with an eval part) -> records for the step ->
 blend the train parts by `data.weights`. `tokenized_rows` adds tokenization and an on-disk cache.
+KTO's records ("kto": `LabeledCompletion`) come from the reward shard: labelled replies as they are, preference
+pairs split into a desirable and an undesirable row. Undesirable replies never become SFT targets.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from chatrl.data.readers import Source, read_source, resolve_data_source
 from chatrl.data.schemas import PAIR_SCHEMAS, SCHEMAS, Example, RowError, detect_schema, parse_row
 from chatrl.data.split import STEPS, blend, split_dataset
 from chatrl.data.templates import template_of
-from chatrl.data.tokenize import encode_conversation, encode_pair, encode_prompt
-from chatrl.data.types import Conversation, PreferencePair, Prompt
+from chatrl.data.tokenize import encode_conversation, encode_labeled, encode_pair, encode_prompt
+from chatrl.data.types import Conversation, LabeledCompletion, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
 from chatrl.paths import atomic_write_json, cache_dir
 
 log = logging.getLogger("chatrl.data")
-Step = Literal["sft", "reward", "rlhf"]
+Step = Literal["sft", "reward", "rlhf", "kto"]
 Part = Literal["train", "eval"]
-Record = Union[Conversation, PreferencePair, Prompt]
+Record = Union[Conversation, PreferencePair, Prompt, LabeledCompletion]
 CACHE_VERSION = "3"  # bump when tokenization or the split changes so old caches are not reused
 _HASH_LIMIT = 256 * 2**20  # files up to this size are hashed by content, bigger ones by size+mtime
 
@@ -99,7 +101,8 @@ def read_examples(spec: str, cfg: DataConfig, report: DataReport) -> Dataset:
             report.drop("empty", row.source)
             continue
         examples.append(ex)
-    examples = dedupe(examples, lambda e: row_key([e.messages, e.response, e.rejected]), report, lambda e: e.source)
+    examples = dedupe(examples, lambda e: row_key([e.messages, e.response, e.rejected, e.label]), report,
+                      lambda e: e.source)
     if cfg.max_rows is not None and len(examples) > cfg.max_rows:
         report.drop("over_max_rows", examples[cfg.max_rows].source)
         report.dropped["over_max_rows"] += len(examples) - cfg.max_rows - 1
@@ -122,9 +125,11 @@ def read_all(cfg: DataConfig) -> tuple[list[Dataset], DataReport]:
 
 def _to_records(examples: list[Example], step: str) -> list[Record]:
     if step == "sft":
-        return [e.to_conversation() for e in examples if e.response is not None]
+        return [e.to_conversation() for e in examples if e.response is not None and not e.is_undesirable]
     if step == "reward":
         return [e.to_pair() for e in examples if e.is_pair]
+    if step == "kto":
+        return [r for e in examples for r in e.to_labeled()]
     return [e.to_prompt() for e in examples]
 
 
@@ -133,6 +138,9 @@ def _empty_error(step: str, part: str, datasets: list[Dataset]) -> ChatrlError:
     if step == "reward" and not any(d.schema in PAIR_SCHEMAS for d in datasets):
         why = (f"the reward step needs preference pairs, but the data has none: {schemas}. "
                f"Schemas that carry pairs: {', '.join(PAIR_SCHEMAS)} (rows with chosen + rejected).")
+    elif step == "kto" and not any(d.schema in (*PAIR_SCHEMAS, "kto") for d in datasets):
+        why = (f"KTO needs labelled replies (kto rows {{prompt, completion, label}}) or preference pairs, but the "
+               f"data has none: {schemas}.")
     elif step == "sft" and all(d.schema == "prompt" for d in datasets):
         why = f"SFT needs replies, but the data is prompt-only: {schemas}."
     else:
@@ -144,9 +152,10 @@ def _empty_error(step: str, part: str, datasets: list[Dataset]) -> ChatrlError:
 def select_records(datasets: list[Dataset], cfg: DataConfig, step: str, part: str,
                    report: DataReport) -> list[Record]:
     """The records of one (step, part) across datasets; train parts blended by data.weights."""
-    if step not in STEPS or part not in ("train", "eval"):
-        raise ChatrlError(f"unknown data step/part {step}/{part}; steps: {', '.join(STEPS)}, parts: train, eval")
-    shards = cfg.reward_shards if (step, part) == ("reward", "train") else [step]
+    if step not in (*STEPS, "kto") or part not in ("train", "eval"):
+        raise ChatrlError(f"unknown data step/part {step}/{part}; steps: {', '.join(STEPS)}, kto, parts: train, eval")
+    shard = "reward" if step == "kto" else step  # KTO trains on the preference data's shard, as DPO does
+    shards = cfg.reward_shards if (shard, part) == ("reward", "train") else [shard]
     unknown = [s for s in shards if s not in STEPS]
     if unknown or not shards:
         raise ChatrlError(f"data.reward_shards={shards}: expected a non-empty list of {', '.join(STEPS)}")
@@ -165,8 +174,8 @@ def select_records(datasets: list[Dataset], cfg: DataConfig, step: str, part: st
 
 
 def load_records(cfg: DataConfig, step: Step, part: Part) -> tuple[list[Record], DataReport]:
-    """Records for one step ("sft" -> Conversation, "reward" -> PreferencePair, "rlhf" -> Prompt)
-    and part ("train" / "eval"), plus the report of what was dropped and why."""
+    """Records for one step ("sft" -> Conversation, "reward" -> PreferencePair, "rlhf" -> Prompt, "kto" ->
+    LabeledCompletion) and part ("train" / "eval"), plus the report of what was dropped and why."""
     datasets, report = read_all(cfg)
     records = select_records(datasets, cfg, step, part, report)
     log.info("data %s/%s: %d records\n%s", step, part, len(records), report.summary())
@@ -202,6 +211,12 @@ def _encode(tokenizer: Any, rec: Record, step: str, cfg: DataConfig, train_on_pr
             return None
         return {"chosen_ids": pair.chosen, "rejected_ids": pair.rejected, "chosen_prompt_len": pair.chosen_prompt_len,
                 "rejected_prompt_len": pair.rejected_prompt_len, "margin": rec.margin, "source": rec.source}
+    if step == "kto":
+        assert isinstance(rec, LabeledCompletion)
+        encoded = encode_labeled(tokenizer, rec, cfg.max_length, cfg.max_prompt_length, cfg.overlength)
+        if encoded is None:
+            return None
+        return {"input_ids": encoded[0], "prompt_len": encoded[1], "desirable": rec.desirable, "source": rec.source}
     assert isinstance(rec, Prompt)
     ids = encode_prompt(tokenizer, rec, cfg.max_prompt_length, cfg.overlength)
     if ids is None:
@@ -243,7 +258,7 @@ def tokenized_rows(cfg: DataConfig, tokenizer: Any, step: Step, part: Part, *,
                    train_on_prompt: bool = False) -> list[dict[str, Any]]:
     """Tokenized rows for a step (plain lists, cached under cache_dir("tokenized")):
     sft: input_ids, labels; reward: chosen_ids, rejected_ids, chosen/rejected_prompt_len, margin; rlhf: prompt_ids, messages,
-    reference, extra. Every row also has its "source"."""
+    reference, extra; kto: input_ids, prompt_len, desirable. Every row also has its "source"."""
     path = cache_dir("tokenized") / f"{step}-{part}-{cache_key(cfg, tokenizer, step, part, train_on_prompt)}.json"
     if path.exists():
         try:

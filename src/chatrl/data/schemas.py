@@ -1,7 +1,8 @@
 """Schemas: recognise what a dataset's rows look like and parse each row into one `Example`.
 
 An `Example` is the common form every schema maps to: prompt turns, an optional final reply
-(`response`, the chosen one for preference data), an optional `rejected` reply and extra columns.
+(`response`, the chosen one for preference data), an optional `rejected` reply, an optional `label` (KTO's
+desirable / undesirable, TRL's unpaired format {prompt, completion, label}) and extra columns.
 From it `pipeline.py` builds the records of `chatrl.data.types` each training step needs.
 """
 
@@ -13,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
+from chatrl.data.types import Conversation, LabeledCompletion, Message, PreferencePair, Prompt
 
-SCHEMAS = ("preference", "hh", "chat", "prompt_response", "alpaca", "prompt")
+SCHEMAS = ("preference", "hh", "kto", "chat", "prompt_response", "alpaca", "prompt")
 PAIR_SCHEMAS = ("preference", "hh")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "bot": "assistant", "model": "assistant"}
@@ -24,6 +25,7 @@ _HH_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
 _CONSUMED = {
     "preference": {"prompt", "chosen", "rejected", "margin"},
     "hh": {"chosen", "rejected", "margin"},
+    "kto": {"prompt", "completion", "label"},
     "chat": {"messages", "conversations"},
     "prompt_response": {"prompt", "response", "completion"},
     "alpaca": {"instruction", "input", "output"},
@@ -51,21 +53,39 @@ class Example:
     margin: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    label: bool | None = None  # kto rows: is `response` desirable
 
     @property
     def is_pair(self) -> bool:
         return self.rejected is not None
 
+    @property
+    def is_undesirable(self) -> bool:
+        """A reply labelled bad (kto rows): never a target to imitate (SFT) or a reference answer (RLHF)."""
+        return self.label is False
+
     def to_pair(self) -> PreferencePair:
         assert self.response is not None and self.rejected is not None
         return PreferencePair(list(self.messages), self.response, self.rejected, self.margin, self.source)
+
+    def to_labeled(self) -> list[LabeledCompletion]:
+        """KTO rows: a labelled reply as it is; a pair split into its chosen (desirable) and rejected (undesirable)
+        replies; nothing for a row with neither."""
+        if self.is_pair:
+            assert self.response is not None and self.rejected is not None
+            return [LabeledCompletion(list(self.messages), self.response, True, self.source),
+                    LabeledCompletion(list(self.messages), self.rejected, False, self.source)]
+        if self.label is None or self.response is None:
+            return []
+        return [LabeledCompletion(list(self.messages), self.response, self.label, self.source)]
 
     def to_conversation(self) -> Conversation:
         assert self.response is not None
         return Conversation(list(self.messages) + [{"role": "assistant", "content": self.response}], self.source)
 
     def to_prompt(self) -> Prompt:
-        return Prompt(list(self.messages), self.response, dict(self.extra), self.source)
+        reference = None if self.is_undesirable else self.response
+        return Prompt(list(self.messages), reference, dict(self.extra), self.source)
 
 
 # ----------------------------------------------------------------------------- detection
@@ -75,6 +95,8 @@ def detect_row(keys: set[str]) -> str | None:
     """The schema a row's keys fit best, or None."""
     if "chosen" in keys or "rejected" in keys:
         return "preference" if "prompt" in keys else "hh"
+    if {"prompt", "completion", "label"} <= keys:
+        return "kto"
     if "messages" in keys or "conversations" in keys:
         return "chat"
     if "prompt" in keys and ("response" in keys or "completion" in keys):
@@ -221,6 +243,22 @@ def _pair(messages: list[Message], chosen: str, rejected: str, row: dict[str, An
     return Example(messages, chosen, rejected, _margin(row))
 
 
+_LABELS = {True: True, False: False, "true": True, "false": False}  # ints 1 / 0 hash as True / False: also taken
+
+
+def _parse_kto(row: dict[str, Any]) -> Example:
+    """TRL's unpaired format: {"prompt": text or messages, "completion": text or messages, "label": bool}."""
+    completion, before = _reply(row, "completion")
+    messages = prompt_messages(row.get("prompt"), "prompt") + before
+    value = row.get("label")
+    key = value.strip().lower() if isinstance(value, str) else value
+    if value is None:
+        raise RowError("missing_field", "label", "is missing")
+    if not isinstance(key, (bool, int, str)) or key not in _LABELS:  # 1.0 == 1, but a float label is a mistake
+        raise RowError("wrong_type", "label", f"must be true (desirable) or false (undesirable), got {value!r}")
+    return Example(messages, completion, label=_LABELS[key])
+
+
 def _parse_chat(row: dict[str, Any]) -> Example:
     key = "messages" if "messages" in row else "conversations"
     msgs = _messages(row.get(key), key)
@@ -244,7 +282,7 @@ def _parse_prompt(row: dict[str, Any]) -> Example:
     return Example(prompt_messages(row.get("prompt"), "prompt"))
 
 
-PARSERS = {"preference": _parse_preference, "hh": _parse_hh, "chat": _parse_chat,
+PARSERS = {"preference": _parse_preference, "hh": _parse_hh, "kto": _parse_kto, "chat": _parse_chat,
            "prompt_response": _parse_prompt_response, "alpaca": _parse_alpaca, "prompt": _parse_prompt}
 
 

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from chatrl.batches import PairBatch, TokenBatch, pad_rows
+from chatrl.batches import PairBatch, TokenBatch, UnpairedBatch, pad_rows
 from chatrl.data.templates import end_of_turn_text, render
-from chatrl.data.types import Conversation, Message, PreferencePair, Prompt
+from chatrl.data.types import Conversation, LabeledCompletion, Message, PreferencePair, Prompt
 from chatrl.errors import ChatrlError
 
 IGNORE = -100
@@ -137,6 +137,29 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int, max_promp
     return EncodedPair(chosen[0], rejected[0], chosen[1], rejected[1])
 
 
+def encode_labeled(tokenizer: Any, rec: LabeledCompletion, max_length: int, max_prompt_length: int,
+                   overlength: str = "truncate") -> tuple[list[int], int] | None:
+    """-> prompt + completion ids (ending at the reply's end-of-turn token) and the prompt's length, as one side of
+    `encode_pair`; None when dropped."""
+    return _encode_reply(tokenizer, rec.prompt_messages, rec.completion, max_length, max_prompt_length, overlength)
+
+
+def with_mismatched(rows: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """KTO rows with their mismatched row for the KL reference point added (`kl_ids`, `kl_prompt_len`): row i's
+    prompt followed by the completion of the nearest earlier row (cyclically: row i-1, else i-2, ...) whose prompt
+    differs, cut to max_length. Fixed once per dataset, as TRL fixes them before shuffling, so the reference's
+    log-probs of them can be cached; the nearest different prompt, not simply row i-1, because a pair split into
+    two rows puts the same prompt twice in a row. With one prompt only, row i-1's completion is used."""
+    prompts = [tuple(r["input_ids"][:r["prompt_len"]]) for r in rows]
+    out = []
+    for i, r in enumerate(rows):
+        j = next((i - k for k in range(1, len(rows)) if prompts[i - k] != prompts[i]), i - 1)
+        other = rows[j]
+        kl_ids = list(prompts[i]) + list(other["input_ids"][other["prompt_len"]:])
+        out.append({**r, "kl_ids": kl_ids[:max_length], "kl_prompt_len": min(r["prompt_len"], max_length)})
+    return out
+
+
 def encode_prompt(tokenizer: Any, prompt: Prompt | list[Message], max_prompt_length: int,
                   overlength: str = "truncate", tools: list[dict] | None = None) -> list[int] | None:
     """Prompt ids ending with the generation prompt (e.g. "<|im_start|>assistant\\n"); overlong prompts
@@ -179,13 +202,32 @@ def collate_pairs(rows: Sequence[dict[str, Any]], pad_id: int) -> PairBatch:
     reply_mask = None
     if all("chosen_prompt_len" in r for r in rows):
         starts = [r["chosen_prompt_len"] for r in rows] + [r["rejected_prompt_len"] for r in rows]
-        reply_mask = pad_rows([[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, starts, strict=True)], 0)[0]
-    ref = None
-    if all("ref_logps" in r for r in rows):
-        ref = torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows], dtype=torch.float32)
+        reply_mask = _reply_mask(seqs, starts)
     input_ids, attention_mask = pad_rows(seqs, pad_id)
     return PairBatch(input_ids=input_ids, attention_mask=attention_mask, margin=margin, reply_mask=reply_mask,
-                     ref_logps=ref)
+                     ref_logps=_ref_logps(rows))
+
+
+def _reply_mask(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> torch.Tensor:
+    """[N, T] 1 on each row's tokens after its prompt (the reply, which DPO and KTO score), 0 elsewhere."""
+    return pad_rows([[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, prompt_lens, strict=True)], 0)[0]
+
+
+def _ref_logps(rows: Sequence[dict[str, Any]]) -> torch.Tensor | None:
+    """[2B] the rows' cached reference log-probs (first values, then second values), or None without them."""
+    if not all("ref_logps" in r for r in rows):
+        return None
+    return torch.tensor([r["ref_logps"][0] for r in rows] + [r["ref_logps"][1] for r in rows], dtype=torch.float32)
+
+
+def collate_unpaired(rows: Sequence[dict[str, Any]], pad_id: int) -> UnpairedBatch:
+    """KTO rows (`with_mismatched`) -> the examples [0, B) then their mismatched KL rows [B, 2B), right padded to
+    [2B, T], with reply_mask, desirable [B] and ref_logps [2B] when the rows carry reference log-probs."""
+    seqs = [r["input_ids"] for r in rows] + [r["kl_ids"] for r in rows]
+    starts = [r["prompt_len"] for r in rows] + [r["kl_prompt_len"] for r in rows]
+    input_ids, attention_mask = pad_rows(seqs, pad_id)
+    return UnpairedBatch(input_ids=input_ids, attention_mask=attention_mask, reply_mask=_reply_mask(seqs, starts),
+                         desirable=torch.tensor([bool(r["desirable"]) for r in rows]), ref_logps=_ref_logps(rows))
 
 
 def pack_rows(rows: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:

@@ -29,6 +29,17 @@ class PreferencePair:
 
 
 @dataclass
+class LabeledCompletion:
+    """KTO's unpaired feedback: prompt turns and one final assistant reply labelled desirable (thumbs up) or not.
+    A preference pair gives two: its chosen reply desirable, its rejected one undesirable."""
+
+    prompt_messages: list[Message]
+    completion: str
+    desirable: bool
+    source: str = ""
+
+
+@dataclass
 class Prompt:
     """Prompt turns for RLHF rollouts; `reference` is a known good reply (for BLEU/ROUGE) when the data has one;
     `extra` carries any other dataset columns to Python reward functions."""

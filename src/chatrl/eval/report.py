@@ -22,9 +22,9 @@ from chatrl.eval.results import EvalResult, load_result, prompt_text, table_rows
 
 STEP_TITLES = {"sft": "Step 1: supervised fine-tuning", "reward": "Step 2: reward model", "ppo": "Step 3: PPO",
                "grpo": "GRPO (critic-free RL in an environment)", "dpo": "DPO (offline, on preference pairs)",
-               "ilql": "ILQL (offline Q-learning)", "rft": "RFT (best-of-n, then SFT)",
+               "kto": "KTO (offline, on replies labelled desirable or undesirable)", "ilql": "ILQL (offline Q-learning)", "rft": "RFT (best-of-n, then SFT)",
                "judge": "The eval's judge (a second reward model, on pairs step 2 never saw)"}
-ONLY_IF_PRESENT = {"grpo", "dpo", "ilql", "rft", "judge"}  # the classic three steps get a note when missing; these are listed only when run
+ONLY_IF_PRESENT = {"grpo", "dpo", "kto", "ilql", "rft", "judge"}  # the classic three steps get a note when missing; these are listed only when run
 # metric groups, first match wins: (title, substrings of the lower-cased key)
 GROUPS = [
     ("Success rate", ("success",)),

@@ -23,6 +23,7 @@ _STEPS = {"sft": "supervised fine-tuning (next-token loss on the assistant's tok
           "reward": "a Bradley-Terry reward model trained on (chosen, rejected) pairs",
           "ppo": "PPO (actor-critic RL against a reward)", "grpo": "critic-free group-relative RL (GRPO family)",
           "dpo": "direct preference optimisation on (chosen, rejected) pairs",
+          "kto": "Kahneman-Tversky optimisation (KTO) on replies labelled desirable or undesirable",
           "ilql": "offline RL with implicit language Q-learning"}
 
 Kind = Literal["chat", "score"]  # a causal LM that chats, or a scalar-output model (reward model, critic)

@@ -19,10 +19,9 @@ from chatrl.batches import PairBatch
 from chatrl.config_offline import DPOConfig
 from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_pairs
-from chatrl.errors import ChatrlError
-from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype, resolve_model_source
+from chatrl.models.loading import load_causal_lm
 from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
-from chatrl.steps.dpo_reference import Rows, attach, cached_reference_logps, reply_logps
+from chatrl.steps.dpo_reference import Rows, reply_logps, setup_reference
 from chatrl.steps.supervised import TrainTask, train
 
 Metrics = dict[str, float]
@@ -73,21 +72,6 @@ def evaluate_pairs(engine: torch.nn.Module, rows: Rows, collate: Callable[[Rows]
     return {**{k: v / len(rows) for k, v in totals.items()}, "pairs": float(len(rows))}
 
 
-def reference_name(cfg: DPOConfig) -> str:
-    name = cfg.dpo.reference_model or cfg.model.name_or_path
-    try:
-        resolve_model_source(name)
-    except ChatrlError as e:
-        raise ChatrlError(f"dpo.reference_model: {e}") from None
-    return name
-
-
-def reference_dtype(cfg: DPOConfig) -> str:
-    """dpo.reference_dtype resolved: auto = the policy's dtype (model.dtype, itself resolved), bf16 or fp32."""
-    name = cfg.dpo.reference_dtype if cfg.dpo.reference_dtype != "auto" else cfg.model.dtype
-    return "bf16" if resolve_dtype(name) == torch.bfloat16 else "fp32"
-
-
 def run_dpo(cfg: DPOConfig) -> Path:
     """Train and save `<output_dir>/model` (a plain HF folder). Returns that path."""
     # 1. start: process group, seed, tokenizer, config.yaml
@@ -100,27 +84,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
     # 2. preference pairs (the data split's reward shard), tokenized with their prompt lengths
     train_rows = tokenized_rows(cfg.data, tok, "reward", "train")
     eval_rows = tokenized_rows(cfg.data, tok, "reward", "eval")
-    # 3. the reference: cached log-probs (one pass, then released) or a live frozen model
-    reference: torch.nn.Module | None = None
-    if cfg.uses_reference():
-        name, dtype = reference_name(cfg), reference_dtype(cfg)
-
-        def load_reference() -> torch.nn.Module:
-            return load_frozen_causal_lm(name, dtype=resolve_dtype(dtype), tokenizer=tok,
-                                         allow_pickle=cfg.model.allow_pickle).to(ctx.device)
-
-        if cfg.dpo.reference == "live":
-            reference = load_reference()
-        else:
-            def with_reference(rows: Rows) -> Rows:
-                values, path = cached_reference_logps(rows, reference=name, dtype=dtype, load_model=load_reference,
-                                                      collate=collate, batch_size=cfg.optim.micro_batch_size,
-                                                      rank=ctx.rank)
-                if ctx.rank == 0:
-                    print(f"[dpo] reference log-probs of {len(rows)} pairs: {path}")
-                return attach(rows, values)
-
-            train_rows, eval_rows = with_reference(train_rows), with_reference(eval_rows)
+    # 3. the reference: cached log-probs (one pass, then released), a live frozen model, or none (simpo, orpo)
+    train_rows, eval_rows, reference = setup_reference(cfg, "dpo", ctx, collate, train_rows, eval_rows)
     # 4. the supervised loop with the preference loss
     task = TrainTask(
         name="dpo", train_rows=train_rows, eval_rows=eval_rows, collate=collate, loss=make_loss(cfg, reference),

@@ -1,5 +1,7 @@
-"""Reference log-probs for DPO: summed reply log-probs of every preference pair under the frozen reference model,
-computed in one pass before training and cached, so the training loop holds one model.
+"""The frozen reference of DPO and KTO: summed reply log-probs of every row (a preference pair's two replies, or a
+KTO example and its mismatched KL row) under the reference model, computed in one pass before training and cached,
+so the training loop holds one model (`dpo.reference=precompute`, `kto.reference=precompute`); or the live frozen
+model (`reference=live`). Both steps set it up with `setup_reference`.
 
 The cache file (under the cache dir, `reference_logps/<key>.json`) is keyed by the reference model (folder files'
 names, sizes and modification times, or the hub id), its dtype and the tokenized rows' content. It stores a hash of
@@ -20,17 +22,23 @@ import torch
 from tqdm.auto import tqdm
 
 from chatrl.algorithms.losses import token_logprobs
-from chatrl.batches import PairBatch
+from chatrl.batches import PairBatch, UnpairedBatch
 from chatrl.engine.collectives import barrier
-from chatrl.models.loading import last_positions, resolve_model_source
+from chatrl.errors import ChatrlError
+from chatrl.models.loading import last_positions, load_frozen_causal_lm, resolve_dtype, resolve_model_source
 from chatrl.paths import atomic_write_json, cache_dir
+from chatrl.steps.common import StepContext
 
 log = logging.getLogger(__name__)
 Rows = list[dict[str, Any]]
+Scored = PairBatch | UnpairedBatch  # rows [0, B) and [B, 2B): the two values cached per row
+# The token fields of a row that its reference log-probs depend on (DPO pairs, KTO rows with their KL rows).
+_SCORED_KEYS = ("chosen_ids", "rejected_ids", "chosen_prompt_len", "rejected_prompt_len", "input_ids", "prompt_len",
+                "kl_ids", "kl_prompt_len")
 
 
-def reply_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(reply | prompt) summed over each row's reply tokens, and the reply lengths: [2B] each (fp32).
+def reply_logps(model: torch.nn.Module, batch: Scored) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(reply | prompt) summed over each row's reply tokens, and the reply lengths: one per row (fp32).
 
     Logits at position t-1 score token t; only positions from the earliest reply start on go through the LM head
     (`logits_to_keep`), since prompt tokens are never scored."""
@@ -55,7 +63,7 @@ def model_fingerprint(name_or_path: str) -> str:
 
 
 def rows_hash(rows: Rows) -> str:
-    ids = [[r["chosen_ids"], r["rejected_ids"], r["chosen_prompt_len"], r["rejected_prompt_len"]] for r in rows]
+    ids = [[r[k] for k in _SCORED_KEYS if k in r] for r in rows]
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
@@ -65,9 +73,10 @@ def cache_path(reference: str, dtype: str, rows: Rows) -> Path:
 
 
 @torch.no_grad()
-def compute_reference_logps(model: torch.nn.Module, rows: Rows, collate: Callable[[Rows], PairBatch],
+def compute_reference_logps(model: torch.nn.Module, rows: Rows, collate: Callable[[Rows], Scored],
                             batch_size: int) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed reply log-probs of every row under `model` (eval mode), with a progress bar."""
+    """(chosen, rejected) (or (example, KL row)) summed reply log-probs of every row under `model` (eval mode), with
+    a progress bar."""
     model.eval()
     out: list[tuple[float, float]] = []
     for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", dynamic_ncols=True):
@@ -100,13 +109,13 @@ def _read_cache(path: Path, rows: Rows) -> list[tuple[float, float]] | None:
         problem = f"it is unreadable ({type(e).__name__})"
     if problem is not None:
         log.warning("reference log-prob cache %s does not match the data (%s): rebuilding it", path, problem)
-        print(f"[dpo] reference log-prob cache {path} does not match the data ({problem}): rebuilding it")
+        print(f"[reference] reference log-prob cache {path} does not match the data ({problem}): rebuilding it")
         return None
     return [(c, r) for c, r in cached["logps"]]
 
 
 def cached_reference_logps(rows: Rows, *, reference: str, dtype: str, load_model: Callable[[], torch.nn.Module],
-                           collate: Callable[[Rows], PairBatch], batch_size: int,
+                           collate: Callable[[Rows], Scored], batch_size: int,
                            rank: int) -> tuple[list[tuple[float, float]], Path]:
     """Reference log-probs of `rows` from the cache, or computed once (on rank 0) and cached. Collective under
     torch.distributed: every rank returns the same values."""
@@ -125,5 +134,48 @@ def cached_reference_logps(rows: Rows, *, reference: str, dtype: str, load_model
 
 
 def attach(rows: Rows, values: Sequence[tuple[float, float]]) -> Rows:
-    """Rows with their reference log-probs (`ref_logps`: [chosen, rejected]) added."""
+    """Rows with their reference log-probs (`ref_logps`: [chosen, rejected] or [example, KL row]) added."""
     return [{**r, "ref_logps": list(v)} for r, v in zip(rows, values, strict=True)]
+
+
+def reference_name(cfg: Any, section: str) -> str:
+    """<section>.reference_model resolved: None = the starting model (model.name_or_path)."""
+    name = getattr(cfg, section).reference_model or cfg.model.name_or_path
+    try:
+        resolve_model_source(name)
+    except ChatrlError as e:
+        raise ChatrlError(f"{section}.reference_model: {e}") from None
+    return name
+
+
+def reference_dtype(cfg: Any, section: str) -> str:
+    """<section>.reference_dtype resolved: auto = the policy's dtype (model.dtype, itself resolved), bf16 or fp32."""
+    opts = getattr(cfg, section)
+    name = opts.reference_dtype if opts.reference_dtype != "auto" else cfg.model.dtype
+    return "bf16" if resolve_dtype(name) == torch.bfloat16 else "fp32"
+
+
+def setup_reference(cfg: Any, section: str, ctx: StepContext, collate: Callable[[Rows], Scored], train_rows: Rows,
+                    eval_rows: Rows) -> tuple[Rows, Rows, torch.nn.Module | None]:
+    """The reference of a step whose options section `section` holds `ReferenceOptions`: (train rows, eval rows,
+    None) with the cached log-probs attached (precompute), or (the rows, the live frozen model); the rows as they
+    are and None when the step's loss needs no reference (`cfg.uses_reference()`)."""
+    if not cfg.uses_reference():
+        return train_rows, eval_rows, None
+    name, dtype = reference_name(cfg, section), reference_dtype(cfg, section)
+
+    def load_reference() -> torch.nn.Module:
+        return load_frozen_causal_lm(name, dtype=resolve_dtype(dtype), tokenizer=ctx.tokenizer,
+                                     allow_pickle=cfg.model.allow_pickle).to(ctx.device)
+
+    if getattr(cfg, section).reference == "live":
+        return train_rows, eval_rows, load_reference()
+
+    def with_reference(rows: Rows) -> Rows:
+        values, path = cached_reference_logps(rows, reference=name, dtype=dtype, load_model=load_reference,
+                                              collate=collate, batch_size=cfg.optim.micro_batch_size, rank=ctx.rank)
+        if ctx.rank == 0:
+            print(f"[{section}] reference log-probs of {len(rows)} rows: {path}")
+        return attach(rows, values)
+
+    return with_reference(train_rows), with_reference(eval_rows), None

@@ -1,4 +1,4 @@
-"""`chatrl pipeline`: SFT -> reward model -> RL (PPO or GRPO) -> eval -> report (or SFT -> DPO -> eval -> report),
+"""`chatrl pipeline`: SFT -> reward model -> RL (PPO or GRPO) -> eval -> report (or SFT -> DPO|KTO -> eval -> report),
 each step feeding the next, all in one run directory. A step whose finished output exists is skipped (unless forced), so an interrupted
 pipeline continues where it stopped; every config is built and checked before anything runs."""
 
@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
-from chatrl.config_offline import DPOConfig, ILQLConfig, RFTConfig
+from chatrl.config_offline import DPOConfig, ILQLConfig, KTOConfig, RFTConfig
 from chatrl.config_rl import GRPOConfig, PPOConfig
 from chatrl.configbase import deep_merge, load_config
 from chatrl.data.prepare import load_records
@@ -37,7 +37,7 @@ class Algorithm:
     model_key: str      # the config section holding the trained policy's ModelConfig
     needs_rm: bool      # scores with step 2's reward model (unless it plays an environment that rewards by itself)
     env_capable: bool   # can play an environment that rewards by itself (then step 3 alone is the default)
-    data: str           # the data shard step 3 trains on: "rlhf" prompts or "reward" preference pairs
+    data: str           # the records step 3 trains on: "rlhf" prompts, "reward" pairs or "kto" labelled replies
 
     @property
     def config(self) -> type:
@@ -49,9 +49,10 @@ ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm(STEPS["grpo"], "actor", needs_rm=True, env_capable=True, data="rlhf"),
     "rft": Algorithm(STEPS["rft"], "model", needs_rm=True, env_capable=True, data="rlhf"),
     "dpo": Algorithm(STEPS["dpo"], "model", needs_rm=False, env_capable=False, data="reward"),
+    "kto": Algorithm(STEPS["kto"], "model", needs_rm=False, env_capable=False, data="kto"),
     "ilql": Algorithm(STEPS["ilql"], "model", needs_rm=False, env_capable=False, data="reward"),
 }
-Step3Config = PPOConfig | GRPOConfig | RFTConfig | DPOConfig | ILQLConfig
+Step3Config = PPOConfig | GRPOConfig | RFTConfig | DPOConfig | KTOConfig | ILQLConfig
 
 
 @dataclass

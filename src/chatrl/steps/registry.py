@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chatrl.config import RewardConfig, SFTConfig
-from chatrl.config_offline import DPOConfig, ILQLConfig, RFTConfig
+from chatrl.config_offline import DPOConfig, ILQLConfig, KTOConfig, RFTConfig
 from chatrl.config_rl import GRPOConfig, PPOConfig
 
 
@@ -43,6 +43,8 @@ STEPS: dict[str, Step] = {
                                                       "SFT on the best; rounds"),
     "dpo": Step(DPOConfig, "chatrl.steps.dpo:run_dpo", "offline alignment on preference pairs: DPO, cDPO, IPO, "
                                                       "SimPO, ORPO"),
+    "kto": Step(KTOConfig, "chatrl.steps.kto:run_kto", "offline alignment on unpaired feedback (KTO): completions "
+                                                      "labelled desirable or undesirable, or pairs split in two"),
     "ilql": Step(ILQLConfig, "chatrl.steps.ilql:run_ilql", "offline Q-learning for language (ILQL): Q/V heads from "
                                                           "scored data, Q-guided decoding"),
 }
