@@ -4,6 +4,10 @@ Meant to be run before a long training run: it makes the environment, plays a fe
 replies a policy might produce (a number, a final-answer sentence, an empty string, a refusal), validates every
 reset()/step() result, and checks the properties the trainer relies on (the problem depends only on
 (split, task), episodes end, eval differs from train). Problems are returned as one line each, never raised.
+
+An environment with tools: each tool is also called once with arguments built from its schema (result, latency,
+errors; a tool that hangs is reported as a timeout after `tool_timeout` seconds), and the chat template of
+`tokenizer` (a model or tokenizer folder, or a built-in alias) is audited with tool calls and results.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from chatrl.data.types import Message
 from chatrl.envs.base import call_env, validate_reset, validate_step
 from chatrl.envs.registry import make_env
 from chatrl.errors import ChatrlError
+from chatrl.models.loading import load_tokenizer
+from chatrl.tools.audit import audit_template
+from chatrl.tools.parsers import ToolCall
+from chatrl.tools.runner import ToolResult
+from chatrl.tools.schema import example_arguments
+from chatrl.tools.toolbox import ToolBox, ToolOptions, toolbox_for
 
 ACTIONS = ["42", "The answer is 7.", "", "I don't know."]
 MAX_DECLARED_TURNS = 64  # an environment's own max_turns is honoured up to this many turns
@@ -32,6 +42,7 @@ class CheckReport:
     turns: list[int] = field(default_factory=list)
     successes: list[bool] = field(default_factory=list)  # only episodes whose final info has "success"
     first: list[Message] = field(default_factory=list)  # the first observation of train task 0
+    tools: list[tuple[ToolCall, ToolResult]] = field(default_factory=list)  # each declared tool played once
 
     def add(self, where: str, problem: str) -> None:
         """Record a problem once (the same failure in every episode is one line), prefixed by where it showed."""
@@ -82,15 +93,34 @@ def _episode(env: gymnasium.Env, name: str, split: str, task: int, seed: int, li
     return first
 
 
+def check_tools(box: ToolBox, report: CheckReport, tokenizer: str | None) -> None:
+    """Call every tool once with arguments from its schema (all together, each under the timeout), then audit the
+    chat template of `tokenizer` with tool calls and results."""
+    calls = [ToolCall(name, example_arguments(tool)) for name, tool in box.tools.items()]
+    for call, result in zip(calls, box.run(calls), strict=True):
+        report.tools.append((call, result))
+        if result.failed:
+            report.add(f"tool {call.name}", f"called with {call.arguments}: {result.content}")
+    if tokenizer is not None:
+        try:
+            audit_template(load_tokenizer(tokenizer), box)
+        except ChatrlError as e:
+            report.add(f"template of {tokenizer}", str(e).splitlines()[0])
+
+
 def run_check(spec: str, kwargs: dict[str, Any] | None = None, episodes: int = 5, seed: int = 0,
-              max_turns: int = 8) -> CheckReport:
-    """Make the environment and play `episodes` train and `episodes` eval episodes (tasks 0..episodes-1)."""
+              max_turns: int = 8, tool_timeout: float = 10.0, tokenizer: str | None = None) -> CheckReport:
+    """Make the environment and play `episodes` train and `episodes` eval episodes (tasks 0..episodes-1); its
+    tools, if it has any, are played and `tokenizer`'s chat template audited (`check_tools`)."""
     report = CheckReport()
     try:
         env = make_env(spec, kwargs)
+        box = toolbox_for(env, spec, ToolOptions(tool_timeout=tool_timeout))
     except ChatrlError as e:
         report.problems.append(str(e).splitlines()[0])
         return report
+    if box is not None:
+        check_tools(box, report, tokenizer)
     limit = _turn_limit(env, max_turns)
     firsts: dict[str, list[list[Message] | None]] = {"train": [], "eval": []}
     for split in ("train", "eval"):
