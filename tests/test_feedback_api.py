@@ -16,6 +16,8 @@ from sqlalchemy import select
 from chatrl.cli import main
 from chatrl.feedback.db import Feedback, Message, open_db
 from chatrl.feedback.store import model_version
+from chatrl.serve.generation import ChatModel
+from chatrl.serve.server import create_app, start_in_thread
 from feedback_server import ServeProcess
 
 MODEL = "tiny-random"
@@ -203,3 +205,23 @@ def test_rate_limit_is_per_key(users_server):
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {keys['rl']}"})
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {keys['admin']}"}).is_success
+
+
+def test_a_reply_that_cannot_be_stored_is_an_error_not_a_silent_loss(tmp_path, tiny_model_dir: str):
+    chat = ChatModel(tiny_model_dir, dtype="fp32")
+    app = create_app(tiny_model_dir, chat=chat, model_name=MODEL, db=str(tmp_path / "chat.db"))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    app.state.recorder.store.record_completion = broken
+    srv, thread, url = start_in_thread(app)
+    try:
+        client = _client(url)
+        with pytest.raises(openai.APIError, match="could not be stored: disk full"):
+            list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, stream=True))
+        with pytest.raises(openai.InternalServerError, match="disk full"):
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    finally:
+        srv.should_exit = True
+        thread.join(15)

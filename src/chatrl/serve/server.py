@@ -54,14 +54,12 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
     """Load the model (or reuse `chat`), start its worker thread, and return the app.
 
     `api_key`: when set, every endpoint except `/health` and the static page at `/` needs
-    `Authorization: Bearer <api_key>`. `db` (a file or SQLAlchemy URL): store every completion and take
-    feedback (`chatrl.feedback.api`; its users' keys are then required too). `rate_limit`: requests per minute
-    per key (0 = no limit).
+    `Authorization: Bearer <api_key>`. `db` (file or SQLAlchemy URL): store every completion, take feedback, require
+    its users' keys (`chatrl.feedback.api`). `rate_limit`: requests per minute per key (0 = no limit).
     """
     chat = chat or ChatModel(model_path, dtype=dtype, context_window=context_window)
     worker = GenerationWorker(chat, max_active=max_active, max_queue=max_queue).start()
     name = model_name or Path(str(model_path).rstrip("/")).name
-
     feedback = _feedback_api() if db is not None else None
     recorder = feedback.open_recorder(db, chat.path, name) if feedback else None
 
@@ -124,8 +122,7 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
             # a client gone before the first chunk means the generator never starts (its `finally` never
             # runs): cancel the job when the generator is dropped too
             weakref.finalize(body, job.cancel)
-            return StreamingResponse(body,
-                                     media_type="text/event-stream",
+            return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(job, events, request, name, len(prompt_ids), on_done)
 
@@ -141,8 +138,7 @@ def _feedback_api():
     try:
         from chatrl.feedback import api
     except ModuleNotFoundError as e:
-        raise ChatrlError(f"--db needs the feedback extra ({e.name} is not installed): pip install "
-                          f"'chatrl[feedback]'") from None
+        raise ChatrlError(f"--db needs the feedback extra ({e.name} is missing): pip install 'chatrl[feedback]'") from None
     return api
 
 
@@ -346,7 +342,11 @@ async def _sse(job: Job, events: asyncio.Queue[Event], model: str, prompt_tokens
             if ev.finish_reason:
                 done, tokens, finish[ev.index] = done + 1, tokens + ev.completion_tokens, ev.finish_reason
                 last = done == job.n and not include_usage
-                stored = await on_done(cid, texts, finish) if on_done is not None and done == job.n else None
+                try:
+                    stored = await on_done(cid, texts, finish) if on_done is not None and done == job.n else None
+                except Exception as e:  # not stored (database down): say so in the stream instead of cutting it
+                    yield _sse_data(schemas.error_body(f"the reply could not be stored: {e}", "server_error"))
+                    return
                 yield chunk([schemas.chunk_choice(ev.index, {}, ev.finish_reason)],
                             schemas.usage(prompt_tokens, tokens) if last else None, stored)
         if include_usage:
