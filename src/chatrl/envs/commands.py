@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from chatrl.envs import openenv_server
 from chatrl.envs.check import ACTIONS, CheckReport, run_check
 from chatrl.envs.registry import BUILTIN_ENVS
 from chatrl.errors import ChatrlError
+from chatrl.eval.endpoint_eval import connect, evaluate_endpoint
+from chatrl.eval.env_eval import save_env_result
 
 PREVIEW = 160  # characters of the first observation shown
 
@@ -43,6 +46,23 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--max-sessions", type=int, default=64,
                        help="concurrent client sessions, one environment each (default 64)")
     serve.set_defaults(func=cmd_serve)
+    ev = sub.add_parser("eval", help="play an environment against an OpenAI-compatible endpoint",
+                        description="Held-out (eval split) tasks 0..N-1: greedy success and return, pass@K of K "
+                                    "sampled episodes, with standard errors over the tasks.")
+    ev.add_argument("spec", metavar="SPEC", help="an environment as for env.name")
+    ev.add_argument("--base-url", required=True, help="the endpoint, e.g. http://localhost:8000/v1")
+    ev.add_argument("--model", required=True, help="model name to request")
+    ev.add_argument("--api-key-env", default=None,
+                    help="environment variable holding the API key (default: none, for local servers)")
+    ev.add_argument("--kwargs", default="{}", help="constructor arguments as a JSON object (env.kwargs)")
+    ev.add_argument("--episodes", type=int, default=20, help="tasks, one greedy episode each (default 20)")
+    ev.add_argument("--samples", type=int, default=4, help="sampled episodes per task for pass@K (default 4; 0 = none)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@K (default 1)")
+    ev.add_argument("--max-tokens", type=int, default=256, help="reply length limit per turn (default 256)")
+    ev.add_argument("--max-turns", type=int, default=1, help="turns an episode may take (default 1)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    ev.add_argument("--out", default=None, help="write eval_env.json / eval_env.md to this folder")
+    ev.set_defaults(func=cmd_eval)
     env.set_defaults(func=lambda args: env.print_help() or 1)
 
 
@@ -96,4 +116,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"{args.max_sessions})")
     openenv_server.serve(args.spec, parse_kwargs(args.kwargs), host=args.host, port=args.port,
                          max_sessions=args.max_sessions)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.episodes < 1 or args.samples < 0 or args.max_tokens < 1 or args.max_turns < 1:
+        raise ChatrlError("--episodes, --max-tokens and --max-turns must be at least 1 and --samples at least 0")
+    endpoint = connect(args.base_url, args.model, args.api_key_env, args.max_tokens)
+    score = evaluate_endpoint(endpoint, args.spec, parse_kwargs(args.kwargs), episodes=args.episodes,
+                              samples=args.samples, temperature=args.temperature, max_turns=args.max_turns,
+                              seed=args.seed)
+    if args.out:
+        print(f"wrote {save_env_result({args.model: score}, Path(args.out), args.spec)}")
     return 0

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chatrl.envs.registry import make_env
-from chatrl.eval.metrics import paired_difference, proportion_se
+from chatrl.eval.metrics import mean_se, paired_difference, proportion_se
 from chatrl.eval.responses import load_policy
 from chatrl.models.loading import resolve_dtype
 from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
@@ -43,11 +43,23 @@ class EnvScore:
     examples: list[dict]  # a few greedy conversations, for the report
     vs_first: float | None = None     # mean per-task success difference to the first model
     vs_first_se: float | None = None  # its paired standard error
+    return_se: float = float("nan")   # standard error of the mean return over the tasks
 
     def line(self, name: str) -> str:
         diff = "" if self.vs_first is None else f"   vs first {self.vs_first:+.1%} (s.e. {self.vs_first_se:.1%})"
         return (f"{name:<12} success {self.success:6.1%} (s.e. {self.success_se:.1%})   "
-                f"pass@{self.k} {self.pass_k:6.1%} (s.e. {self.pass_k_se:.1%})   return {self.mean_return:.3f}{diff}")
+                f"pass@{self.k} {self.pass_k:6.1%} (s.e. {self.pass_k_se:.1%})   "
+                f"return {self.mean_return:.3f} (s.e. {self.return_se:.3f}){diff}")
+
+
+def score_tasks(success: list[bool], returns: list[float], solved: list[bool], k: int,
+                examples: list[dict]) -> EnvScore:
+    """One model's EnvScore from its greedy episodes (success and return per task) and `solved` (per task: one of
+    its k sampled episodes succeeded); whoever played them (a local model, an OpenAI-compatible endpoint)."""
+    n = len(success)
+    rate, pass_k = sum(success) / n, sum(solved) / n
+    return EnvScore(rate, proportion_se(rate, n), pass_k, proportion_se(pass_k, n), k, sum(returns) / n, n,
+                    list(success), examples, return_se=mean_se(returns))
 
 
 def _play(engine: HybridEngine, tok, env_name: str, kwargs: dict, tasks: list[Task], settings: GenerationSettings,
@@ -71,7 +83,6 @@ def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks
         greedy = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False)
         tasks = [Task("eval", t, seed + t) for t in range(n_tasks)]
         played = _play(engine, tok, env_name, kwargs, tasks, greedy, max_turns, max_context, batch_size)
-        success = sum(played.success) / n_tasks
         solved = [False] * n_tasks
         if k > 0:
             sampled = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True,
@@ -80,12 +91,9 @@ def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks
                          max_context, batch_size)
             for i, ok in enumerate(many.success):
                 solved[i // k] |= ok
-        pass_k = sum(solved) / n_tasks
-        mean_return = sum(map(sum, played.turn_rewards)) / n_tasks
         examples = [{"conversation": c, "success": s} for c, s in zip(played.conversations[:8], played.success[:8],
                                                                       strict=True)]
-        score = EnvScore(success, proportion_se(success, n_tasks), pass_k, proportion_se(pass_k, n_tasks), k,
-                         mean_return, n_tasks, list(played.success), examples)
+        score = score_tasks(list(played.success), [sum(r) for r in played.turn_rewards], solved, k, examples)
         if results:  # this model minus the first, task by task
             diff = paired_difference(score.per_task, next(iter(results.values())).per_task)
             score.vs_first, score.vs_first_se = diff.mean, diff.se
