@@ -204,6 +204,9 @@ class RFTConfig(SupervisedStepConfig):
         if f.function_weights and len(f.function_weights) != len(f.functions):
             raise ChatrlError(f"reward.function_weights has {len(f.function_weights)} entries but reward.functions "
                               f"has {len(f.functions)}; give one weight per function")
+        if f.judge.base_url is not None:  # the judge is wired into the online steps' rewards only
+            raise ChatrlError("reward.judge is not supported by chatrl rft (ppo and grpo only): score with "
+                              "reward.model or reward.functions")
         if f.model is None and not f.functions and self.env.name == "chat":
             raise ChatrlError("env.name=chat gives no reward itself: set reward.model=PATH and/or "
                               "reward.functions=[...], or choose an environment (env.name=arithmetic)")

@@ -32,8 +32,61 @@ CRITIC_FREE_ADVANTAGES = tuple(k for k, e in ADVANTAGE_ESTIMATORS.items() if not
 
 
 @dataclass
+class JudgeConfig:
+    """An LLM judge as a reward source: any OpenAI-compatible chat endpoint scores each reply (chatrl.judge)."""
+
+    base_url: Optional[str] = opt(None, "the endpoint, e.g. http://localhost:8000/v1 (`chatrl serve`, vLLM, "
+                                        "OpenAI); None = no judge")
+    model: str = opt("", "model name sent with each request (required with base_url)")
+    api_key_env: Optional[str] = opt(None, "name of the environment variable holding the API key (None = no key)")
+    rubric: Optional[str] = opt(None, "prompt template: a file path or inline text with the placeholders {prompt} "
+                                      "and {reply} (mode=score) or {prompt}, {reply_a}, {reply_b} (mode=pairwise); "
+                                      "None = the built-in rubric (a 1-10 score / 'Winner: A|B|tie')")
+    mode: Literal["score", "pairwise"] = opt(
+        "score", "score: parse 'Score: N' (or an answer that is only a number) in [score_min, score_max], scaled to "
+                 "[0, 1]; pairwise: within each group compare every two replies, a reply's score = its share of "
+                 "wins in [0, 1] (a tie counts 1/2)")
+    score_min: float = opt(1.0, "lowest score the rubric asks for (scaled to 0); an answer outside the range fails")
+    score_max: float = opt(10.0, "highest score the rubric asks for (scaled to 1)")
+    swap: bool = opt(True, "pairwise: also ask each pair in the other order and average (cancels the judge's "
+                           "position bias; twice the requests)")
+    weight: float = opt(1.0, "weight of the judge's scaled score in the sum")
+    temperature: float = opt(0.0, "sampling temperature of the judge")
+    max_tokens: int = opt(256, "most tokens of one judge answer")
+    concurrency: int = opt(8, "most requests in flight at once (per process)")
+    timeout_s: float = opt(60.0, "seconds to wait for one answer before the attempt counts as failed (then retried)")
+    retries: int = opt(3, "retries of a request that timed out, could not connect or got HTTP 408/409/429/5xx; "
+                          "retry k waits backoff_s * 2^k first (other HTTP errors stop the run at once)")
+    backoff_s: float = opt(1.0, "wait before the first retry, doubled for each further one")
+    cache: str = opt("auto", "on-disk cache of answers (SQLite), keyed by a hash of (rubric, model, prompt, "
+                             "reply): auto = <output_dir>/judge_cache.sqlite, off = none, or a file path (share it "
+                             "between runs); a rerun asks nothing it has an answer for")
+    on_error: Literal["error", "skip"] = opt(
+        "error", "an answer without a valid score, or a request that failed after its retries: error = stop with "
+                 "one line naming the endpoint and what it answered; skip = leave the episode's group (the "
+                 "episode, with samples_per_prompt=1) out of the update and reward_mean, counted as judge/skipped")
+
+    def check(self, group_size: int) -> None:
+        """Cross-field rules of an enabled judge (the rubric file and the key are checked when it starts)."""
+        if self.base_url is None:
+            return
+        if not self.model:
+            raise ChatrlError("reward.judge.base_url is set but reward.judge.model is empty: name the judge's model")
+        if self.mode == "pairwise" and group_size < 2:
+            raise ChatrlError("reward.judge.mode=pairwise compares replies of a group: it needs "
+                              f"rollout.samples_per_prompt >= 2 (got {group_size})")
+        if not self.score_max > self.score_min:
+            raise ChatrlError(f"reward.judge.score_max={self.score_max} must be > score_min={self.score_min}")
+        if self.concurrency < 1 or self.retries < 0 or self.max_tokens < 1:
+            raise ChatrlError("reward.judge.concurrency and max_tokens must be >= 1 and retries >= 0")
+        if not (self.timeout_s > 0 and self.backoff_s >= 0):
+            raise ChatrlError("reward.judge.timeout_s must be > 0 and backoff_s >= 0")
+
+
+@dataclass
 class RewardSourceConfig:
-    """Where the sequence reward comes from: a reward model, Python functions, the environment, or a sum."""
+    """Where the sequence reward comes from: a reward model, Python functions, an LLM judge, the environment, or
+    a sum."""
 
     model: Optional[str] = opt(None, "reward-model folder (from `chatrl reward`); None = no reward model")
     model_weight: float = opt(1.0, "weight of the reward-model score in the sum")
@@ -47,6 +100,11 @@ class RewardSourceConfig:
     eos_penalty: float = opt(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen reward model")
     offload: bool = opt(False, "keep the reward model in CPU memory, moved to the accelerator only to score")
+    judge: JudgeConfig = sub(JudgeConfig)
+
+    def any_source(self) -> bool:
+        """A reward model, a reward function or a judge is configured."""
+        return self.model is not None or bool(self.functions) or self.judge.base_url is not None
 
 
 @dataclass
@@ -264,6 +322,7 @@ class RLStepConfig:
         if self.reward.function_weights and len(self.reward.function_weights) != len(self.reward.functions):
             raise ChatrlError(f"reward.function_weights has {len(self.reward.function_weights)} entries but "
                               f"reward.functions has {len(self.reward.functions)}; give one weight per function")
+        self.reward.judge.check(r.samples_per_prompt)
         estimator = ADVANTAGE_ESTIMATORS[p.advantage]
         if r.samples_per_prompt < estimator.min_group_size:
             raise ChatrlError(f"advantage={p.advantage} needs rollout.samples_per_prompt >= "
@@ -315,9 +374,9 @@ class PPOConfig(RLStepConfig):
         super().check()
         if self.needs_critic():
             check_common(self.critic, self.deepspeed, self.critic_optim)
-        if self.reward.model is None and not self.reward.functions and self.env.name == "chat":
-            raise ChatrlError("PPO needs a reward: set reward.model=PATH and/or reward.functions=[pkg.mod:fn], "
-                              "or an environment that gives rewards (env.name)")
+        if not self.reward.any_source() and self.env.name == "chat":
+            raise ChatrlError("PPO needs a reward: set reward.model=PATH, reward.functions=[pkg.mod:fn] and/or "
+                              "reward.judge.base_url=URL, or an environment that gives rewards (env.name)")
 
 
 @dataclass
@@ -334,6 +393,6 @@ class GRPOConfig(RLStepConfig):
 
     def check(self) -> None:
         super().check()
-        if self.reward.model is None and not self.reward.functions and self.env.name == "chat":
-            raise ChatrlError("env.name=chat gives no reward itself: set reward.model=PATH and/or "
-                              "reward.functions=[...], or choose an environment (env.name=arithmetic)")
+        if not self.reward.any_source() and self.env.name == "chat":
+            raise ChatrlError("env.name=chat gives no reward itself: set reward.model=PATH, reward.functions=[...] "
+                              "and/or reward.judge.base_url=URL, or choose an environment (env.name=arithmetic)")

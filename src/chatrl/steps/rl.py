@@ -19,6 +19,7 @@ from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, PPOOptions, RLSte
 from chatrl.engine import checkpoint as ckpt
 from chatrl.engine.collectives import any_rank, global_mean, global_means, global_moments
 from chatrl.engine.faults import BadSteps, StopRequest
+from chatrl.judge import METRICS as JUDGE_COUNTS
 from chatrl.log import MetricsLogger
 from chatrl.rollout.episodes import Task, run_episodes
 from chatrl.rollout.sampling import GenerationSettings
@@ -52,7 +53,7 @@ def play_and_score(m: RLModels, cfg: RLStepConfig, first_prompt: int, settings: 
     return score_episodes(episodes, tensors, m.functions, m.reward_model, model_weight=cfg.reward.model_weight,
                           eos_penalty=cfg.reward.eos_penalty, overlong_buffer=p.overlong_buffer,
                           overlong_factor=p.overlong_penalty, max_new_tokens=r.max_new_tokens, clip=cfg.reward.clip,
-                          eos_id=m.tokenizer.eos_token_id)
+                          eos_id=m.tokenizer.eos_token_id, judge=m.judge, group_size=r.samples_per_prompt)
 
 
 def collect(m: RLModels, cfg: RLStepConfig, cursor: int, settings: GenerationSettings, rank: int,
@@ -120,6 +121,8 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
     # 3. rewards: the score (already clipped and discounted: Scored) at the last generated token, per-turn env
     #    rewards, -beta * kl_t if the KL is a reward
     mask = rollout.action_mask
+    if scored.kept is not None:  # groups the judge could not score (on_error=skip): out of the rewards and the loss
+        mask = rollout.action_mask = mask * scored.kept.to(mask.dtype).unsqueeze(1)
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, p.kl_estimator) * mask
     reward_beta = beta if p.kl_in == "reward" and m.reference is not None else 0.0
     rewards = shape_rewards(rollout.scores, kl, mask, reward_beta) + tensors.env_rewards
@@ -155,7 +158,13 @@ def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], 
              **{f"reward_fn/{k}": v.mean().item() for k, v in scored.by_function.items()}, **stats}
     if scored.rm_score is not None:
         means["rm_score_raw"] = scored.rm_score.mean().item()
-    out = global_means(means, sums=frozenset({"context_truncated", "empty_responses"}))
+    if scored.kept is not None:  # the reward of the rows the judge scored (on_error=skip drops groups), all ranks
+        means.update(kept_reward_sum=scored.outcome[scored.kept].sum().item(), kept_rows=int(scored.kept.sum()))
+    out = global_means(means, sums=frozenset({"context_truncated", "empty_responses", "kept_reward_sum",
+                                              "kept_rows"}))
+    if scored.kept is not None:  # NaN when nothing was scored: the nonfinite alarm says so
+        kept_sum, kept_rows = out.pop("kept_reward_sum"), out.pop("kept_rows")
+        out["reward_mean"] = kept_sum / kept_rows if kept_rows else math.nan
     _, reward_var = global_moments(scored.outcome, torch.ones_like(scored.outcome))
     adv_mean, adv_var = global_moments(exp.advantages, exp.rollout.action_mask)
     if g > 1:  # what group-relative advantages see (within) against what they remove (between prompts; per process)
@@ -218,6 +227,8 @@ def run_rl(cfg: RLStepConfig, name: str) -> Path:
             metrics = iteration_metrics(scored, exp, stats, sampling, times, kl_ctl.value, ctx.world,
                                         r.samples_per_prompt)
             metrics.update(agreement_metrics(exp.rollout, *probe))  # the inference copy vs the trainer
+            if m.judge is not None:  # this iteration's requests, cache hits, errors, skipped rows; mean latency
+                metrics.update(global_means(m.judge.take_metrics(), sums=frozenset(JUDGE_COUNTS)))
             if tools is not None:  # calls, errors, timeouts, calls per episode, latency per tool (all ranks)
                 metrics.update(tool_metrics(scored.episodes.tool_results, tools.names, reduce=global_means))
             log.log(done, {**metrics, "bad_steps": bad.total})

@@ -14,6 +14,7 @@ from torch import nn
 from chatrl.algorithms.losses import token_logprobs
 from chatrl.algorithms.rewards import final_reward, overlong_penalty, turn_rewards
 from chatrl.batches import Rollout, pad_rows
+from chatrl.judge import Judge
 from chatrl.models.loading import last_positions
 from chatrl.models.reward import position_ids_from_mask, sequence_scores, token_values
 from chatrl.reward_functions import RewardFunctions, columns_of
@@ -113,33 +114,45 @@ class Scored:
     has_eos: torch.Tensor                  # [B] the final reply ended with EOS
     by_function: dict[str, torch.Tensor]   # [B] each reward function's raw value
     rm_score: torch.Tensor | None          # [B] the reward model's raw score
+    judge_score: torch.Tensor | None = None  # [B] the judge's score in [0, 1] (0 where not kept)
+    kept: torch.Tensor | None = None       # [B] bool: False = the judge failed on the row's group (on_error=skip):
+    #                                        out of the loss, the advantages and reward_mean. None = all kept
 
     def select(self, rows: list[int]) -> Scored:
         idx = torch.tensor(rows, dtype=torch.long, device=self.score.device)
         return Scored(self.episodes.select(rows), self.score[idx], self.outcome[idx], self.has_eos[idx],
                       {k: v[idx] for k, v in self.by_function.items()},
-                      None if self.rm_score is None else self.rm_score[idx])
+                      None if self.rm_score is None else self.rm_score[idx],
+                      None if self.judge_score is None else self.judge_score[idx],
+                      None if self.kept is None else self.kept[idx])
 
     def __add__(self, other: Scored) -> Scored:
         return Scored(self.episodes + other.episodes, torch.cat([self.score, other.score]),
                       torch.cat([self.outcome, other.outcome]), torch.cat([self.has_eos, other.has_eos]),
                       {k: torch.cat([v, other.by_function[k]]) for k, v in self.by_function.items()},
-                      None if self.rm_score is None else torch.cat([self.rm_score, other.rm_score]))
+                      None if self.rm_score is None else torch.cat([self.rm_score, other.rm_score]),
+                      None if self.judge_score is None else torch.cat([self.judge_score, other.judge_score]),
+                      None if self.kept is None else torch.cat([self.kept, other.kept]))
 
 
 @torch.no_grad()
 def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: RewardFunctions,
                    reward_model: nn.Module | None, *, model_weight: float, eos_penalty: float,
                    overlong_buffer: int, overlong_factor: float, max_new_tokens: int, clip: float | None,
-                   eos_id: int | None = None) -> Scored:
+                   eos_id: int | None = None, judge: Judge | None = None, group_size: int = 1) -> Scored:
     """Reward functions on the final replies, the reward model at each conversation's end-of-turn token
-    (`reward_model_inputs`: appended to replies cut at max_new_tokens when eos_id is given), and the
-    length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length); their sum
+    (`reward_model_inputs`: appended to replies cut at max_new_tokens when eos_id is given), the judge's
+    weighted score of the final replies (groups of `group_size` rows; `chatrl.judge`), and the length penalties (no EOS: `eos_penalty`; DAPO's soft overlong ramp over the final reply's length); their sum
     clipped to [-clip, clip] and discounted like the last turn (`final_reward`)."""
     device = tensors.response_ids.device
     columns = columns_of(batch.infos, response_ids=batch.last_reply_ids, conversation=batch.conversations)
     fn = functions.score(batch.prompts, batch.replies, columns)
     score = fn.total.to(device)
+    judged = kept = None
+    if judge is not None:
+        verdict = judge.score(batch.prompts, batch.replies, group_size)
+        judged, kept = verdict.scores.to(device), verdict.kept.to(device)
+        score = score + judge.weight * judged
     rm = None
     if reward_model is not None:
         ids, mask = reward_model_inputs(tensors, batch.last_reply_eos, eos_id)
@@ -152,7 +165,8 @@ def score_episodes(batch: EpisodeBatch, tensors: EpisodeTensors, functions: Rewa
         score = score + overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_factor)
     score = final_reward(score, tensors.final_discount, clip)
     outcome = score + tensors.env_rewards.sum(-1)
-    return Scored(batch, score, outcome, has_eos, {k: v.to(device) for k, v in fn.by_function.items()}, rm)
+    return Scored(batch, score, outcome, has_eos, {k: v.to(device) for k, v in fn.by_function.items()}, rm,
+                  judged, kept)
 
 
 def reward_model_inputs(tensors: EpisodeTensors, has_eos: list[bool],

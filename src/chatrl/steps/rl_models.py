@@ -22,6 +22,7 @@ from chatrl.data.tokenize import collate_sft
 from chatrl.engine.deepspeed import gathered, initialize
 from chatrl.envs.registry import make_env
 from chatrl.errors import ChatrlError
+from chatrl.judge import Judge
 from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype
 from chatrl.models.reward import TokenValueModel, load_reward_model
 from chatrl.models.saving import save_hf_folder
@@ -76,6 +77,7 @@ class RLModels:
     functions: RewardFunctions
     ptx_batches: Iterator[TokenBatch] | None
     ema: EMA | None
+    judge: Judge | None = None              # the LLM judge of reward.judge (chatrl.judge)
 
     def engines(self) -> dict[str, Any]:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
@@ -154,7 +156,8 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
     return RLModels(actor=actor, critic=critic, reference=reference, reward_model=reward_model, hybrid=hybrid,
                     tokenizer=tok, envs=envs,
                     functions=RewardFunctions(cfg.reward.functions, cfg.reward.function_weights),
-                    ptx_batches=ptx, ema=ema)
+                    ptx_batches=ptx, ema=ema,
+                    judge=Judge(cfg.reward.judge, cfg.output_dir) if cfg.reward.judge.base_url else None)
 
 
 def save_models(m: RLModels, ctx: StepContext, suffix: str = "") -> None:
