@@ -4,7 +4,6 @@ feedback checks, and the exports read back by chatrl's own data readers."""
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -177,7 +176,11 @@ def test_exported_files_are_read_by_chatrl_data_readers(store: FeedbackStore, tm
     convs, _ = load_records(DataConfig(paths=[str(sft)], split="1,0,0", eval_fraction=0.0), "sft", "train")
     assert sorted(c.messages[-1]["content"] for c in convs) == ["Lyon.", "Paris."]
     kto = write_jsonl(export_rows(store.db, "kto").rows, tmp_path / "kto.jsonl")
-    assert [json.loads(line)["label"] for line in kto.read_text().splitlines()] == [False, True, True]
+    assert read_examples(str(kto), DataConfig(paths=[str(kto)]), DataReport()).schema == "kto"
+    # what `chatrl kto` trains on (it reads the reward shard, as dpo does)
+    labeled, _ = load_records(DataConfig(paths=[str(kto)], split="0,1,0", eval_fraction=0.0), "kto", "train")
+    assert sorted((r.completion, r.desirable) for r in labeled) == [("Lyon.", True), ("Paris.", False),
+                                                                    ("Paris.", True)]
 
 
 def test_cli_users_export_and_stats(tmp_path: Path, capsys: pytest.CaptureFixture):
