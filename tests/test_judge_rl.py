@@ -9,11 +9,18 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.testing import assert_close
 
+from chatrl.config_rl import GRPOConfig
+from chatrl.rollout.episodes import EpisodeBatch
+from chatrl.steps.rl import make_experience
+from chatrl.steps.rl_experience import Scored
 from fake_judge import FakeJudge
-from helpers import read_metrics, run_cli
+from helpers import FixedLogitsLM, read_metrics, run_cli
 
 PROMPTS = [f"{'Skip me' if i % 2 else 'Say something'} ({i})" for i in range(20)]
 
@@ -78,3 +85,26 @@ def test_grpo_rewarded_by_a_judge_logs_what_it_answered(tmp_path: Path) -> None:
         assert (row["judge/requests"], row["judge/cache_hits"], row["judge/skipped"]) == (n, 4 - n, n)
         now, before = row["reward_mean"], first["reward_mean"]
         assert now == before or (math.isnan(now) and math.isnan(before))
+
+
+def test_a_skipped_group_is_out_of_the_update() -> None:
+    """Two groups of two one-token episodes, scores [2, 0 | 5, 5], the second group not scored by the judge
+    (kept False). REINFORCE++ whitens returns over the batch: over the kept rows only, 2 and 0 (mean 1, unbiased sd
+    sqrt(2)) give +-1/sqrt(2); had the skipped rows counted, mean 3 and sd sqrt(6) would give -0.41 and -1.22."""
+    n = 4
+    batch = EpisodeBatch(prompt_ids=[[1]] * n, response_ids=[[3]] * n, action_mask=[[1]] * n, turn_ends=[[0]] * n,
+                         turn_rewards=[[0.0]] * n, last_reply_ids=[[3]] * n, last_reply_eos=[True] * n,
+                         prompts=[[]] * n, conversations=[[]] * n, infos=[{}] * n, success=[False] * n,
+                         truncated=[False] * n, context_truncated=[False] * n)
+    score = torch.tensor([2.0, 0.0, 5.0, 5.0])
+    scored = Scored(batch, score=score, outcome=score.clone(), has_eos=torch.ones(n, dtype=torch.bool),
+                    by_function={}, rm_score=None, judge_score=score / 5,
+                    kept=torch.tensor([True, True, False, False]))
+    cfg = GRPOConfig()
+    cfg.rollout.samples_per_prompt, cfg.grpo.advantage = 2, "reinforce_pp"
+    m = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0), hybrid=SimpleNamespace(device=torch.device("cpu")),
+                        actor=FixedLogitsLM([0.0] * 5), reference=None, critic=None, teacher=None,
+                        eval_mode=lambda: None, train_mode=lambda: None)
+    exp = make_experience(m, cfg, scored, beta=0.0, times={})
+    assert exp.rollout.action_mask.tolist() == [[1], [1], [0], [0]]
+    assert_close(exp.advantages, torch.tensor([[0.5 ** 0.5], [-(0.5 ** 0.5)], [0.0], [0.0]]), atol=1e-5, rtol=0)
