@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from chatrl.config_offline import RFTConfig
 from chatrl.config_rl import GRPOConfig, JudgeConfig
 from chatrl.errors import ChatrlError
 from chatrl.judge import DEFAULT_RUBRIC, Judge, load_rubric, parse_preference, parse_score
@@ -190,3 +191,7 @@ def test_config_rules() -> None:
         c.check()
     with pytest.raises(ChatrlError, match="score_max=1.0 must be > score_min=1.0"):
         cfg(base_url="http://x/v1", model="m", score_max=1.0).check()
+    rft = RFTConfig()
+    rft.reward.judge.base_url, rft.reward.judge.model = "http://x/v1", "m"
+    with pytest.raises(ChatrlError, match="reward.judge is not supported by chatrl rft"):  # not silently ignored
+        rft.check()
