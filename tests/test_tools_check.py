@@ -45,3 +45,14 @@ def test_env_check_cli_shows_tool_results():
     assert 'tool calculator({"expression": "1 + 2"}): ok in ' in proc.stdout and "-> 3" in proc.stdout
     bad = run_cli("env", "check", "arithmetic", "--kwargs", '{"tools": ["abacus"]}', "--episodes", "1")
     assert bad.returncode == 2 and "arithmetic: tools: unknown tool 'abacus'" in bad.stdout
+
+
+def test_the_readme_example_passes_env_check(tmp_path, repo_root):
+    readme = (repo_root / "README.md").read_text()
+    start = readme.index("# tool_envs.py  ->")
+    code = readme[readme.index("\n", start) + 1:readme.index("```", start)]
+    (tmp_path / "tool_envs.py").write_text(code)
+    report = run_check(f"{tmp_path / 'tool_envs.py'}:Shop", {}, episodes=2, tokenizer="tiny-random")
+    assert report.problems == [] and len(report.returns) == 4
+    assert [(c.name, c.arguments, r.content) for c, r in report.tools] == [
+        ("price", {"item": "apple"}, "0.5"), ("calculator", {"expression": "1 + 2"}, "3")]

@@ -43,12 +43,12 @@ class ScriptedEngine:
         return out, out_mask, torch.full(out.shape, LOGP) * out_mask
 
 
-def play(script, envs, **options):
+def play(script, envs, max_context=4096, **options):
     tok = load_tokenizer("tiny-random")
     engine = ScriptedEngine(tok, script)
     settings = GenerationSettings(max_new_tokens=48, do_sample=False)
     batch = run_episodes(engine, tok, envs, "adder", [Task("train", i, i) for i in range(len(envs))], settings,
-                         max_turns=1, max_prompt_tokens=1024, max_context=4096,
+                         max_turns=1, max_prompt_tokens=1024, max_context=max_context,
                          tool_settings=ToolOptions(**options))
     return tok, engine, batch
 
@@ -113,6 +113,17 @@ def test_failed_calls_are_counted_and_penalised():
     assert [r.status for r in batch.tool_results[0]] == ["malformed", "malformed"]
     assert batch.turn_rewards == [[1.0 - 2 * 0.25]]
     assert "unknown tool 'mul'" in batch.conversations[0][2]["content"]
+
+
+def test_an_episode_cut_off_after_a_failed_call_still_pays_the_penalty():
+    bad = '<tool_call>{"name": "mul", "arguments": {}}</tool_call>'
+    _, _, full = play([[bad], ["5"]], [AddEnv()])
+    prompt = len(full.prompt_ids[0])
+    env = AddEnv()  # room for the first reply only: after the call's result the context is full
+    _, engine, batch = play([[bad], ["5"]], [env], max_context=prompt + 48 + 1, tool_error_penalty=0.5)
+    assert engine.calls == 1 and env.stepped == [] and batch.context_truncated == [True]
+    last_action = max(i for i, a in enumerate(batch.action_mask[0]) if a)
+    assert batch.turn_rewards == [[-0.5]] and batch.turn_ends == [[last_action]]
 
 
 def test_calls_of_all_episodes_run_together():

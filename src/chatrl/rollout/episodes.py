@@ -80,7 +80,9 @@ class EpisodeBatch:
         return EpisodeBatch(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def select(self, rows: Sequence[int]) -> EpisodeBatch:
-        return EpisodeBatch(**{f.name: [getattr(self, f.name)[i] for i in rows] for f in fields(self)})
+        # a column nobody filled (tool_results of a hand-built batch) stays empty
+        return EpisodeBatch(**{f.name: [v[i] for i in rows] if (v := getattr(self, f.name)) else []
+                               for f in fields(self)})
 
     @property
     def replies(self) -> list[str]:
