@@ -21,6 +21,7 @@ from chatrl.envs.guess_number import GuessNumberEnv
 from chatrl.envs.math_problems import MathEnv
 from chatrl.envs.openenv_client import OpenEnvClientEnv
 from chatrl.envs.reasoning_gym_env import ReasoningGymEnv
+from chatrl.envs.verifiers_env import VerifiersEnv
 from chatrl.errors import ChatrlError
 from chatrl.plugins import load_object
 
@@ -36,6 +37,7 @@ BUILTIN_ENVS: dict[str, type[gymnasium.Env]] = {
 ADAPTERS: dict[str, Callable[..., gymnasium.Env]] = {
     "reasoning_gym": ReasoningGymEnv,  # reasoning_gym:TASK
     "openenv": OpenEnvClientEnv,  # openenv:http://host:port
+    "verifiers": VerifiersEnv,  # verifiers:MODULE
 }
 
 
