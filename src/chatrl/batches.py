@@ -100,6 +100,8 @@ class Rollout(_TensorBatch):
     scores:                   [B]    sequence reward (reward model + reward functions), before KL shaping
     sampler_logprobs:         [B, R] log-probs of the sampled tokens under the rollout's inference copy (full
                               softmax(logits / T)), 0 off the actions; None when not recorded
+    teacher_logprobs:         [B, R] log-probs of the tokens under on-policy distillation's frozen teacher; None
+                              without a teacher
     """
 
     prompt_ids: torch.Tensor
@@ -112,6 +114,7 @@ class Rollout(_TensorBatch):
     values: torch.Tensor
     scores: torch.Tensor
     sampler_logprobs: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> Rollout:
         """Rows `idx` of every tensor field (None fields stay None)."""

@@ -116,6 +116,16 @@ class ReferenceConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The frozen teacher of on-policy distillation (grpo.teacher), held like the reference model."""
+
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "dtype of the frozen teacher model")
+    offload: bool = opt(False, "keep the teacher in CPU memory, moved to the accelerator only to score")
+    allow_pickle: bool = opt(False, "load the teacher's pickle weights (.bin) if it has no safetensors (runs code "
+                                    "from the file: only for a folder you trust)")
+
+
+@dataclass
 class RolloutConfig:
     """Generation with the Hybrid Engine (the actor switched to its inference layout)."""
 
@@ -252,6 +262,12 @@ class GRPOOptions(PolicyOptions):
     kl_coef: float = opt(0.0, "KL coefficient beta (0 = no KL: the reference model is not loaded)")
     kl_in: Literal["reward", "loss"] = opt("loss", "where the KL goes: the policy loss (GRPO; k2 or k3) or the "
                                                    "rewards")
+    teacher: Optional[str] = opt(None, "on-policy distillation: a causal LM folder or alias with the actor's "
+                                       "tokenizer, frozen (the `teacher` section: dtype, offload); each generated "
+                                       "token's advantage is log p_teacher - log p_student (None = off)")
+    teacher_weight: float = opt(1.0, "with a teacher: A = w * (log p_teacher - log p_student) + (1 - w) * the "
+                                     "environment's advantage (`advantage`); 1 = pure distillation, the reward "
+                                     "is not used")
 
 
 @dataclass
@@ -316,6 +332,10 @@ class RLStepConfig:
     def needs_reference(self) -> bool:
         return self.policy.kl_coef > 0
 
+    def uses_env_advantage(self) -> bool:
+        """Do the advantages read the reward (False only for pure distillation: GRPOConfig)?"""
+        return True
+
     def check(self) -> None:
         check_common(self.actor, self.deepspeed, self.actor_optim)
         p, r = self.policy, self.rollout
@@ -324,7 +344,7 @@ class RLStepConfig:
                               f"reward.functions has {len(self.reward.functions)}; give one weight per function")
         self.reward.judge.check(r.samples_per_prompt)
         estimator = ADVANTAGE_ESTIMATORS[p.advantage]
-        if r.samples_per_prompt < estimator.min_group_size:
+        if self.uses_env_advantage() and r.samples_per_prompt < estimator.min_group_size:
             raise ChatrlError(f"advantage={p.advantage} needs rollout.samples_per_prompt >= "
                               f"{estimator.min_group_size} (groups per prompt)")
         if p.dynamic_sampling and r.samples_per_prompt < 2:
@@ -386,13 +406,40 @@ class GRPOConfig(RLStepConfig):
     output_dir: str = opt("runs/grpo", "where checkpoints, metrics and the final actor folder go")
     rollout: RolloutConfig = sub(RolloutConfig, samples_per_prompt=4)  # groups of G = 4 by default
     grpo: GRPOOptions = sub(GRPOOptions)
+    teacher: TeacherConfig = sub(TeacherConfig)
 
     @property
     def policy(self) -> GRPOOptions:
         return self.grpo
 
+    def uses_env_advantage(self) -> bool:
+        return self.grpo.teacher is None or self.grpo.teacher_weight < 1.0
+
     def check(self) -> None:
         super().check()
+        if not 0.0 <= self.grpo.teacher_weight <= 1.0:
+            raise ChatrlError(f"grpo.teacher_weight={self.grpo.teacher_weight} must be in [0, 1] (1 = pure "
+                              "distillation, 0 = the environment's advantage only)")
+        if self.grpo.teacher == "":
+            raise ChatrlError("grpo.teacher is empty: set a model folder or alias, or null for no teacher")
+        if not self.uses_env_advantage():
+            return  # pure distillation: the teacher is the only signal, no reward needed
         if not self.reward.any_source() and self.env.name == "chat":
             raise ChatrlError("env.name=chat gives no reward itself: set reward.model=PATH, reward.functions=[...] "
                               "and/or reward.judge.base_url=URL, or choose an environment (env.name=arithmetic)")
+
+
+@dataclass
+class DistillConfig(GRPOConfig):
+    """On-policy distillation: GRPO's loop with a teacher (grpo.teacher, required): the student samples, the teacher
+    scores its tokens, A_t = log p_teacher - log p_student. Defaults: one sample per prompt, no KL, pure
+    distillation (grpo.teacher_weight = 1)."""
+
+    output_dir: str = opt("runs/distill", "where checkpoints, metrics and the final actor folder go")
+    rollout: RolloutConfig = sub(RolloutConfig, samples_per_prompt=1)  # per-token advantages need no group
+
+    def check(self) -> None:
+        if not self.grpo.teacher:
+            raise ChatrlError("chatrl distill needs a teacher: set grpo.teacher to a model folder or alias with the "
+                              "actor's tokenizer")
+        super().check()

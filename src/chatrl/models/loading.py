@@ -192,6 +192,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, field: str,
+                         path: str) -> None:
+    """Distillation compares the two models' log-probs of the same token ids: a teacher whose tokenizer maps any
+    string to other ids (vocabulary, special tokens) would score different tokens. One-line ChatrlError if so."""
+    if len(student) != len(teacher):
+        raise ChatrlError(f"{field}={path}: its tokenizer has {len(teacher)} tokens, the actor's {len(student)}; "
+                          "the teacher must use the actor's tokenizer")
+    vocab, other = student.get_vocab(), teacher.get_vocab()
+    differ = sorted(t for t in vocab.keys() | other.keys() if vocab.get(t) != other.get(t))
+    specials = [k for k in ("eos_token_id", "bos_token_id", "pad_token_id")
+                if getattr(student, k) != getattr(teacher, k)]
+    if differ or specials:
+        what = f"{len(differ)} token ids (e.g. {differ[0]!r})" if differ else ", ".join(specials)
+        raise ChatrlError(f"{field}={path}: its tokenizer differs from the actor's in {what}; the teacher must use "
+                          "the actor's tokenizer")
+
+
 # ============================================================================ models
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from chatrl.config import RewardConfig, SFTConfig
 from chatrl.config_offline import DPOConfig, ILQLConfig, KTOConfig, RFTConfig
-from chatrl.config_rl import GRPOConfig, PPOConfig
+from chatrl.config_rl import DistillConfig, GRPOConfig, PPOConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ STEPS: dict[str, Step] = {
     "reward": Step(RewardConfig, "chatrl.steps.reward:run_reward", "step 2: train a reward model"),
     "ppo": Step(PPOConfig, "chatrl.steps.rl:run_ppo", "step 3: RLHF with PPO"),
     "grpo": Step(GRPOConfig, "chatrl.steps.rl:run_grpo", "critic-free RL (GRPO family) in an environment"),
+    "distill": Step(DistillConfig, "chatrl.steps.rl:run_distill", "on-policy distillation: the student samples, a "
+                                                                  "teacher (grpo.teacher) scores every token"),
     "rft": Step(RFTConfig, "chatrl.steps.rft:run_rft", "fine-tuning from evaluation: best-of-n sampling, scoring, "
                                                       "SFT on the best; rounds"),
     "dpo": Step(DPOConfig, "chatrl.steps.dpo:run_dpo", "offline alignment on preference pairs: DPO, cDPO, IPO, "

@@ -13,9 +13,10 @@ import torch
 
 from chatrl.algorithms.advantages import compute_advantages
 from chatrl.algorithms.controllers import AdaptiveKLController, FixedKLController
+from chatrl.algorithms.distill import distill_advantages
 from chatrl.algorithms.kl import kl_penalty
 from chatrl.algorithms.rewards import shape_rewards
-from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, PPOOptions, RLStepConfig
+from chatrl.config_rl import BatchPlan, DistillConfig, GRPOConfig, GRPOOptions, PPOConfig, PPOOptions, RLStepConfig
 from chatrl.engine import checkpoint as ckpt
 from chatrl.engine.collectives import any_rank, global_mean, global_means, global_moments
 from chatrl.engine.faults import BadSteps, StopRequest
@@ -109,11 +110,12 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
     p, g = cfg.policy, cfg.rollout.samples_per_prompt
     t0 = time.perf_counter()
     tensors = episode_tensors(scored.episodes, m.tokenizer.pad_token_id, cfg.env.gamma, m.hybrid.device)
-    on_policy = single_on_policy_step(cfg, m.reference is not None, m.critic is not None)
+    on_policy = single_on_policy_step(cfg, m.reference is not None, m.critic is not None, m.teacher is not None)
     m.eval_mode()
     try:
         rollout = score_rollout(actor=None if on_policy else m.actor, reference=m.reference, critic=m.critic,
-                                tensors=tensors, scores=scored.score, temperature=cfg.rollout.temperature)
+                                tensors=tensors, scores=scored.score, temperature=cfg.rollout.temperature,
+                                teacher=m.teacher)
     finally:
         m.train_mode()
     times["score"] = times.get("score", 0.0) + time.perf_counter() - t0
@@ -126,11 +128,17 @@ def make_experience(m: RLModels, cfg: RLStepConfig, scored: Scored, beta: float,
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, p.kl_estimator) * mask
     reward_beta = beta if p.kl_in == "reward" and m.reference is not None else 0.0
     rewards = shape_rewards(rollout.scores, kl, mask, reward_beta) + tensors.env_rewards
-    # 4. advantages (GAE over generated tokens, or group-relative over episode returns); whitening across ranks
-    adv, returns = compute_advantages(p.advantage, rewards, rollout.values if m.critic is not None else None, mask,
-                                      gamma=p.gamma, lam=p.lam if isinstance(p, PPOOptions) else 1.0, group_size=g,
-                                      whiten=isinstance(p, PPOOptions) and p.whiten_advantages,
-                                      moments=global_moments)
+    # 4. advantages (GAE over generated tokens, or group-relative over episode returns); whitening across ranks;
+    #    with a distillation teacher, log p_teacher - log p_student per token (mixed with those by teacher_weight)
+    adv = returns = None
+    if cfg.uses_env_advantage():
+        adv, returns = compute_advantages(p.advantage, rewards, rollout.values if m.critic is not None else None,
+                                          mask, gamma=p.gamma, lam=p.lam if isinstance(p, PPOOptions) else 1.0,
+                                          group_size=g, whiten=isinstance(p, PPOOptions) and p.whiten_advantages,
+                                          moments=global_moments)
+    if m.teacher is not None and isinstance(p, GRPOOptions):
+        adv = returns = distill_advantages(rollout.teacher_logprobs, rollout.logprobs, mask, adv, p.teacher_weight)
+    assert adv is not None and returns is not None
     if p.mask_truncated:  # replies cut at max_new_tokens stay in their group's baseline but out of the loss
         keep = scored.has_eos.to(mask.dtype).unsqueeze(1)
         rollout.action_mask = mask * keep
@@ -151,7 +159,8 @@ def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], 
     varied = varied_groups(scored.outcome, g)  # rows always come in whole groups
     means = {"reward_mean": scored.outcome.mean().item(),
              "success_rate": sum(ep.success) / len(ep), "env_return": sum(map(sum, ep.turn_rewards)) / len(ep),
-             "zero_variance_groups": varied.count(False) / len(varied),
+             # groups of one (distillation, REINFORCE++ with G = 1) have no variance to lose: not logged, no alarm
+             **({"zero_variance_groups": varied.count(False) / len(varied)} if g > 1 else {}),
              "kl": exp.kl.sum(-1).mean().item(), "response_length": lengths.mean().item(),
              "eos_rate": scored.has_eos.float().mean().item(), "turns": sum(map(len, ep.turn_rewards)) / len(ep),
              "context_truncated": sum(ep.context_truncated), "empty_responses": int((lengths == 0).sum()),
@@ -172,6 +181,12 @@ def iteration_metrics(scored: Scored, exp: Experience, stats: dict[str, float], 
         spread = {"reward_sd_within_group": groups.var(dim=1).mean().item(),
                   "reward_sd_between_groups": groups.mean(dim=1).var().item() if len(groups) > 1 else 0.0}
         out.update({k: math.sqrt(max(v, 0.0)) for k, v in global_means(spread).items()})
+    r = exp.rollout
+    if r.teacher_logprobs is not None:  # on-policy distillation: mean over the actions of all ranks
+        teacher, _ = global_moments(r.teacher_logprobs, r.action_mask)
+        student, _ = global_moments(r.logprobs, r.action_mask)
+        out.update({"distill/reverse_kl": (student - teacher).item(), "distill/teacher_logprob": teacher.item(),
+                    "distill/student_logprob": student.item()})
     out.update(reward_std=reward_var.sqrt().item(), truncation_rate=1 - out["eos_rate"], kl_coef=beta,
                advantage_mean=adv_mean.item(), advantage_std=adv_var.sqrt().item(), **sampling,
                **{f"time_{k}": v for k, v in times.items()},
@@ -278,3 +293,9 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     """`chatrl grpo`: critic-free group-relative RL in an environment (GRPO, Dr. GRPO, RLOO, REINFORCE++,
     DAPO's clip-higher / dynamic sampling / overlong shaping, GSPO)."""
     return run_rl(cfg, "grpo")
+
+
+def run_distill(cfg: DistillConfig) -> Path:
+    """`chatrl distill`: on-policy distillation: GRPO's loop with a frozen teacher (grpo.teacher) whose per-token
+    log-probs of the student's samples give the advantages (algorithms/distill.py)."""
+    return run_rl(cfg, "distill")

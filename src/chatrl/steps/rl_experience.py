@@ -193,9 +193,11 @@ def reward_model_inputs(tensors: EpisodeTensors, has_eos: list[bool],
 
 @torch.no_grad()
 def score_rollout(*, actor: nn.Module | None, reference: nn.Module | None, critic: nn.Module | None,
-                  tensors: EpisodeTensors, scores: torch.Tensor, temperature: float = 1.0) -> Rollout:
+                  tensors: EpisodeTensors, scores: torch.Tensor, temperature: float = 1.0,
+                  teacher: nn.Module | None = None) -> Rollout:
     """Everything the update needs, computed once with the rollout's weights. The models must be in eval mode
-    (dropout off), so the first update's ratio is exactly 1. No reference (KL off): ref_logprobs = logprobs.
+    (dropout off), so the first update's ratio is exactly 1. No reference (KL off): ref_logprobs = logprobs. A
+    distillation teacher scores the same tokens with the same code as the reference (teacher_logprobs).
     actor=None skips the actor's forward (logprobs = 0): for a single on-policy update, where the update's own
     forward gives the old log-probs (the ratio is exactly 1, so they need not be computed twice)."""
     t = tensors
@@ -204,8 +206,9 @@ def score_rollout(*, actor: nn.Module | None, reference: nn.Module | None, criti
     logprobs = (response_logprobs(actor, ids, mask, plen, temperature) if actor is not None
                 else torch.zeros_like(t.action_mask))
     ref_logprobs = response_logprobs(reference, ids, mask, plen, temperature) if reference is not None else logprobs
+    teacher_logprobs = response_logprobs(teacher, ids, mask, plen, temperature) if teacher is not None else None
     values = response_values(critic, ids, mask, plen) if critic is not None else torch.zeros_like(logprobs)
     return Rollout(prompt_ids=t.prompt_ids, prompt_mask=t.prompt_mask, response_ids=t.response_ids,
                    response_mask=t.response_mask, action_mask=t.action_mask, logprobs=logprobs,
                    ref_logprobs=ref_logprobs, values=values * t.action_mask, scores=scores,
-                   sampler_logprobs=t.sampler_logprobs)
+                   sampler_logprobs=t.sampler_logprobs, teacher_logprobs=teacher_logprobs)

@@ -1,7 +1,7 @@
 """The models of an online RL step and what feeds them: actor (DeepSpeed engine + Hybrid Engine for rollout),
 critic (PPO's GAE only: DeepSpeed engine, per-token value head, from the reward model or any model), frozen
-reference (a copy of the initial actor; only when the KL is on), frozen reward model (when configured);
-environment instances, reward functions, ptx batches, EMA."""
+reference (a copy of the initial actor; only when the KL is on), frozen teacher (on-policy distillation: grpo.teacher),
+frozen reward model (when configured); environment instances, reward functions, ptx batches, EMA."""
 
 from __future__ import annotations
 
@@ -16,14 +16,20 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from chatrl.batches import TokenBatch
-from chatrl.config_rl import BatchPlan, PPOConfig, RLStepConfig
+from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, ReferenceConfig, RLStepConfig, TeacherConfig
 from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_sft
 from chatrl.engine.deepspeed import gathered, initialize
 from chatrl.envs.registry import make_env
 from chatrl.errors import ChatrlError
 from chatrl.judge import Judge
-from chatrl.models.loading import load_causal_lm, load_frozen_causal_lm, resolve_dtype
+from chatrl.models.loading import (
+    check_same_tokenizer,
+    load_causal_lm,
+    load_frozen_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+)
 from chatrl.models.reward import TokenValueModel, load_reward_model
 from chatrl.models.saving import save_hf_folder
 from chatrl.reward_functions import RewardFunctions
@@ -77,6 +83,7 @@ class RLModels:
     functions: RewardFunctions
     ptx_batches: Iterator[TokenBatch] | None
     ema: EMA | None
+    teacher: torch.nn.Module | None = None  # on-policy distillation's frozen teacher (grpo.teacher)
     judge: Judge | None = None              # the LLM judge of reward.judge (chatrl.judge)
 
     def engines(self) -> dict[str, Any]:
@@ -120,9 +127,11 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
                        total_steps=total_steps, world_size=ctx.world)
     reference = None
     if cfg.needs_reference():
-        reference = load_frozen_causal_lm(cfg.actor.name_or_path, dtype=cfg.reference.dtype, tokenizer=tok,
-                                          allow_pickle=cfg.actor.allow_pickle)
-        reference = Offloaded(reference, dev) if cfg.reference.offload else reference.to(dev)
+        reference = frozen_lm(cfg.actor.name_or_path, cfg.reference, tok, dev, allow_pickle=cfg.actor.allow_pickle)
+    teacher = None
+    if isinstance(cfg, GRPOConfig) and cfg.grpo.teacher:
+        check_same_tokenizer(tok, load_tokenizer(cfg.grpo.teacher), "grpo.teacher", cfg.grpo.teacher)
+        teacher = frozen_lm(cfg.grpo.teacher, cfg.teacher, tok, dev, allow_pickle=cfg.teacher.allow_pickle)
     critic = None
     if isinstance(cfg, PPOConfig) and cfg.needs_critic():
         critic_path = cfg.critic.name_or_path or cfg.reward.model
@@ -156,8 +165,16 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
     return RLModels(actor=actor, critic=critic, reference=reference, reward_model=reward_model, hybrid=hybrid,
                     tokenizer=tok, envs=envs,
                     functions=RewardFunctions(cfg.reward.functions, cfg.reward.function_weights),
-                    ptx_batches=ptx, ema=ema,
+                    ptx_batches=ptx, ema=ema, teacher=teacher,
                     judge=Judge(cfg.reward.judge, cfg.output_dir) if cfg.reward.judge.base_url else None)
+
+
+def frozen_lm(path: str, section: ReferenceConfig | TeacherConfig, tok: PreTrainedTokenizerBase, dev: torch.device,
+              allow_pickle: bool) -> torch.nn.Module:
+    """A frozen causal LM that scores log-probs (the reference, the teacher), in `section.dtype`, on `dev` or
+    offloaded to CPU between forwards (`section.offload`)."""
+    model = load_frozen_causal_lm(path, dtype=section.dtype, tokenizer=tok, allow_pickle=allow_pickle)
+    return Offloaded(model, dev) if section.offload else model.to(dev)
 
 
 def save_models(m: RLModels, ctx: StepContext, suffix: str = "") -> None:

@@ -46,12 +46,12 @@ class Experience:
                           self.kl_coef)
 
 
-def single_on_policy_step(cfg: RLStepConfig, has_reference: bool, has_critic: bool) -> bool:
+def single_on_policy_step(cfg: RLStepConfig, has_reference: bool, has_critic: bool, has_teacher: bool = False) -> bool:
     """One epoch, one mini-batch, nothing else reading the rollout's log-probs: the update's first and only forward
     runs on the rollout's weights, so the old log-probs equal its own (ratio exactly 1) and the separate scoring
-    forward of the actor can be skipped."""
+    forward of the actor can be skipped. (A distillation teacher's advantages read them before the update.)"""
     p = cfg.policy
-    return p.ppo_epochs == 1 and p.mini_batches == 1 and not has_reference and not has_critic
+    return p.ppo_epochs == 1 and p.mini_batches == 1 and not has_reference and not has_critic and not has_teacher
 
 
 def policy_update(m: RLModels, exp: Experience, cfg: RLStepConfig, plan: BatchPlan,
