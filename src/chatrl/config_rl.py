@@ -157,8 +157,9 @@ class RolloutConfig:
 class EnvConfig:
     """The environment the actor plays episodes in (Gymnasium API; README: Environments)."""
 
-    name: str = opt("chat", "built-in (chat = prompts of the data section, arithmetic, math, guess_number) or "
-                            "'pkg.module:Class' / 'path/to/file.py:Class' (a gymnasium.Env)")
+    name: str = opt("chat", "built-in (chat = prompts of the data section, arithmetic, math, guess_number), "
+                            "'reasoning_gym:TASK', 'openenv:URL', 'verifiers:MODULE' (README: Environments people "
+                            "already have) or 'pkg.module:Class' / 'path/to/file.py:Class' (a gymnasium.Env)")
     kwargs: dict = opt({}, "keyword arguments of the environment's constructor")
     max_turns: int = opt(1, "most assistant turns per episode (the environment may end it sooner)")
     gamma: float = opt(1.0, "discount per turn: the episode return is sum_k gamma^k r_k (the final score counts "

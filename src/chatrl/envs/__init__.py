@@ -22,7 +22,8 @@ The contract (what the trainer's episode runner relies on; `chatrl env check SPE
 
 Built-ins (`make_env(name)`): arithmetic, math (GSM8K subset shipped in data/gsm8k), guess_number (multi-turn),
 chat (plain RLHF prompts from the run's data). User environments: `make_env("pkg.module:Class")` or
-`make_env("path/to/file.py:Class")`. Answers are compared with math-verify (`answers.py`); `rewards.py` holds
+`make_env("path/to/file.py:Class")`. Environments of other libraries (optional extras): `reasoning_gym:TASK`,
+`openenv:URL` (and `chatrl env serve`, openenv_server.py), `verifiers:MODULE`. Answers are compared with math-verify (`answers.py`); `rewards.py` holds
 built-in reward functions for the PPO/GRPO reward-function hook.
 """
 

@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
     sub = env.add_subparsers(dest="env_command", metavar="ACTION")
     check = sub.add_parser("check", help="play scripted episodes and report contract problems (exit 2 if any)")
     check.add_argument("spec", metavar="SPEC",
-                       help=f"a built-in ({', '.join(BUILTIN_ENVS)}) or 'pkg.module:Class' / 'file.py:Class'")
+                       help=f"a built-in ({', '.join(BUILTIN_ENVS)}), reasoning_gym:TASK, openenv:URL, "
+                            "verifiers:MODULE or 'pkg.module:Class' / 'file.py:Class'")
     check.add_argument("--kwargs", default="{}", help="constructor arguments as a JSON object (env.kwargs)")
     check.add_argument("--episodes", type=int, default=5, help="episodes per split (train and eval)")
     check.add_argument("--seed", type=int, default=0, help="seed of the first episode (then +1 per episode)")

@@ -83,8 +83,9 @@ def make_env(spec: str, kwargs: dict[str, Any] | None = None, *, data: DataConfi
             raise ChatrlError(f"env.name '{spec}' names nothing after '{prefix}:'")
         return _construct(spec, functools.partial(ADAPTERS[prefix], target), kwargs, shown)  # type: ignore
     if ":" not in spec:
-        raise ChatrlError(f"unknown environment '{spec}': built-ins are {', '.join(BUILTIN_ENVS)}; for your own "
-                          "give 'pkg.module:Class' or 'path/to/file.py:Class' (set env.name)")
+        raise ChatrlError(f"unknown environment '{spec}': built-ins are {', '.join(BUILTIN_ENVS)}; others are "
+                          f"{', '.join(p + ':...' for p in ADAPTERS)}; for your own give 'pkg.module:Class' or "
+                          "'path/to/file.py:Class' (set env.name)")
     obj = load_object(spec, "environment", "env.name")
     if isinstance(obj, type) and not issubclass(obj, gymnasium.Env):
         raise ChatrlError(f"environment '{spec}' is the class {obj.__name__}, which does not subclass gymnasium.Env; "
