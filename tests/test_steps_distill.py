@@ -11,10 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chatrl.config import PipelineConfig
+from chatrl.config_rl import DistillConfig, GRPOConfig
+from chatrl.configbase import load_config
 from chatrl.errors import ChatrlError
 from chatrl.eval.evaluate import evaluate_models
 from chatrl.eval.metrics import paired_difference
 from chatrl.models.loading import check_same_tokenizer
+from chatrl.steps.pipeline import build_plan, default_steps
 from helpers import kill_after_checkpoint, read_metrics, run_cli, same_weights
 
 
@@ -82,6 +86,36 @@ def test_a_tokenizer_of_the_same_size_with_other_ids_is_refused() -> None:
 def test_distill_needs_a_teacher() -> None:
     proc = run_cli("distill", "--config", "configs/tiny-distill.yaml")
     assert proc.returncode == 2 and "chatrl distill needs a teacher: set grpo.teacher" in proc.stderr
+
+
+def test_distill_config_checks() -> None:
+    """Pure distillation needs no group and no reward; mixed with the environment's advantage it needs both."""
+    cfg = load_config(DistillConfig, extra={"grpo": {"teacher": "tiny-random"}})  # chat env, no reward: fine
+    assert cfg.rollout.samples_per_prompt == 1 and cfg.grpo.kl_coef == 0 and not cfg.needs_reference()
+    with pytest.raises(ChatrlError, match="advantage=grpo needs rollout.samples_per_prompt >= 2"):
+        load_config(DistillConfig, extra={"grpo": {"teacher": "tiny-random", "teacher_weight": 0.5},
+                                          "env": {"name": "arithmetic"}})
+    with pytest.raises(ChatrlError, match="env.name=chat gives no reward"):
+        load_config(GRPOConfig, extra={"grpo": {"teacher": "tiny-random", "teacher_weight": 0.5}})
+    with pytest.raises(ChatrlError, match=r"grpo.teacher_weight=1.5 must be in \[0, 1\]"):
+        load_config(GRPOConfig, extra={"grpo": {"teacher": "tiny-random", "teacher_weight": 1.5},
+                                       "env": {"name": "arithmetic"}})
+
+
+def test_the_pipeline_distils_in_an_environment_from_the_base_model(tmp_path: Path) -> None:
+    """algorithm=distill in an environment: step 3 alone, on the base model, the teacher from the section; on chat
+    prompts: SFT then distillation, no reward model."""
+    cfg = load_config(PipelineConfig, path="configs/tiny-pipeline.yaml", overrides=[
+        f"run_dir={tmp_path}", "algorithm=distill", "distill.env.name=arithmetic", "distill.grpo.teacher=/t"])
+    plan = build_plan(cfg)
+    assert isinstance(plan.rl, DistillConfig) and plan.rl.grpo.teacher == "/t"
+    assert default_steps(plan) == [3] and plan.rl.actor.name_or_path == "tiny-random"
+    assert plan.outputs()[3] == tmp_path / "distill" / "actor"
+    cfg = load_config(PipelineConfig, path="configs/tiny-pipeline.yaml", overrides=[
+        f"run_dir={tmp_path}", "algorithm=distill", "distill.grpo.teacher=/t"])
+    plan = build_plan(cfg)
+    assert default_steps(plan) == [1, 3] and plan.rl.reward.model is None
+    assert plan.rl.actor.name_or_path == str(tmp_path / "sft" / "model")
 
 
 @pytest.fixture(scope="module")

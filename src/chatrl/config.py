@@ -230,8 +230,9 @@ class PipelineConfig:
     run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|rft|dpo|kto|ilql, eval, "
                                     "report.html")
     seed: int = opt(42, "seed passed to every step")
-    algorithm: Literal["ppo", "grpo", "rft", "dpo", "kto", "ilql"] = opt(
-        "ppo", "step 3: ppo (actor + critic + reward model), grpo, rft (best-of-n + SFT rounds), or the offline dpo, "
+    algorithm: Literal["ppo", "grpo", "distill", "rft", "dpo", "kto", "ilql"] = opt(
+        "ppo", "step 3: ppo (actor + critic + reward model), grpo, distill (on-policy distillation from "
+               "distill.grpo.teacher), rft (best-of-n + SFT rounds), or the offline dpo, "
                "kto and ilql (on the preference pairs, or kto's labelled replies; step 2 is not run)")
     model: ModelConfig = sub(ModelConfig)
     data: DataConfig = sub(DataConfig)
@@ -244,4 +245,6 @@ class PipelineConfig:
     dpo: dict = opt({}, "step 3 settings with algorithm=dpo (see `chatrl dpo --help`)")
     kto: dict = opt({}, "step 3 settings with algorithm=kto (see `chatrl kto --help`)")
     ilql: dict = opt({}, "step 3 settings with algorithm=ilql (see `chatrl ilql --help`)")
+    distill: dict = opt({}, "step 3 settings with algorithm=distill (see `chatrl distill --help`; the teacher: "
+                            "grpo.teacher)")
     eval: EvalOptions = sub(EvalOptions)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from chatrl.config import PipelineConfig, RewardConfig, SFTConfig
 from chatrl.config_offline import DPOConfig, ILQLConfig, KTOConfig, RFTConfig
-from chatrl.config_rl import GRPOConfig, PPOConfig
+from chatrl.config_rl import DistillConfig, GRPOConfig, PPOConfig
 from chatrl.configbase import deep_merge, load_config
 from chatrl.data.prepare import load_records
 from chatrl.errors import ChatrlError
@@ -51,8 +51,10 @@ ALGORITHMS: dict[str, Algorithm] = {
     "dpo": Algorithm(STEPS["dpo"], "model", needs_rm=False, env_capable=False, data="reward"),
     "kto": Algorithm(STEPS["kto"], "model", needs_rm=False, env_capable=False, data="kto"),
     "ilql": Algorithm(STEPS["ilql"], "model", needs_rm=False, env_capable=False, data="reward"),
+    # the teacher is the reward: prompts (rlhf shard) or an environment, no reward model
+    "distill": Algorithm(STEPS["distill"], "actor", needs_rm=False, env_capable=True, data="rlhf"),
 }
-Step3Config = PPOConfig | GRPOConfig | RFTConfig | DPOConfig | KTOConfig | ILQLConfig
+Step3Config = PPOConfig | GRPOConfig | DistillConfig | RFTConfig | DPOConfig | KTOConfig | ILQLConfig
 
 
 @dataclass
