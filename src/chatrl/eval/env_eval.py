@@ -26,6 +26,7 @@ from chatrl.models.loading import resolve_dtype
 from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
 from chatrl.rollout.hybrid import HybridEngine
 from chatrl.rollout.sampling import GenerationSettings
+from chatrl.tools.toolbox import ToolSettings
 
 
 @dataclass
@@ -63,32 +64,34 @@ def score_tasks(success: list[bool], returns: list[float], solved: list[bool], k
 
 
 def _play(engine: HybridEngine, tok, env_name: str, kwargs: dict, tasks: list[Task], settings: GenerationSettings,
-          max_turns: int, max_context: int, batch_size: int) -> EpisodeBatch:
+          max_turns: int, max_context: int, batch_size: int, tool_settings: ToolSettings | None = None) -> EpisodeBatch:
     envs = [make_env(env_name, kwargs) for _ in range(min(batch_size, len(tasks)))]
     out = EpisodeBatch()
     for start in range(0, len(tasks), batch_size):
         out = out + run_episodes(engine, tok, envs, env_name, tasks[start:start + batch_size], settings,
-                                 max_turns=max_turns, max_prompt_tokens=max_context // 2, max_context=max_context)
+                                 max_turns=max_turns, max_prompt_tokens=max_context // 2, max_context=max_context,
+                                 tool_settings=tool_settings)
     return out
 
 
 def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks: int = 100, k: int = 4,
                  temperature: float = 1.0, max_new_tokens: int = 64, max_turns: int = 1, max_context: int = 1024,
                  batch_size: int = 32, seed: int = 0, dtype: str = "auto",
-                 log: Callable[[str], None] = print) -> dict[str, EnvScore]:
+                 log: Callable[[str], None] = print, tool_settings: ToolSettings | None = None) -> dict[str, EnvScore]:
     results = {}
     for name, path in models.items():
         model, tok = load_policy(path, dtype=dtype)
         engine = HybridEngine(model, inference_dtype=resolve_dtype(dtype), release_after_rollout=False)
         greedy = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False)
         tasks = [Task("eval", t, seed + t) for t in range(n_tasks)]
-        played = _play(engine, tok, env_name, kwargs, tasks, greedy, max_turns, max_context, batch_size)
+        played = _play(engine, tok, env_name, kwargs, tasks, greedy, max_turns, max_context, batch_size,
+                       tool_settings)
         solved = [False] * n_tasks
         if k > 0:
             sampled = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True,
                                          temperature=temperature, seed=seed)
             many = _play(engine, tok, env_name, kwargs, [t for t in tasks for _ in range(k)], sampled, max_turns,
-                         max_context, batch_size)
+                         max_context, batch_size, tool_settings)
             for i, ok in enumerate(many.success):
                 solved[i // k] |= ok
         examples = [{"conversation": c, "success": s} for c, s in zip(played.conversations[:8], played.success[:8],

@@ -208,7 +208,8 @@ def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
     results = evaluate_env(models, env.name, env.kwargs, n_tasks=cfg.eval.env_tasks, k=cfg.eval.pass_k,
                            temperature=r.temperature, max_new_tokens=cfg.eval.max_new_tokens,
                            max_turns=env.max_turns, max_context=env.max_context, batch_size=cfg.eval.batch_size,
-                           seed=cfg.seed, dtype=cfg.eval.dtype, log=lambda msg: print(f"[eval] {msg}"))
+                           seed=cfg.seed, dtype=cfg.eval.dtype, log=lambda msg: print(f"[eval] {msg}"),
+                           tool_settings=env)
     save_env_result(results, plan.run / "eval", env.name)
 
 
