@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from chatrl.errors import ChatrlError
-from chatrl.tools.parsers import ToolCall, format_call, load_parser, parse_auto, parse_hermes, parse_llama3, \
-    parse_mistral
+from chatrl.tools.parsers import (
+    ToolCall,
+    format_call,
+    load_parser,
+    parse_auto,
+    parse_hermes,
+    parse_llama3,
+    parse_mistral,
+)
 
 
 def test_hermes_calls_one_per_block_with_string_or_object_arguments():

@@ -21,8 +21,8 @@ from chatrl.data.types import Message
 from chatrl.envs.answers import answers_match, extract_answer
 from chatrl.envs.base import TextEnv, system, user
 from chatrl.errors import ChatrlError
-from chatrl.tools.schema import resolve_tools
 from chatrl.paths import builtin_data_dir
+from chatrl.tools.schema import resolve_tools
 
 DEFAULT_PROMPT = "{question}\nSolve it step by step, then give the final answer as 'The answer is N.'"
 GSM8K_MARK = "####"

@@ -37,8 +37,8 @@ from chatrl.rollout.hybrid import HybridEngine
 from chatrl.rollout.sampling import GenerationSettings
 from chatrl.rollout.tool_turns import ToolRound, run_round, tool_calls_of
 from chatrl.tools.audit import audit_template
-from chatrl.tools.runner import ToolResult
 from chatrl.tools.parsers import ToolCall
+from chatrl.tools.runner import ToolResult
 from chatrl.tools.toolbox import ToolBox, ToolSettings, toolbox_for
 
 

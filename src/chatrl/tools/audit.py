@@ -45,7 +45,7 @@ def audit_template(tokenizer: Any, box: ToolBox) -> None:
         text = render(tokenizer, messages[:k], add_generation_prompt=prompt, tools=box.schemas)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if previous is not None and ids[:len(previous)] != previous:
-            i = next((j for j, (a, b) in enumerate(zip(previous, ids)) if a != b), min(len(previous), len(ids)))
+            i = next((j for j, (a, b) in enumerate(zip(previous, ids, strict=False)) if a != b), min(len(previous), len(ids)))
             raise ChatrlError(
                 f"chat template audit: adding message {k} ({messages[k - 1]['role']}) changes token {i} of the "
                 f"conversation before it: {_token(tokenizer, previous, i)} became {_token(tokenizer, ids, i)}; "
