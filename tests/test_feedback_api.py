@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from chatrl.cli import main
 from chatrl.feedback.db import Feedback, Message, open_db
-from chatrl.feedback.store import model_version
 from chatrl.serve.generation import ChatModel
+from chatrl.serve.reload import model_version
 from chatrl.serve.server import create_app, start_in_thread
 from feedback_server import ServeProcess
 

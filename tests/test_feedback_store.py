@@ -19,7 +19,7 @@ from chatrl.data.prepare import load_records, read_examples
 from chatrl.errors import ChatrlError
 from chatrl.feedback.db import Base, Feedback, User, open_db, utcnow
 from chatrl.feedback.export import Filters, export_rows, stats, write_jsonl
-from chatrl.feedback.store import FeedbackStore, Reply, StoreError, model_version
+from chatrl.feedback.store import FeedbackStore, Reply, StoreError
 from chatrl.serve.ratelimit import RateLimited, RateLimiter
 
 Q = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
@@ -207,19 +207,6 @@ def test_cli_users_export_and_stats(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--since 'soon'" in capsys.readouterr().err
     assert main(["users", "add", "carol", "--db", str(db)]) == 2
     assert "already exists" in capsys.readouterr().err
-
-
-def test_model_version_hashes_the_safetensors_files(tmp_path: Path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "model.safetensors").write_bytes(b"weights")
-    (tmp_path / "a" / "config.json").write_text("{}")
-    expected = hashlib.sha256(b"model.safetensors\0weights").hexdigest()[:16]
-    assert model_version(tmp_path / "a") == expected
-    (tmp_path / "a" / "config.json").write_text('{"changed": 1}')  # only the weights count
-    assert model_version(tmp_path / "a") == expected
-    (tmp_path / "a" / "model.safetensors").write_bytes(b"weightz")
-    assert model_version(tmp_path / "a") != expected
-    assert model_version(tmp_path / "missing") == "unknown"
 
 
 def test_rate_limiter_counts_a_sliding_minute_per_key():

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from chatrl.feedback.db import open_db
 from chatrl.feedback.export import FORMATS, Filters, export_rows, jsonl
-from chatrl.feedback.store import FeedbackStore, Reply, StoreError, UserInfo, model_version
+from chatrl.feedback.store import FeedbackStore, Reply, StoreError, UserInfo
 from chatrl.serve import schemas
 from chatrl.serve.generation import SamplingSettings
 from chatrl.serve.server import ApiError, read_json_body
@@ -76,15 +76,15 @@ class FeedbackBody(BaseModel):
 class Recorder:
     """The store, its writer thread, and what the served model is called."""
 
-    def __init__(self, store: FeedbackStore, model_name: str, version: str):
-        self.store, self.model_name, self.version = store, model_name, version
+    def __init__(self, store: FeedbackStore, model_name: str):
+        self.store, self.model_name = store, model_name
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="chatrl-db-writer")
 
     async def write(self, fn, *args, **kwargs) -> Any:
         """`fn(*args)` on the writer thread; returns once it has committed."""
         return await asyncio.get_running_loop().run_in_executor(self.writer, functools.partial(fn, *args, **kwargs))
 
-    async def on_done(self, user: UserInfo, req: schemas.ChatRequest, settings: SamplingSettings):
+    async def on_done(self, user: UserInfo, req: schemas.ChatRequest, settings: SamplingSettings, version: str):
         """The callback that stores this request's completion; a `conversation_id` is checked now, before the
         reply is generated."""
         if req.conversation_id is not None:
@@ -92,26 +92,27 @@ class Recorder:
         sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
                     "max_tokens": settings.max_new_tokens, "stop": list(settings.stop), "n": req.n or 1}
         return functools.partial(self.record, user, req.template_messages(), sampling=sampling,
-                                 conversation=req.conversation_id)
+                                 conversation=req.conversation_id, version=version)
 
     async def record(self, user: UserInfo, messages: list[dict[str, str]], cid: str, texts: list[str],
-                     finish: list[str | None], sampling: dict[str, Any], conversation: str | None) -> dict[str, Any]:
+                     finish: list[str | None], sampling: dict[str, Any], conversation: str | None,
+                     version: str) -> dict[str, Any]:
         """Store one finished completion; returns the fields added to its response (ids to send feedback with)."""
         ids = completion_ids(cid, len(texts))
         replies = [Reply(i, t, f) for i, t, f in zip(ids, texts, finish, strict=True)]
         done = await self.write(self.store.record_completion, user, messages, replies, model_name=self.model_name,
-                                version=self.version, sampling=sampling, conversation=conversation)
+                                version=version, sampling=sampling, conversation=conversation)
         return {"conversation_id": done.conversation_id, "prompt_id": done.prompt_id, "completion_ids": ids,
-                "model_version": self.version}
+                "model_version": version}
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)  # the last writes commit before the process exits
         self.store.db.close()
 
 
-def open_recorder(db: str, model_path: str, model_name: str) -> Recorder:
-    """The store at `db` and a recorder for the model at `model_path` (its version hashed from the weights)."""
-    return Recorder(FeedbackStore(open_db(db)), model_name, model_version(model_path))
+def open_recorder(db: str, model_name: str) -> Recorder:
+    """The store at `db` and a recorder for the model served as `model_name`."""
+    return Recorder(FeedbackStore(open_db(db)), model_name)
 
 
 def completion_ids(cid: str, n: int) -> list[str]:

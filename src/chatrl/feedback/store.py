@@ -13,7 +13,6 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -61,21 +60,6 @@ class Recorded:
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def model_version(folder: str | Path) -> str:
-    """The first 16 hex digits of a SHA-256 over the folder's *.safetensors files (names and bytes, sorted by
-    name): two folders with the same weights have the same version. 'unknown' when it has no safetensors."""
-    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
-    if not files:
-        return "unknown"
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def public_message_id(message_id: int) -> str:

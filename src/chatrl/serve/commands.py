@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "need their API keys (default: remember nothing)")
     serve.add_argument("--rate-limit", type=int, default=0,
                        help="requests per minute per API key, per server process (default 0: no limit)")
+    serve.add_argument("--watch", default=None, metavar="RUN_DIR",
+                       help="serve the newest model folder under RUN_DIR (e.g. runs/x: its sft/model, ppo/actor, "
+                            "...) and switch to new weights as training writes them; in-flight answers finish on "
+                            "the old model (POST /admin/reload does the same on demand)")
+    serve.add_argument("--watch-interval", type=float, default=10.0,
+                       help="seconds between looks at --watch RUN_DIR (default 10)")
     serve.set_defaults(func=_run_serve)
 
 
@@ -90,18 +96,23 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     _check_positive(max_active=args.max_active, max_queue=args.max_queue, rate_limit=args.rate_limit or None,
+                    watch_interval=args.watch_interval,
                     default_max_tokens=args.default_max_tokens, context_window=args.context_window)
     if not 0 <= args.port <= 65535:
         raise ChatrlError(f"--port must be in 0..65535 (got {args.port})")
     if not args.api_key and not _is_loopback(args.host):
         print(f"chatrl serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               f"address can use the model", file=sys.stderr)
+    if args.watch is not None and not os.path.isdir(args.watch):
+        raise ChatrlError(f"--watch {args.watch}: not a folder (give a run folder such as runs/demo)")
     print(f"chatrl serve: loading {args.model} ...", file=sys.stderr, flush=True)
     _quiet_loading()
     app = create_app(args.model, api_key=args.api_key, dtype=args.dtype, context_window=args.context_window,
                      max_active=args.max_active, max_queue=args.max_queue,
                      default_max_tokens=args.default_max_tokens, model_name=args.model_name,
-                     chat=_load_chat_model(args), db=args.db, rate_limit=args.rate_limit)
+                     chat=_load_chat_model(args), db=args.db, rate_limit=args.rate_limit,
+                     load=lambda path: _load_chat_model(args, path), watch=args.watch,
+                     watch_interval=args.watch_interval)
     if app.state.recorder is not None:
         _say_who(app.state.recorder.store)
     run_server(app, host=args.host, port=args.port)
@@ -118,11 +129,12 @@ def _say_who(store) -> None:
               f"local user (`chatrl users add NAME --db ...` to require keys)", file=sys.stderr)
 
 
-def _load_chat_model(args: argparse.Namespace) -> ChatModel:
-    """The model to chat with / serve; says on stderr when its ILQL heads guide decoding."""
+def _load_chat_model(args: argparse.Namespace, path: str | None = None) -> ChatModel:
+    """The model to chat with / serve (`path`: another folder with the same options: a reload); says on stderr
+    when its ILQL heads guide decoding."""
     if args.ilql_beta is not None and not math.isfinite(args.ilql_beta):
         raise ChatrlError(f"--ilql-beta must be a finite number (got {args.ilql_beta})")
-    chat = ChatModel(args.model, dtype=args.dtype, context_window=args.context_window, ilql_beta=args.ilql_beta,
+    chat = ChatModel(path or args.model, dtype=args.dtype, context_window=args.context_window, ilql_beta=args.ilql_beta,
                      allow_pickle=args.allow_pickle)
     if chat.guidance is not None:
         print(f"chatrl: ILQL heads found: Q-guided decoding with beta={chat.guidance.beta:g} "

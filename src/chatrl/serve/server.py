@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +29,9 @@ from chatrl.errors import ChatrlError
 from chatrl.serve import schemas
 from chatrl.serve.generation import ChatModel, SamplingSettings
 from chatrl.serve.ratelimit import RateLimited, RateLimiter
-from chatrl.serve.worker import Event, GenerationWorker, Job, QueueFull
+from chatrl.serve.reload import ModelSlot, Served, Watcher, install_reload
+from chatrl.serve.run import run_server, start_in_thread  # noqa: F401 - callers import them from here
+from chatrl.serve.worker import Event, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
 VENDORED = ("marked.min.js", "purify.min.js")  # the chat page's Markdown renderer and sanitizer (static/vendor/)
@@ -50,38 +51,49 @@ class ApiError(Exception):
 def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "auto",
                context_window: int | None = None, max_active: int = 8, max_queue: int = 256,
                default_max_tokens: int = 256, model_name: str | None = None,
-               chat: ChatModel | None = None, db: str | None = None, rate_limit: int = 0) -> FastAPI:
+               chat: ChatModel | None = None, db: str | None = None, rate_limit: int = 0,
+               load: Callable[[str], ChatModel] | None = None, watch: str | None = None,
+               watch_interval: float = 10.0) -> FastAPI:
     """Load the model (or reuse `chat`), start its worker thread, and return the app.
 
     `api_key`: when set, every endpoint except `/health` and the static page at `/` needs
     `Authorization: Bearer <api_key>`. `db` (file or SQLAlchemy URL): store every completion, take feedback, require
     its users' keys (`chatrl.feedback.api`). `rate_limit`: requests per minute per key (0 = no limit).
+    `load(path)`: how `POST /admin/reload` and `watch` (a run folder polled every `watch_interval` s) load a model.
     """
-    chat = chat or ChatModel(model_path, dtype=dtype, context_window=context_window)
-    worker = GenerationWorker(chat, max_active=max_active, max_queue=max_queue).start()
+    load = load or (lambda path: ChatModel(path, dtype=dtype, context_window=context_window))
+    slot = ModelSlot(Served(chat or load(model_path), max_active, max_queue),
+                     lambda path: Served(load(path), max_active, max_queue))
     name = model_name or Path(str(model_path).rstrip("/")).name
     feedback = _feedback_api() if db is not None else None
-    recorder = feedback.open_recorder(db, chat.path, name) if feedback else None
+    recorder = feedback.open_recorder(db, name) if feedback else None
+    watcher = Watcher(slot, watch, watch_interval) if watch else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if watcher:
+            watcher.start()
         yield
-        worker.stop()
+        if watcher:
+            watcher.stop()
+        slot.stop()
         if recorder is not None:
             recorder.close()
 
     app = FastAPI(title="chatrl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.chat, app.state.worker, app.state.model_name, app.state.recorder = chat, worker, name, recorder
+    app.state.slot, app.state.model_name, app.state.recorder = slot, name, recorder
     _add_error_handlers(app)
     gate = feedback.UserGate(recorder.store, api_key) if feedback else _auth_dependency(api_key)
     auth = [Depends(gate), Depends(_rate_dependency(RateLimiter(rate_limit)))]
     if feedback:
         feedback.install(app, recorder, auth)
+    install_reload(app, slot, auth, ApiError)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        active, queued = worker.load
-        return {"status": "ok", "model": name, "active": active, "queued": queued}
+        active, queued = slot.current.worker.load
+        return {"status": "ok", "model": name, "model_version": slot.current.version, "active": active,
+                "queued": queued}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -106,27 +118,40 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         req = await _parse_request(request)
-        prompt_ids, settings = _prepare(chat, req, default_max_tokens)
-        n = req.n or 1
-        on_done = await recorder.on_done(request.state.user, req, settings) if recorder else None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(prompt_ids, settings, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), n=n)
+        served = slot.lease()  # this request runs on the model current now, even if a reload comes meanwhile
         try:
-            worker.submit(job)
-        except QueueFull as e:
-            raise ApiError(503, f"server busy: {e}; retry later", "server_error", code="server_overloaded") from e
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if req.stream:
-            body = _sse(job, events, name, len(prompt_ids), include_usage, on_done)
-            # a client gone before the first chunk means the generator never starts (its `finally` never
-            # runs): cancel the job when the generator is dropped too
-            weakref.finalize(body, job.cancel)
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(job, events, request, name, len(prompt_ids), on_done)
+            return await _chat_completion(request, req, served, slot, name, recorder, default_max_tokens)
+        except BaseException:
+            slot.release(served)
+            raise
 
     return app
+
+
+async def _chat_completion(request: Request, req: schemas.ChatRequest, served: Served, slot: ModelSlot, name: str,
+                           recorder, default_max_tokens: int):
+    """Run one request on `served`; its lease is returned when the answer (or the stream) is done."""
+    prompt_ids, settings = _prepare(served.chat, req, default_max_tokens)
+    on_done = await recorder.on_done(request.state.user, req, settings, served.version) if recorder else None
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    job = Job(prompt_ids, settings, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), n=req.n or 1)
+    try:
+        served.worker.submit(job)
+    except QueueFull as e:
+        raise ApiError(503, f"server busy: {e}; retry later", "server_error", code="server_overloaded") from e
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if req.stream:
+        body = _sse(job, events, name, len(prompt_ids), include_usage, on_done)
+        # a client gone before the first chunk means the generator never starts (its `finally` never runs):
+        # cancel the job when the generator is dropped too; the lease goes back with it
+        weakref.finalize(body, job.cancel)
+        weakref.finalize(body, slot.release, served)
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    answer = await _complete(job, events, request, name, len(prompt_ids), on_done)
+    slot.release(served)
+    return answer
 
 
 # What a finished completion is handed to: stores it, returns the fields added to its response
@@ -354,47 +379,3 @@ async def _sse(job: Job, events: asyncio.Queue[Event], model: str, prompt_tokens
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
-
-
-def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
-    """Run `app` with uvicorn on a background thread; returns (server, thread, base_url) once it listens.
-
-    Port 0 picks a free port. Stop with `server.should_exit = True; thread.join()`.
-    """
-    import uvicorn  # lazy: only `chatrl serve` needs the server
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
-                            lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="chatrl-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.02)
-    return server, thread, _bound_url(server, host)
-
-
-def _bound_url(server, host: str) -> str:
-    sock = server.servers[0].sockets[0]
-    port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
-
-
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve in the foreground (Ctrl-C stops); prints the page and API URLs once listening."""
-    import uvicorn  # lazy: only `chatrl serve` needs the server
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3))
-
-    def announce() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if server.started:
-            url = _bound_url(server, host)
-            print(f"chatrl serve: chat page at {url}/  |  OpenAI API at {url}/v1  (Ctrl-C to stop)", flush=True)
-
-    threading.Thread(target=announce, daemon=True).start()
-    server.run()
