@@ -148,3 +148,29 @@ def test_a_hanging_tool_times_out_and_the_episode_goes_on():
         RELEASE.set()
     assert batch.tool_results[0][0].status == "timeout" and env.stepped == ["5"]
     assert batch.conversations[0][2]["content"] == "Error: hang timed out after 0.2 s"
+
+
+class CounterEnv(AddEnv):
+    """Its tool is a method bound to the instance: each episode's calls must reach its own environment."""
+
+    def __init__(self) -> None:
+        super().__init__(tools=())
+        self.count = 0
+        self.tools = (self.bump,)
+
+    def bump(self, by: int) -> int:
+        """Add to this episode's counter.
+
+        Args:
+            by: How much.
+        """
+        self.count += by
+        return self.count
+
+
+def test_each_episode_calls_its_own_environments_tools():
+    envs = [CounterEnv() for _ in range(3)]
+    call = '<tool_call>{"name": "bump", "arguments": {"by": 2}}</tool_call>'
+    _, _, batch = play([[call], [call], ["done"]], envs)
+    assert [e.count for e in envs] == [4, 4, 4]  # two calls each, none on another episode's environment
+    assert [[r.content for r in rs] for rs in batch.tool_results] == [["2", "4"]] * 3

@@ -39,7 +39,8 @@ from chatrl.rollout.tool_turns import ToolRound, run_round, tool_calls_of
 from chatrl.tools.audit import audit_template
 from chatrl.tools.parsers import ToolCall
 from chatrl.tools.runner import ToolResult
-from chatrl.tools.toolbox import ToolBox, ToolSettings, toolbox_for
+from chatrl.tools.schema import Tool
+from chatrl.tools.toolbox import ToolBox, ToolSettings, declared_tools, toolbox_for
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class _Episode:
     done: bool = False
     truncated: bool = False
     context_truncated: bool = False
+    tools: dict[str, Tool] = field(default_factory=dict)  # what its calls run: its own environment's tools
     tool_results: list[ToolResult] = field(default_factory=list)
     turn_calls: int = 0           # tool calls answered in the current turn
     turn_penalty: float = 0.0     # tool_error_penalty owed by the current turn's failed calls
@@ -150,12 +152,14 @@ def run_episodes(hybrid: HybridEngine, tokenizer: PreTrainedTokenizerBase, envs:
     if box is not None:
         audit_template(tokenizer, box)
     schemas = box.schemas if box is not None else None
+    first_tools = declared_tools(envs[0], env_name) if box is not None else []
     episodes = []
     for env, task in zip(envs, tasks, strict=False):
         first, info = validate_reset(env_name, call_env(env_name, "reset()", env.reset, seed=task.seed,
                                                         options={"split": task.split, "task": task.task}))
         ids = encode_prompt(tokenizer, first, max_prompt_tokens, tools=schemas) or []
-        episodes.append(_Episode(env=env, prompt=list(first), prompt_ids=ids, conversation=list(first), info=info))
+        episodes.append(_Episode(env=env, prompt=list(first), prompt_ids=ids, conversation=list(first), info=info,
+                                 tools=_tools_of(env, env_name, box, first_tools)))
     synced = hybrid.zero3 and dist.is_initialized() and dist.get_world_size() > 1
     base_seed = settings.seed
     with hybrid.inference_mode():
@@ -194,6 +198,19 @@ def run_episodes(hybrid: HybridEngine, tokenizer: PreTrainedTokenizerBase, envs:
     return _collect(episodes)
 
 
+def _tools_of(env: gymnasium.Env, env_name: str, box: ToolBox | None, first: list[Tool]) -> dict[str, Tool]:
+    """The tools an episode's calls run: its own environment instance's (a tool may be a method bound to it) plus
+    the config's. Every instance must declare the tools the first one does (`first`): the model is shown one set."""
+    if box is None:
+        return {}
+    own = declared_tools(env, env_name)
+    if [t.schema for t in own] != [t.schema for t in first]:
+        raise ChatrlError(f"environment '{env_name}': its instances declare different tools ("
+                          f"{', '.join(t.name for t in own) or 'none'} vs {', '.join(t.name for t in first)}); "
+                          "every instance must offer the same tools")
+    return {**box.tools, **{t.name: t for t in own}}
+
+
 def _truncate_full(episodes: list[_Episode], max_new_tokens: int, max_context: int) -> None:
     """A reply that cannot fit any more ends the episode before decoding."""
     for ep in episodes:
@@ -224,8 +241,8 @@ def _append_reply(ep: _Episode, reply_ids: list[int], reply_logprobs: list[float
 def _answer_calls(calling: list[tuple[_Episode, list[int], list[float], list[ToolCall]]], box: ToolBox,
                   tokenizer: PreTrainedTokenizerBase) -> None:
     """Run the calls of all calling replies together, append each reply and its results to its episode."""
-    answers = run_round([(reply, calls, box.max_calls - ep.turn_calls) for ep, reply, _, calls in calling], box,
-                        tokenizer)
+    answers = run_round([(reply, calls, box.max_calls - ep.turn_calls, ep.tools) for ep, reply, _, calls in calling],
+                        box, tokenizer)
     for (ep, reply, lps, _), answered in zip(calling, answers, strict=True):
         _append_tool_round(ep, reply, lps, answered, tokenizer, box.schemas, box.error_penalty)
 

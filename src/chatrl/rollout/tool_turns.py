@@ -4,7 +4,7 @@ tool messages the episodes append (`rollout.episodes` lays them out as environme
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerBase
 from chatrl.data.types import Message
 from chatrl.envs.base import tool_message
 from chatrl.tools.parsers import ToolCall
-from chatrl.tools.runner import ToolResult
+from chatrl.tools.runner import ToolResult, run_each
+from chatrl.tools.schema import Tool
 from chatrl.tools.toolbox import ToolBox
 
 
@@ -39,16 +40,17 @@ def tool_calls_of(box: ToolBox, tokenizer: PreTrainedTokenizerBase, reply_ids: l
     return box.calls_in(call_text(tokenizer, reply_ids)[0])
 
 
-def run_round(replies: Sequence[tuple[list[int], list[ToolCall], int]], box: ToolBox,
+def run_round(replies: Sequence[tuple[list[int], list[ToolCall], int, Mapping[str, Tool]]], box: ToolBox,
               tokenizer: PreTrainedTokenizerBase) -> list[ToolRound]:
-    """Answer each (reply ids, its calls, calls the turn may still make) in one concurrent batch of calls. Calls past
-    the turn's budget are not run: the model reads that the limit is reached (counted as errors)."""
-    flat: list[ToolCall] = []
-    for _, calls, budget in replies:
-        flat += calls[:max(budget, 0)]
-    results = iter(box.run(flat))
+    """Answer each (reply ids, its calls, calls the turn may still make, its environment's tools) in one concurrent
+    batch of calls. Calls past the turn's budget are not run: the model reads that the limit is reached (counted as
+    errors)."""
+    flat: list[tuple[ToolCall, Mapping[str, Tool]]] = []
+    for _, calls, budget, tools in replies:
+        flat += [(call, tools) for call in calls[:max(budget, 0)]]
+    results = iter(run_each(flat, box.timeout))
     rounds = []
-    for reply_ids, calls, budget in replies:
+    for reply_ids, calls, budget, _ in replies:
         answered = [next(results) for _ in calls[:max(budget, 0)]]
         answered += [ToolResult(c.name or "?", f"Error: the limit of {box.max_calls} tool calls per turn is reached; "
                                 "answer without tools", "error") for c in calls[max(budget, 0):]]

@@ -101,9 +101,14 @@ def _malformed(call: ToolCall, tools: Mapping[str, Tool]) -> ToolResult | None:
 
 def run_calls(calls: Sequence[ToolCall], tools: Mapping[str, Tool], timeout: float) -> list[ToolResult]:
     """Results of `calls` in order. All runnable calls start at once, each may take `timeout` seconds."""
-    results: list[ToolResult | None] = [_malformed(call, tools) for call in calls]
+    return run_each([(call, tools) for call in calls], timeout)
+
+
+def run_each(calls: Sequence[tuple[ToolCall, Mapping[str, Tool]]], timeout: float) -> list[ToolResult]:
+    """`run_calls` where each call names the tools it may use (each episode calls its own environment's tools)."""
+    results: list[ToolResult | None] = [_malformed(call, tools) for call, tools in calls]
     running: list[tuple[int, _Call]] = []
-    for i, call in enumerate(calls):
+    for i, (call, tools) in enumerate(calls):
         if results[i] is None:
             worker = _Call(tools[call.name], dict(call.arguments or {}))  # type: ignore[index]
             worker.started_at = time.perf_counter()
