@@ -80,3 +80,25 @@ def test_endpoint_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
                                           "APIConnectionError") as err:
         evaluate_endpoint(endpoint, "arithmetic", episodes=1, samples=0, progress=False)
     assert "\n" not in str(err.value)
+
+
+class Echo:
+    """Replies with the number of messages it was sent."""
+
+    model = "echo"
+
+    def reply(self, messages, temperature, seed):
+        return str(len(messages))
+
+
+def test_multi_turn_episodes_send_the_conversation_so_far() -> None:
+    # ThreeTurnEnv: turns 1 and 2 are answered "Turn k done, go on." with reward k, the third ends it with 10
+    score = evaluate_endpoint(Echo(), "rl_envs:ThreeTurnEnv", episodes=2, samples=1, max_turns=3, progress=False,
+                              log=lambda line: None)
+    assert score.success == 1.0 and score.mean_return == 13.0 and score.pass_k == 1.0
+    conversation = score.examples[0]["conversation"]
+    assert [m["content"] for m in conversation if m["role"] == "assistant"] == ["1", "3", "5"]
+    assert conversation[2] == {"role": "user", "content": "Turn 1 done, go on."}
+    cut = evaluate_endpoint(Echo(), "rl_envs:ThreeTurnEnv", episodes=2, samples=0, max_turns=2, progress=False,
+                            log=lambda line: None)
+    assert cut.success == 0.0 and cut.mean_return == 3.0  # unfinished after 2 turns: 1 + 2, not a success
