@@ -18,7 +18,7 @@ from chatrl.errors import ChatrlError
 from chatrl.eval.evaluate import evaluate_models
 from chatrl.eval.metrics import paired_difference
 from chatrl.models.loading import check_same_tokenizer
-from chatrl.steps.pipeline import build_plan, default_steps
+from chatrl.steps.pipeline import build_plan, default_steps, preflight
 from helpers import kill_after_checkpoint, read_metrics, run_cli, same_weights
 
 
@@ -111,6 +111,8 @@ def test_the_pipeline_distils_in_an_environment_from_the_base_model(tmp_path: Pa
     assert isinstance(plan.rl, DistillConfig) and plan.rl.grpo.teacher == "/t"
     assert default_steps(plan) == [3] and plan.rl.actor.name_or_path == "tiny-random"
     assert plan.outputs()[3] == tmp_path / "distill" / "actor"
+    with pytest.raises(ChatrlError, match="distill.grpo.teacher=/t: no such model folder"):
+        preflight(cfg, plan, [3])  # in seconds, before any model loads
     cfg = load_config(PipelineConfig, path="configs/tiny-pipeline.yaml", overrides=[
         f"run_dir={tmp_path}", "algorithm=distill", "distill.grpo.teacher=/t"])
     plan = build_plan(cfg)

@@ -139,6 +139,11 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
     name = cfg.model.name_or_path
     if 1 in steps and name not in ALIASES and not Path(name).is_dir() and "/" not in name:
         raise ChatrlError(f"model.name_or_path={name}: no such folder and not a built-in alias {list(ALIASES)}")
+    teacher = plan.rl.grpo.teacher if isinstance(plan.rl, GRPOConfig) else None
+    if 3 in steps and teacher and teacher not in ALIASES and not Path(teacher).is_dir() and (
+            teacher.count("/") != 1 or teacher.startswith((".", "~", "/"))):  # a folder path, not a hub id
+        raise ChatrlError(f"{cfg.algorithm}.grpo.teacher={teacher}: no such model folder; train the teacher first "
+                          "(configs/distill-arithmetic.yaml: `make demo-grpo`)")
     for step, kind in ((1, "sft"), (2, "reward"), (3, plan.spec.data)):
         if step in steps and not (step == 3 and plan.env_rewards()):
             records, _ = load_records(cfg.data, kind, "train")

@@ -122,6 +122,9 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
     def optim_for(optim):  # the per-process micro-batch and accumulation come from the batch plan
         return dataclasses.replace(optim, micro_batch_size=p.micro_batch_size, grad_accum=plan.grad_accum)
 
+    distill = isinstance(cfg, GRPOConfig) and cfg.grpo.teacher
+    if distill:  # before any model loads: a wrong teacher fails in seconds
+        check_same_tokenizer(tok, load_tokenizer(cfg.grpo.teacher), "grpo.teacher", cfg.grpo.teacher)
     actor_model = load_causal_lm(cfg.actor, dtype=ctx.weights_dtype, tokenizer=tok)
     actor = initialize(actor_model, optim_for(cfg.actor_optim), cfg.deepspeed, bf16=ctx.bf16,
                        total_steps=total_steps, world_size=ctx.world)
@@ -129,8 +132,7 @@ def build_models(cfg: RLStepConfig, ctx: StepContext, plan: BatchPlan) -> RLMode
     if cfg.needs_reference():
         reference = frozen_lm(cfg.actor.name_or_path, cfg.reference, tok, dev, allow_pickle=cfg.actor.allow_pickle)
     teacher = None
-    if isinstance(cfg, GRPOConfig) and cfg.grpo.teacher:
-        check_same_tokenizer(tok, load_tokenizer(cfg.grpo.teacher), "grpo.teacher", cfg.grpo.teacher)
+    if distill:
         teacher = frozen_lm(cfg.grpo.teacher, cfg.teacher, tok, dev, allow_pickle=cfg.teacher.allow_pickle)
     critic = None
     if isinstance(cfg, PPOConfig) and cfg.needs_critic():
