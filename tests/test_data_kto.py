@@ -4,10 +4,12 @@ rows, undesirable replies kept out of SFT, the mismatched KL rows and the collat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from chatrl.cli import main
 from chatrl.config import DataConfig
 from chatrl.data.prepare import load_records, tokenized_rows
 from chatrl.data.schemas import detect_row
@@ -72,7 +74,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path: Path) -> None:
         first = str(err.value).splitlines()[0]
         assert first.startswith(f"{path}:2: field '{field}'") and "schema 'kto'" in first
     with pytest.raises(ChatrlError, match="KTO needs labelled replies"):
-        load_records(_cfg(_write(tmp_path / "sft.jsonl", [{"prompt": "q", "response": "r"}]) ), "kto", "train")
+        load_records(_cfg(_write(tmp_path / "sft.jsonl", [{"prompt": "q", "response": "r"}])), "kto", "train")
 
 
 def _row(prompt: list[int], reply: list[int], desirable: bool = True) -> dict:
@@ -112,3 +114,9 @@ def test_tokenized_kto_rows_mark_the_prompt(tmp_path: Path, tiny_model_dir) -> N
     paris = next(r for r in rows if tok.decode(r["input_ids"][r["prompt_len"]:]).startswith("Paris."))
     assert paris["desirable"] is True
     assert tok.decode(paris["input_ids"][:paris["prompt_len"]]).rstrip().endswith("assistant")
+
+
+def test_data_inspect_shows_the_class_balance(tmp_path: Path, tiny_model_dir, capsys) -> None:
+    assert main(["data", "inspect", str(_write(tmp_path / "fb.jsonl", ROWS)), "--tokenizer", tiny_model_dir]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"│ kto\s+│ 4\s+│ 4\s+│ 0\s+│ 4\s+│ 0\s+│ 2\s+│ 2\s+│", out), out

@@ -73,11 +73,15 @@ def histogram(values: list[int], bins: int = HIST_BINS) -> list[tuple[int, int, 
 def _print_dataset(console: Any, ds: Dataset, report: DataReport, lengths: list[int] | None) -> None:
     pairs = sum(e.is_pair for e in ds.examples)
     replies = sum(e.response is not None for e in ds.examples)
+    columns = {"schema": ds.schema, "rows read": report.read[ds.spec], "rows kept": len(ds.examples), "pairs": pairs,
+               "with reply": replies, "prompt only": len(ds.examples) - replies}
+    labels = [e.label for e in ds.examples if e.label is not None]
+    if labels:  # KTO rows: the class balance kto.desirable_weight / undesirable_weight are chosen by
+        columns.update({"desirable": sum(labels), "undesirable": len(labels) - sum(labels)})
     table = Table(title=f"{ds.spec}", show_header=True)
-    for col in ("schema", "rows read", "rows kept", "pairs", "with reply", "prompt only"):
+    for col in columns:
         table.add_column(col)
-    table.add_row(ds.schema, str(report.read[ds.spec]), str(len(ds.examples)), str(pairs), str(replies),
-                  str(len(ds.examples) - replies))
+    table.add_row(*(str(v) for v in columns.values()))
     console.print(table)
     if report.dropped:
         drops = Table(title="dropped rows", show_header=True)

@@ -10,7 +10,8 @@ steps share is shared, not copied: the reference (`ReferenceOptions`, `setup_ref
 Each batch holds B examples as [2B, T] rows (`UnpairedBatch`): the examples, then their mismatched KL rows
 (`data.tokenize.with_mismatched`). The policy scores the examples with gradients and the KL rows without (z0 is a
 constant of the loss, as in TRL); the reference's log-probs of both come from the one-pass cache or a live model.
-The loss is `algorithms.preference.UNPAIRED_LOSSES[kto.loss]` (formula there).
+The loss is `algorithms.preference.UNPAIRED_LOSSES[kto.loss]` (formula there). z0 is estimated from each micro-batch
+on its own process (TRL averages it over the processes too).
 """
 
 from __future__ import annotations
