@@ -9,9 +9,13 @@ Demos (each a `chatrl pipeline` run in runs/demos/<demo>-<dtype>-s<seed>, its ow
   rlhf  configs/demo.yaml           SFT -> reward model (+ judge) -> PPO -> eval on held-out prompts
   dpo   configs/demo-dpo.yaml       SFT -> DPO -> eval, scored by the judge
   grpo  configs/grpo-arithmetic.yaml  GRPO on two-digit addition -> held-out problems
+  distill configs/distill-arithmetic.yaml  base SmolLM2 distils the grpo demo's actor (same seed; run first if
+        missing) -> held-out problems, and rollout success against GRPO from scratch at equal training time
+        (bench/demo_distill.py)
 Bars (issue 19): rlhf: PPO beats SFT and base by >= 2 s.e. of the paired difference (training reward model) and
 the independent judge does not rank it below SFT (judge gain > -1 s.e.); dpo: held-out implicit-reward accuracy
->= 60% and judge gain over SFT >= 2 s.e.; grpo: >= +15 points held-out success with paired s.e. <= 4.
+>= 60% and judge gain over SFT >= 2 s.e.; grpo: >= +15 points held-out success with paired s.e. <= 4; distill
+(issue 22): held-out success above base by >= 2 s.e.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from pathlib import Path
 
 import transformers
 from common import RESULTS, ROOT, machine, table, update_readme, write_json
+from demo_distill import distill_table, measure_distill, teacher_run
 
 from chatrl.eval.metrics import paired_difference, proportion_se
 
-DEMOS = {"rlhf": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "configs/grpo-arithmetic.yaml"}
+DEMOS = {"rlhf": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "configs/grpo-arithmetic.yaml",
+         "distill": "configs/distill-arithmetic.yaml"}
 OUT = RESULTS / "demos"
 
 
@@ -47,6 +53,17 @@ def run_demo(demo: str, seed: int, dtype: str, overrides: list[str]) -> tuple[Pa
     return run_dir, None if resumed else time.perf_counter() - t0
 
 
+def demo_overrides(demo: str, seed: int, dtype: str) -> list[str]:
+    """The distillation demo's teacher: the grpo demo's actor of the same seed and dtype (that demo runs first when
+    it has not finished: its finished steps are skipped)."""
+    if demo != "distill":
+        return []
+    grpo_dir = teacher_run(ROOT / "runs" / "demos" / f"{demo}-{dtype}-s{seed}")
+    if not (grpo_dir / "eval" / "eval_env.json").exists():
+        run_demo("grpo", seed, dtype, [])
+    return [f"distill.grpo.teacher={grpo_dir / 'grpo' / 'actor'}"]
+
+
 def _last_eval(metrics: Path) -> dict:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
     return rows[-1] if rows else {}
@@ -62,6 +79,8 @@ def _gain(samples: list[dict], key: str, new: str, old: str) -> dict | None:
 
 def measure(demo: str, run_dir: Path) -> dict:
     """The demo's effect, from the files its pipeline wrote."""
+    if demo == "distill":
+        return measure_distill(run_dir)
     if demo == "grpo":
         env = json.loads((run_dir / "eval" / "eval_env.json").read_text())["models"]
         base, rl = env["base"], env["grpo"]
@@ -108,7 +127,9 @@ def _minutes(run: dict) -> str:
 
 
 def demo_table(demo: str, runs: list[dict]) -> str:
-    if demo == "grpo":
+    if demo == "distill":
+        body = distill_table(runs)
+    elif demo == "grpo":
         rows = [[r["seed"], f"{r['base_success']:.1%}", f"{r['rl_success']:.1%}",
                  f"{r['gain'] * 100:+.1f} ({r['gain_se'] * 100:.1f})", _minutes(r),
                  "yes" if r["holds"] else "**no**"] for r in runs]
@@ -149,7 +170,7 @@ def main() -> None:
         # earlier runs of other seeds stay in the table; a seed run again replaces its row
         runs = [r for r in (json.loads(dest.read_text())["runs"] if dest.exists() else []) if r["seed"] not in seeds]
         for seed in seeds:
-            run_dir, seconds = run_demo(demo, seed, args.dtype, [])
+            run_dir, seconds = run_demo(demo, seed, args.dtype, demo_overrides(demo, seed, args.dtype))
             runs.append({"seed": seed, "minutes": None if seconds is None else seconds / 60, "dtype": args.dtype,
                          "machine": machine(),
                          "transformers": transformers.__version__, **measure(demo, run_dir)})
