@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 # subprocess importing torch/DeepSpeed on one core, so 2 workers on 2 cores took the suite from 34.5 to 18 minutes
 TEST_WORKERS ?= 2
 
-.PHONY: install demo demo-grpo demo-dpo demos-check test test-fast lint bench bench-quick clean constraints
+.PHONY: install demo demo-grpo demo-distill demo-dpo demos-check test test-fast lint bench bench-quick clean constraints
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: install
 # GRPO from a checkable reward: SmolLM2-135M-Instruct learns two-digit addition (configs/grpo-arithmetic.yaml)
 demo-grpo: install
 	$(VENV)/bin/chatrl pipeline --config configs/grpo-arithmetic.yaml
+
+# after demo-grpo: its actor is the teacher
+demo-distill: install
+	$(VENV)/bin/chatrl pipeline --config configs/distill-arithmetic.yaml
 
 # after a green `make test`: pin what it passed with (torch's local +cpu tag dropped: the pin must work anywhere)
 constraints: install
