@@ -46,6 +46,25 @@ def test_a_student_equal_to_its_teacher_gets_zero_advantages_and_keeps_its_weigh
     assert same_weights(Path(tiny_model_dir), out / "actor") == []
 
 
+def test_grpo_with_a_teacher_mixes_the_environment_advantage_by_teacher_weight(word_sft: Path, tmp_path: Path) -> None:
+    """`chatrl grpo` with grpo.teacher = the actor's own folder and teacher_weight 0.25: the distillation term is
+    exactly 0, so the first iteration (same weights, same seed, same rollout as plain GRPO) has advantages of exactly
+    0.75 x plain GRPO's; the reference is not loaded (kl_coef 0) and the distill metrics are logged."""
+    common = ["grpo", "--config", "configs/tiny-grpo.yaml", f"actor.name_or_path={word_sft}", "grpo.iterations=1",
+              "env.name=arithmetic", "reward.functions=[reward_fns:banana_share]", "checkpoint.every=0"]
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    proc = run_cli(*common, f"output_dir={plain}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(*common, f"output_dir={mixed}", f"grpo.teacher={word_sft}", "grpo.teacher_weight=0.25",
+                   "teacher.dtype=fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (p,), (m,) = read_metrics(plain), read_metrics(mixed)
+    assert p["reward_mean"] == m["reward_mean"] and p["advantage_std"] > 0  # the same rollout, varied rewards
+    assert m["advantage_std"] == pytest.approx(0.75 * p["advantage_std"], rel=1e-6)
+    assert m["advantage_mean"] == pytest.approx(0.75 * p["advantage_mean"], abs=1e-7)
+    assert m["distill/reverse_kl"] == 0 and "distill/reverse_kl" not in p and m["kl"] == 0
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_with_one_line(tiny_model_dir: str, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_model_dir, teacher)
