@@ -50,6 +50,7 @@ def test_pipeline_skips_finished_steps(pipeline_run: Path) -> None:
 
 @pytest.mark.parametrize(("algorithm", "extra", "title"), [
     ("dpo", ["dpo.optim.max_steps=3", "dpo.optim.micro_batch_size=2"], "DPO (offline, on preference pairs)"),
+    ("kto", ["kto.optim.max_steps=3", "kto.optim.micro_batch_size=2"], "KTO (offline, on replies labelled"),
     ("ilql", ["ilql.optim.max_steps=3", "ilql.optim.micro_batch_size=2"], "ILQL (offline Q-learning)")])
 def test_pipeline_offline_runs_sft_then_step_3_and_scores_with_another_runs_reward_model(
         pipeline_run: Path, tmp_path: Path, algorithm: str, extra: list[str], title: str) -> None:
