@@ -22,7 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from chatrl.errors import ChatrlError
@@ -112,7 +112,10 @@ def database_url(target: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    # the driver's own transaction handling off (it starts none before DDL, and its BEGIN is DEFERRED): the
+    # "begin" listener below says BEGIN itself (SQLAlchemy's recipe for pysqlite)
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
@@ -120,13 +123,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        # check_same_thread off: the server's writer thread and readers share the pool; timeout = busy wait
-        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+def make_engine(url: str, writer: bool = False) -> Engine:
+    """An engine; for SQLite, a `writer` one begins every transaction with BEGIN IMMEDIATE: it takes the write
+    lock first (waiting up to the busy timeout), so a transaction that reads and then writes never fails because
+    another process committed in between (in WAL mode a DEFERRED one would, at once, without waiting)."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    # check_same_thread off: the server's writer thread and readers share the pool; timeout = busy wait
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+    event.listen(engine, "connect", _sqlite_connect)
+    begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+    return engine
 
 
 def _alembic_config() -> Config:
@@ -136,7 +144,8 @@ def _alembic_config() -> Config:
 
 
 def upgrade(engine: Engine) -> str:
-    """Bring the schema to the newest revision (a no-op when it is there); returns that revision."""
+    """Bring the schema to the newest revision (a no-op when it is there) in one transaction of the writer `engine`
+    (several processes opening a new database at once: one migrates, the others find it done); returns it."""
     cfg = _alembic_config()
     head = ScriptDirectory.from_config(cfg).get_current_head()
     with engine.connect() as conn:
@@ -146,8 +155,8 @@ def upgrade(engine: Engine) -> str:
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-    except OperationalError:
-        # another process opening the same new database migrated it first ("table already exists")
+    except DBAPIError:
+        # a server database without a writer lock: another process migrated it first ("table already exists")
         with engine.connect() as conn:
             if MigrationContext.configure(conn).get_current_revision() != head:
                 raise
@@ -155,23 +164,26 @@ def upgrade(engine: Engine) -> str:
 
 
 class Database:
-    """An engine and its sessions. `session()` is a context manager: `with db.session() as s, s.begin(): ...`."""
+    """Engines and sessions: `with db.session() as s:` to read, `with db.write() as s, s.begin():` to write."""
 
     def __init__(self, url: str):
         self.url = url
         try:
             self.engine = make_engine(url)
+            self.write_engine = make_engine(url, writer=True) if url.startswith("sqlite") else self.engine
         except (NoSuchModuleError, ModuleNotFoundError) as e:  # unknown dialect, or its driver not installed
             raise ChatrlError(f"--db {url}: no SQLAlchemy driver for it ({e}); e.g. a file path for SQLite, or "
                               f"postgresql+psycopg://... with psycopg installed") from None
         try:
-            self.revision = upgrade(self.engine)
+            self.revision = upgrade(self.write_engine)
         except OperationalError as e:
             raise ChatrlError(f"--db {url}: cannot open the database: {e.orig}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self.write = sessionmaker(self.write_engine, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
+        self.write_engine.dispose()
 
 
 def open_db(target: str | Path) -> Database:

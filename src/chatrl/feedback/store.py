@@ -87,7 +87,7 @@ class FeedbackStore:
                               f"with a letter or digit (and not {LOCAL_USER!r}, the no-users account)")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:
-            with self.db.session() as s, s.begin():
+            with self.db.write() as s, s.begin():
                 s.add(User(name=name, key_hash=sha256(key), is_admin=admin))
         except IntegrityError:
             raise ChatrlError(f"user {name!r} already exists in {self.db.url}") from None
@@ -114,7 +114,7 @@ class FeedbackStore:
     def local_user(self) -> UserInfo:
         """The one user of a server without users (created on first use; admin: it sees everything)."""
         try:
-            with self.db.session() as s, s.begin():
+            with self.db.write() as s, s.begin():
                 user = s.scalar(select(User).where(User.name == LOCAL_USER))
                 if user is None:
                     user = User(name=LOCAL_USER, key_hash=None, is_admin=True)
@@ -130,7 +130,7 @@ class FeedbackStore:
                           model_name: str, version: str, sampling: dict[str, Any],
                           conversation: str | None = None) -> Recorded:
         """Store the prompt messages (reusing the conversation they continue) and the generated replies."""
-        with self.db.session() as s, s.begin():
+        with self.db.write() as s, s.begin():
             conv, parent = self._prompt_chain(s, user, messages, conversation)
             settings = json.dumps(sampling, sort_keys=True)
             for reply in replies:
@@ -211,20 +211,20 @@ class FeedbackStore:
     # ------------------------------------------------------------------------------------------- feedback
 
     def add_rating(self, user: UserInfo, completion_id: str, rating: int, comment: str | None) -> str:
-        with self.db.session() as s, s.begin():
+        with self.db.write() as s, s.begin():
             reply = self._own_reply(s, user, completion_id, "completion_id")
             return self._add(s, Feedback(user_id=user.id, kind="rating", message_id=reply.id, rating=rating,
                                          comment=comment))
 
     def add_edit(self, user: UserInfo, completion_id: str, edited: str) -> str:
-        with self.db.session() as s, s.begin():
+        with self.db.write() as s, s.begin():
             reply = self._own_reply(s, user, completion_id, "completion_id")
             if edited.strip() == reply.content.strip():
                 raise StoreError(400, "'edited' is the reply unchanged: nothing to learn from", "invalid_value")
             return self._add(s, Feedback(user_id=user.id, kind="edit", message_id=reply.id, edited=edited))
 
     def add_pair(self, user: UserInfo, prompt_id: str, chosen_id: str, rejected_id: str) -> str:
-        with self.db.session() as s, s.begin():
+        with self.db.write() as s, s.begin():
             prompt = parse_prefixed(prompt_id, "msg-", "prompt")
             chosen = self._own_reply(s, user, chosen_id, "chosen_id")
             rejected = self._own_reply(s, user, rejected_id, "rejected_id")
