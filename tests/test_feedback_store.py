@@ -17,10 +17,12 @@ from chatrl.config import DataConfig
 from chatrl.data.clean import DataReport
 from chatrl.data.prepare import load_records, read_examples
 from chatrl.errors import ChatrlError
+from chatrl.feedback.api import UserGate
 from chatrl.feedback.db import Base, Feedback, User, open_db, utcnow
 from chatrl.feedback.export import Filters, export_rows, stats, write_jsonl
 from chatrl.feedback.store import FeedbackStore, Reply, StoreError
 from chatrl.serve.ratelimit import RateLimited, RateLimiter
+from chatrl.serve.server import ApiError
 
 Q = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
 
@@ -207,6 +209,9 @@ def test_cli_users_export_and_stats(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--since 'soon'" in capsys.readouterr().err
     assert main(["users", "add", "carol", "--db", str(db)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["users", "list", "--db", str(db)]) == 0
+    listed = capsys.readouterr().out
+    assert "carol" in listed and "yes" in listed and key not in listed
 
 
 def test_rate_limiter_counts_a_sliding_minute_per_key():
@@ -222,3 +227,21 @@ def test_rate_limiter_counts_a_sliding_minute_per_key():
     now[0] = 60.5  # the first two requests left the window
     limiter.check("k1")
     RateLimiter(0).check("k1")  # 0 = no limit
+
+
+def test_user_gate_with_and_without_users_and_a_shared_key(store: FeedbackStore):
+    gate = UserGate(store, api_key="shared-secret")
+    for wrong in ("", "shared-secre", "' OR 1=1 --"):
+        with pytest.raises(ApiError) as err:
+            gate.who(wrong)
+        assert err.value.status == 401 and err.value.body["error"]["code"] == "invalid_api_key"
+    assert gate.who("shared-secret").name == "local"  # no users yet: --api-key guards the one local user
+    key = store.add_user("dora")
+    assert gate.who(key).name == "dora"
+    assert gate.who("shared-secret").name == "local"  # the operator's key still works, as the local admin
+    with pytest.raises(ApiError):
+        gate.who("")
+    open_gate = UserGate(store, api_key=None)
+    with pytest.raises(ApiError):
+        open_gate.who("")  # once a user exists, a key is needed even without --api-key
+    assert open_gate.who(key).name == "dora"
