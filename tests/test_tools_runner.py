@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from chatrl.config_rl import GRPOConfig
+from chatrl.configbase import load_config
 from chatrl.errors import ChatrlError
 from chatrl.tools.parsers import ToolCall
 from chatrl.tools.runner import MAX_RESULT_CHARS, ToolResult, as_text, run_calls
@@ -119,3 +121,16 @@ def test_toolbox_joins_env_and_config_tools_and_checks_options():
         toolbox_for(AddEnv(), "adder", ToolOptions(tool_timeout=0))
     with pytest.raises(ChatrlError, match="env.max_tool_calls=-1"):
         toolbox_for(AddEnv(), "adder", ToolOptions(max_tool_calls=-1))
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("env.max_tool_calls=-1", "env.max_tool_calls=-1 must be >= 0"),
+    ("env.tool_timeout=0", "env.tool_timeout=0.0 must be a positive number"),
+    ("env.tool_error_penalty=-1", "env.tool_error_penalty=-1.0 must be >= 0"),
+    ("env.tool_parser=xml", "env.tool_parser='xml'"),
+])
+def test_the_config_checks_the_tool_options(override, needle):
+    with pytest.raises(ChatrlError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_config(GRPOConfig, None, ["env.name=arithmetic", "env.tools=[calculator]", override])
+    cfg = load_config(GRPOConfig, None, ["env.name=arithmetic", "env.tools=[calculator]"])
+    assert cfg.env.tools == ["calculator"] and cfg.env.max_tool_calls == 4 and cfg.env.tool_parser == "auto"
