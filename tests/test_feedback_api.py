@@ -225,3 +225,17 @@ def test_a_reply_that_cannot_be_stored_is_an_error_not_a_silent_loss(tmp_path, t
     finally:
         srv.should_exit = True
         thread.join(15)
+
+
+def test_hostile_query_parameters_are_4xx(open_server):
+    url = open_server[0].url
+    answers = [
+        httpx.get(url + "/v1/conversations", params={"limit": "1; DROP TABLE users"}),
+        httpx.get(url + "/v1/conversations", params={"all": "maybe"}),
+        httpx.get(url + "/v1/feedback/export", params={"format": "<script>alert(1)</script>"}),
+        httpx.post(url + "/admin/reload", json={"model": 5}),
+        httpx.post(url + "/admin/reload", json=["not", "an", "object"]),
+    ]
+    assert [a.status_code for a in answers] == [400] * 5, [a.text for a in answers]
+    assert all(set(a.json()["error"]) >= {"message", "type", "code"} for a in answers)
+    assert httpx.get(url + "/v1/conversations", params={"limit": 1}).json()["data"] is not None
