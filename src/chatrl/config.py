@@ -223,11 +223,12 @@ class PipelineConfig:
 
     `model`, `data`, `deepspeed` and `seed` are set once here and passed to every step; the sections
     `sft`, `reward` and the one of `algorithm` hold the rest of each step's config (same keys as `chatrl sft|reward|
-    ppo|grpo|rft|dpo|kto|ilql --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the pipeline.
-    With algorithm=grpo|rft and an environment that rewards by itself (grpo.env.name), the default is step 3 alone
-    on the base model; with algorithm=dpo|kto|ilql, steps 1 and 3."""
+    ppo|grpo|distill|rft|dpo|kto|ilql --help`, e.g. `sft.optim.lr=2e-5`). Paths between steps are filled in by the
+    pipeline. With algorithm=grpo|rft|distill and an environment that rewards by itself (grpo.env.name), the default
+    is step 3 alone on the base model; with algorithm=dpo|kto|ilql|distill (distill on chat prompts: its teacher is
+    the reward), steps 1 and 3."""
 
-    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|rft|dpo|kto|ilql, eval, "
+    run_dir: str = opt("runs/demo", "run directory: <run_dir>/sft, reward, ppo|grpo|distill|rft|dpo|kto|ilql, eval, "
                                     "report.html")
     seed: int = opt(42, "seed passed to every step")
     algorithm: Literal["ppo", "grpo", "distill", "rft", "dpo", "kto", "ilql"] = opt(

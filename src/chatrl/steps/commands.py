@@ -1,4 +1,4 @@
-"""CLI sub-commands of the training steps: `chatrl sft|reward|ppo|grpo|rft|dpo|kto|ilql --config FILE [k=v ...]`,
+"""CLI sub-commands of the training steps: `chatrl sft|reward|ppo|grpo|distill|rft|dpo|kto|ilql --config FILE [k=v ...]`,
 `chatrl pipeline` and `chatrl demo`.
 
 Each step is registered once from the table `steps.registry.STEPS` (config class, runner, description); `--help`
@@ -74,7 +74,7 @@ def _register_pipeline(subparsers: argparse._SubParsersAction) -> None:
         if name == "pipeline":
             p.add_argument("--config", help="pipeline YAML (e.g. configs/demo.yaml)")
         p.add_argument("--steps", default=None, help="which steps to run, e.g. 2,3 (default 1,2,3; 1,3 for "
-                                                      "algorithm=dpo|kto|ilql; 3 alone for algorithm=grpo|rft in an "
+                                                      "algorithm=dpo|kto|ilql|distill; 3 alone for algorithm=grpo|rft|distill in an "
                                                       "environment that rewards by itself)")
         p.add_argument("--force", action="store_true", help="re-run steps whose output already exists")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. sft.optim.lr=2e-5")
