@@ -8,7 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text, update
 
@@ -18,7 +20,7 @@ from chatrl.data.clean import DataReport
 from chatrl.data.prepare import load_records, read_examples
 from chatrl.errors import ChatrlError
 from chatrl.feedback.api import UserGate
-from chatrl.feedback.db import Base, Feedback, User, open_db, utcnow
+from chatrl.feedback.db import MIGRATIONS, Base, Feedback, User, open_db, utcnow
 from chatrl.feedback.export import Filters, export_rows, stats, write_jsonl
 from chatrl.feedback.store import FeedbackStore, Reply, StoreError
 from chatrl.serve.ratelimit import RateLimited, RateLimiter
@@ -50,6 +52,14 @@ def test_open_makes_the_migrated_schema_in_wal_mode_and_reopens(tmp_path: Path):
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     again = open_db(tmp_path / "new" / "chat.db")  # upgrading a current database is a no-op
     assert again.revision == "0001"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with db.write_engine.begin() as conn:  # the migration goes down cleanly too
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    with db.engine.connect() as conn:
+        assert set(inspect(conn).get_table_names()) == {"alembic_version"}
+    assert open_db(tmp_path / "new" / "chat.db").revision == "0001"
     with pytest.raises(ChatrlError, match="is a folder"):
         open_db(tmp_path)
     with pytest.raises(ChatrlError, match="no SQLAlchemy driver"):

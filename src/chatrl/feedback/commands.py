@@ -96,7 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     filters = Filters(model_version=args.model_version, user=args.user,
                       since=parse_since(args.since) if args.since else None)
-    result = export_rows(_store(args.db).db, args.format, filters)
+    result = export_rows(_store(args.db).db, args.format, filters, progress=True)
     out = write_jsonl(result.rows, args.out)
     print(f"chatrl feedback export: {len(result.rows)} {args.format} rows -> {out} (from {result.events} feedback "
           f"events: {result.superseded} replaced by the same user's later feedback, {result.duplicates} "

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from tqdm import tqdm
 
 from chatrl.errors import ChatrlError
 from chatrl.feedback.db import Conversation, Database, Feedback, Message, User
@@ -61,7 +62,8 @@ def parse_since(text: str) -> datetime:
     return when.replace(tzinfo=None) if when.tzinfo is None else when.astimezone(UTC).replace(tzinfo=None)
 
 
-def export_rows(db: Database, fmt: str, filters: Filters | None = None) -> ExportResult:
+def export_rows(db: Database, fmt: str, filters: Filters | None = None, progress: bool = False) -> ExportResult:
+    """The rows of format `fmt` from the feedback matching `filters` (`progress`: a tqdm bar on stderr)."""
     if fmt not in FORMATS:
         raise ChatrlError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     filters = filters or Filters()
@@ -72,7 +74,7 @@ def export_rows(db: Database, fmt: str, filters: Filters | None = None) -> Expor
         latest = _latest(events)
         result.superseded = len(events) - len(latest)
         seen: set[str] = set()
-        for event in latest:
+        for event in tqdm(latest, desc=f"export {fmt}", unit="event", disable=not progress):
             made = _row(s, fmt, event, filters, result)
             if made is None:
                 continue
