@@ -43,7 +43,7 @@ def models() -> SimpleNamespace:
     ref_logits = [math.log(11.0)] + [0.0] * 9
     return SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0), hybrid=SimpleNamespace(device=CPU),
                            actor=FixedLogitsLM([0.0] * 10), reference=FixedLogitsLM(ref_logits), critic=None,
-                           eval_mode=lambda: None, train_mode=lambda: None)
+                           teacher=None, eval_mode=lambda: None, train_mode=lambda: None)
 
 
 @pytest.mark.parametrize(("estimator", "per_token"), [
