@@ -82,7 +82,8 @@ def test_the_advantages_compare_the_same_outcome():
     batch = episodes([[1.0, 2.0], [0.0]])
     s = scored(batch, [3.0, 4.0], gamma=0.5, clip=5.0)
     m = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0), hybrid=SimpleNamespace(device=CPU),
-                        actor=None, reference=None, critic=None, eval_mode=lambda: None, train_mode=lambda: None)
+                        actor=None, reference=None, critic=None, teacher=None, eval_mode=lambda: None,
+                        train_mode=lambda: None)
     exp = make_experience(m, cfg, s, beta=0.0516, times={})
     mask = exp.rollout.action_mask
     want = torch.tensor([[-0.707105] * 5, [0.707105] + [0.0] * 4]) * mask
