@@ -156,12 +156,12 @@ def student(word_sft: Path, tmp_path_factory) -> Path:
 
 
 def test_distillation_moves_the_student_toward_the_teacher(word_sft: Path, student: Path, tmp_path: Path) -> None:
-    """The perturbed student distils the word-SFT model (teacher) for 12 iterations. Measured on 48 held-out prompts
+    """The perturbed student distils the word-SFT model (teacher) for 8 iterations. Measured on 48 held-out prompts
     (tasks the run never played), the exact reverse KL(student || teacher) summed over each sampled reply (full
-    next-token distributions) falls by more than 3 s.e. of the paired difference (measured: 2.02 -> 0.29 nats, s.e.
-    0.20)."""
+    next-token distributions) falls by more than 3 s.e. of the paired difference (measured: by 1.83 nats, s.e. 0.21;
+    46 of 48 prompts closer)."""
     out = tmp_path / "distill"
-    proc = run_cli(*distill_args(student, word_sft, out, "grpo.iterations=12"))
+    proc = run_cli(*distill_args(student, word_sft, out, "grpo.iterations=8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in read_metrics(out):  # the logged estimate: the mean over the actions of log p_student - log p_teacher
         assert r["distill/reverse_kl"] == pytest.approx(r["distill/student_logprob"] - r["distill/teacher_logprob"],
