@@ -28,7 +28,7 @@ class ReferenceOptions:
     reference_model: Optional[str] = opt(None, "reference model folder / hub id / alias; None = the starting model")
     reference_dtype: Literal["auto", "bf16", "fp32"] = opt(
         "auto", "dtype of the frozen reference model; auto = the policy's (model.dtype), so that at step 1 the "
-                "policy and its reference score the pairs alike (an fp32 policy beside a bf16 reference starts "
+                "policy and its reference score the data alike (an fp32 policy beside a bf16 reference starts "
                 "with a margin of bf16 rounding)")
 
 
