@@ -165,6 +165,9 @@ def install(app: FastAPI, recorder: Recorder, auth: list[Any]) -> None:
             fid = await recorder.write(store.add_edit, user, body.completion_id, body.edited)
         else:
             fid = await recorder.write(store.add_pair, user, body.prompt_id, body.chosen_id, body.rejected_id)
+            # who wrote each reply: an arena page names the two models only now, after the choice
+            models = await asyncio.to_thread(store.reveal, user, [body.chosen_id, body.rejected_id])
+            return {"id": fid, "object": "feedback", "kind": body.kind, "stored": True, "models": models}
         return {"id": fid, "object": "feedback", "kind": body.kind, "stored": True}
 
     @app.get("/v1/conversations", dependencies=auth)

@@ -45,6 +45,18 @@ def register(subparsers: Any) -> None:
     export.add_argument("--since", default=None, help="only feedback given at or after this UTC date/time (ISO)")
     export.add_argument("--user", default=None, help="only feedback given by this user")
     export.set_defaults(func=cmd_export)
+    board = sub.add_parser("leaderboard", help="rank the model versions by the users' choices between their replies "
+                                               "(arena): Bradley-Terry and Elo with 95%% intervals")
+    _db_arg(board)
+    board.add_argument("--prior", type=float, default=0.1,
+                       help="ridge prior lambda on the Bradley-Terry strengths, s ~ N(0, 1/lambda): keeps a model "
+                            "that won every time finite (default 0.1; 0 = plain maximum likelihood)")
+    board.add_argument("--elo-k", type=float, default=32.0, help="Elo update size K (default 32)")
+    board.add_argument("--rounds", type=int, default=200, help="bootstrap resamples for the Elo interval (default 200)")
+    board.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    board.add_argument("--since", default=None, help="only choices made at or after this UTC date/time (ISO)")
+    board.add_argument("--user", default=None, help="only choices made by this user")
+    board.set_defaults(func=cmd_leaderboard)
     feedback.set_defaults(func=lambda args: feedback.print_help() or 1)
 
 
@@ -88,6 +100,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
         for row in rows:
             table.add_row(*(str(x) for x in row))
         console.print(table)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from chatrl.feedback.export import Filters, parse_since  # lazy: the optional extra (see the module docstring)
+    from chatrl.feedback.leaderboard import comparisons, leaderboard, model_names
+
+    if args.prior < 0 or args.rounds < 1 or args.elo_k <= 0:
+        raise ChatrlError("--prior must be >= 0, --rounds >= 1 and --elo-k > 0")
+    db = _store(args.db).db
+    found = comparisons(db, Filters(user=args.user, since=parse_since(args.since) if args.since else None))
+    rows = leaderboard(found, prior=args.prior, k=args.elo_k, rounds=args.rounds, seed=args.seed)
+    if not rows:
+        raise ChatrlError(f"--db {args.db}: no choices between replies of two different model versions yet (serve "
+                          f"two models with `chatrl serve --arena --model a=PATH --model b=PATH --db ...`)")
+    names = model_names(db, [r["model_version"] for r in rows])
+    table = Table("rank", "model", "version", "comparisons", "wins", "Bradley-Terry s ± 1.96 s.e.",
+                  "BT as Elo", "Elo", "Elo 95% (bootstrap)",
+                  title=f"{len(found)} comparisons; Bradley-Terry with ridge prior {args.prior:g} (s.e. from the "
+                        f"Hessian); Elo K={args.elo_k:g}, interval from {args.rounds} resamples (seed {args.seed})")
+    for rank, r in enumerate(rows, 1):
+        table.add_row(str(rank), names[r["model_version"]], r["model_version"], str(r["comparisons"]), str(r["wins"]),
+                      f"{r['bt']:+.3f} ± {1.96 * r['bt_se']:.3f}", f"{r['bt_elo']:.0f}", f"{r['elo']:.0f}",
+                      f"{r['elo_low']:.0f} .. {r['elo_high']:.0f}")
+    Console().print(table)
     return 0
 
 

@@ -50,6 +50,8 @@ class Reply:
     completion_id: str
     text: str
     finish_reason: str | None
+    model_name: str | None = None  # who wrote it, when not the request's model (an arena pair: two models)
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ class FeedbackStore:
             settings = json.dumps(sampling, sort_keys=True)
             for reply in replies:
                 s.add(Message(conversation_id=conv.id, parent_id=parent.id, role="assistant", content=reply.text,
-                              content_hash=sha256(reply.text), model_name=model_name, model_version=version,
+                              content_hash=sha256(reply.text), model_name=reply.model_name or model_name,
+                              model_version=reply.version or version,
                               sampling=settings, completion_id=reply.completion_id,
                               finish_reason=reply.finish_reason))
             conv.updated = utcnow()
@@ -235,6 +238,13 @@ class FeedbackStore:
                                       f"(the prompt_id returned with each completion)", "invalid_value")
             return self._add(s, Feedback(user_id=user.id, kind="pair", prompt_id=prompt, chosen_id=chosen.id,
                                          rejected_id=rejected.id))
+
+    def reveal(self, user: UserInfo, completion_ids: list[str]) -> list[dict[str, str | None]]:
+        """The model name and version that wrote each of `user`'s replies (the arena shows them after the choice)."""
+        with self.db.session() as s:
+            replies = [self._own_reply(s, user, cid, "completion_id") for cid in completion_ids]
+            return [{"completion_id": r.completion_id, "model": r.model_name, "model_version": r.model_version}
+                    for r in replies]
 
     @staticmethod
     def _add(s: Session, event: Feedback) -> str:

@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page",
                                   description="POST /v1/chat/completions, GET /v1/models, GET /health, and a chat "
                                               "page at /.")
-    _model_args(serve)
+    _model_args(serve, repeat=True)
+    serve.add_argument("--arena", action="store_true",
+                       help="serve two or more models named with --model NAME=PATH (needs --db): the page shows two "
+                            "anonymous replies side by side and stores which one the user prefers; POST /v1/arena "
+                            "for scripts; `chatrl feedback leaderboard` ranks the models")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     serve.add_argument("--api-key", default=os.environ.get("CHATRL_API_KEY"),
@@ -57,9 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_run_serve)
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="HF chat model folder, or a built-in alias (tiny-random, smollm2-135m-instruct)")
+def _model_args(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
+    parser.add_argument("--model", required=True, action="append" if repeat else "store",
+                        help="HF chat model folder, or a built-in alias (tiny-random, smollm2-135m-instruct)" +
+                             ("; with --arena, NAME=PATH, once per model" if repeat else ""))
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="auto = bf16 if the CPU supports it natively, else fp32")
     parser.add_argument("--context-window", type=int, default=None,
@@ -105,18 +110,39 @@ def _run_serve(args: argparse.Namespace) -> int:
               f"address can use the model", file=sys.stderr)
     if args.watch is not None and not os.path.isdir(args.watch):
         raise ChatrlError(f"--watch {args.watch}: not a folder (give a run folder such as runs/demo)")
+    models = _served_models(args)
+    args.model, first = models.pop(0)
+    args.model_name = args.model_name or first
     print(f"chatrl serve: loading {args.model} ...", file=sys.stderr, flush=True)
     _quiet_loading()
+    arena = {name: _load_chat_model(args, path) for path, name in models} or None
     app = create_app(args.model, api_key=args.api_key, dtype=args.dtype, context_window=args.context_window,
                      max_active=args.max_active, max_queue=args.max_queue,
                      default_max_tokens=args.default_max_tokens, model_name=args.model_name,
                      chat=_load_chat_model(args), db=args.db, rate_limit=args.rate_limit,
                      load=lambda path: _load_chat_model(args, path), watch=args.watch,
-                     watch_interval=args.watch_interval)
+                     watch_interval=args.watch_interval, arena=arena)
     if app.state.recorder is not None:
         _say_who(app.state.recorder.store)
     run_server(app, host=args.host, port=args.port)
     return 0
+
+
+def _served_models(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(path, name) of each --model: one plain PATH, or with --arena two or more NAME=PATH with distinct names."""
+    if not args.arena:
+        if len(args.model) > 1:
+            raise ChatrlError("--model given more than once: serving several models is the arena (--arena, with "
+                              "--model NAME=PATH for each)")
+        return [(args.model[0], None)]
+    if len(args.model) < 2 or args.db is None or args.watch is not None:
+        raise ChatrlError("--arena needs two or more --model NAME=PATH and --db FILE (and no --watch)")
+    pairs = [spec.partition("=") for spec in args.model]
+    names = [name for name, eq, path in pairs]
+    if any(not eq or not name or not path for name, eq, path in pairs) or len(set(names)) != len(names):
+        raise ChatrlError(f"--arena --model {args.model}: expected NAME=PATH for each model, with distinct names "
+                          f"(e.g. --model old=runs/x/sft/model --model new=runs/x/kto/model)")
+    return [(path, name) for name, _, path in pairs]
 
 
 def _say_who(store) -> None:

@@ -53,14 +53,18 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
                default_max_tokens: int = 256, model_name: str | None = None,
                chat: ChatModel | None = None, db: str | None = None, rate_limit: int = 0,
                load: Callable[[str], ChatModel] | None = None, watch: str | None = None,
-               watch_interval: float = 10.0) -> FastAPI:
+               watch_interval: float = 10.0, arena: dict[str, ChatModel] | None = None) -> FastAPI:
     """Load the model (or reuse `chat`), start its worker thread, and return the app.
 
     `api_key`: when set, every endpoint except `/health` and the static page at `/` needs
     `Authorization: Bearer <api_key>`. `db` (file or SQLAlchemy URL): store every completion, take feedback, require
     its users' keys (`chatrl.feedback.api`). `rate_limit`: requests per minute per key (0 = no limit).
     `load(path)`: how `POST /admin/reload` and `watch` (a run folder polled every `watch_interval` s) load a model.
+    `arena` (needs `db`): more models by name; `POST /v1/arena` and the page at `/` then show two anonymous replies
+    side by side (`chatrl.feedback.arena`).
     """
+    if arena and db is None:
+        raise ChatrlError("--arena needs --db FILE: the choices between the two replies are stored there")
     load = load or (lambda path: ChatModel(path, dtype=dtype, context_window=context_window))
     slot = ModelSlot(Served(chat or load(model_path), max_active, max_queue),
                      lambda path: Served(load(path), max_active, max_queue))
@@ -68,6 +72,8 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
     feedback = _feedback_api() if db is not None else None
     recorder = feedback.open_recorder(db, name) if feedback else None
     watcher = Watcher(slot, watch, watch_interval) if watch else None
+    others = {n: ModelSlot(Served(c, max_active, max_queue), lambda path: Served(load(path), max_active, max_queue))
+              for n, c in (arena or {}).items()}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -77,6 +83,8 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
         if watcher:
             watcher.stop()
         slot.stop()
+        for other in others.values():
+            other.stop()
         if recorder is not None:
             recorder.close()
 
@@ -87,17 +95,21 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
     auth = [Depends(gate), Depends(_rate_dependency(RateLimiter(rate_limit)))]
     if feedback:
         feedback.install(app, recorder, auth)
+    if others:
+        from chatrl.feedback.arena import Arena, install_arena  # lazy: the feedback extra, as _feedback_api
+
+        install_arena(app, Arena({name: slot, **others}), recorder, auth, default_max_tokens)
     install_reload(app, slot, auth, ApiError)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         active, queued = slot.current.worker.load
         return {"status": "ok", "model": name, "model_version": slot.current.version, "active": active,
-                "queued": queued}
+                "queued": queued, "arena": bool(others)}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / ("arena.html" if others else "index.html"), media_type="text/html")
 
     @app.get("/vendor/{file}", include_in_schema=False)
     async def vendor(file: str) -> FileResponse:
