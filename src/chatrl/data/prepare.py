@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 from chatrl.config import DataConfig
 from chatrl.data.adapters import ADAPTERS, find_adapter
 from chatrl.data.clean import SCHEMA_HELP, DataReport, clean_text, dedupe, row_key
-from chatrl.data.readers import Source, read_source, resolve_data_source
+from chatrl.data.readers import Source, feedback_fingerprint, read_source, resolve_data_source
 from chatrl.data.schemas import PAIR_SCHEMAS, SCHEMAS, Example, RowError, detect_schema, parse_row
 from chatrl.data.split import STEPS, blend, split_dataset
 from chatrl.data.templates import template_of
@@ -76,13 +76,14 @@ def _is_empty(ex: Example) -> bool:
     return no_prompt or (ex.response is not None and not ex.response)
 
 
-def read_examples(spec: str, cfg: DataConfig, report: DataReport) -> Dataset:
-    """Read, parse and clean one `data.paths` entry; every dropped row is counted in `report`."""
+def read_examples(spec: str, cfg: DataConfig, report: DataReport, step: str | None = None) -> Dataset:
+    """Read, parse and clean one `data.paths` entry (for `step`: a feedback database gives that step's rows); every
+    dropped row is counted in `report`."""
     src = resolve_data_source(spec)
     skip = cfg.skip_bad_rows or src.builtin
     if src.builtin and not cfg.skip_bad_rows:
         report.notes.append(f"bad rows of the shipped {spec} are skipped (and counted)")
-    raw = read_source(src, report, skip)
+    raw = read_source(src, report, skip, step)
     if not raw:  # every row was malformed and skipped
         raise ChatrlError(f"{spec}: no usable rows left after filtering.\n{report.summary()}\n{SCHEMA_HELP}")
     schema = _schema_for(cfg, src, [r.data for r in raw], raw[0].source)
@@ -113,11 +114,11 @@ def read_examples(spec: str, cfg: DataConfig, report: DataReport) -> Dataset:
     return Dataset(spec, src.seed_name, schema, examples)
 
 
-def read_all(cfg: DataConfig) -> tuple[list[Dataset], DataReport]:
+def read_all(cfg: DataConfig, step: str | None = None) -> tuple[list[Dataset], DataReport]:
     if not cfg.paths:
         raise ChatrlError("data.paths is empty; give at least one data file, e.g. data.paths=[builtin:hh-rlhf-harmless]")
     report = DataReport()
-    return [read_examples(spec, cfg, report) for spec in cfg.paths], report
+    return [read_examples(spec, cfg, report, step) for spec in cfg.paths], report
 
 
 # ----------------------------------------------------------------------------- records per step
@@ -176,7 +177,7 @@ def select_records(datasets: list[Dataset], cfg: DataConfig, step: str, part: st
 def load_records(cfg: DataConfig, step: Step, part: Part) -> tuple[list[Record], DataReport]:
     """Records for one step ("sft" -> Conversation, "reward" -> PreferencePair, "rlhf" -> Prompt, "kto" ->
     LabeledCompletion) and part ("train" / "eval"), plus the report of what was dropped and why."""
-    datasets, report = read_all(cfg)
+    datasets, report = read_all(cfg, step)
     records = select_records(datasets, cfg, step, part, report)
     log.info("data %s/%s: %d records\n%s", step, part, len(records), report.summary())
     return records, report
@@ -236,6 +237,8 @@ def _file_fingerprint(path: Path) -> str:
 def data_fingerprint(spec: str) -> str:
     """Content hash of a data.paths entry (files hashed; hub names by name)."""
     src = resolve_data_source(spec)
+    if src.feedback is not None:
+        return feedback_fingerprint(src)
     if src.path is None:
         return f"hub:{spec}"
     files = sorted(p for p in src.path.rglob("*") if p.is_file()) if src.path.is_dir() else [src.path]

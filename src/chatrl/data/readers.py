@@ -5,6 +5,10 @@ object holding one array, or JSON lines), `.jsonl`, `.jsonl.gz`/`.json.gz`, `.pa
 written by `datasets.Dataset.save_to_disk` (or a folder of such files), and hub dataset names loaded
 with `datasets.load_dataset` (needs internet). Folders and hub names take an optional `#split` suffix
 (default `train`). For parquet and `datasets` folders the "line" is the 1-based row number.
+
+`feedback:PATH` (or a `sqlite:///PATH` URL) reads a `chatrl serve --db` database through `chatrl.feedback.export`:
+the rows the asking step trains on (reward/dpo/rlhf: pairs, kto: labelled ratings, sft: liked replies), or the
+format named by a `#pairs`, `#kto` or `#sft` suffix.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from chatrl.paths import builtin_data_dir
 
 FILE_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
 BUILTIN_PREFIX = "builtin:"
+FEEDBACK_PREFIXES = ("feedback:", "sqlite:")
+FEEDBACK_FORMAT = {"reward": "pairs", "rlhf": "pairs", "kto": "kto", "sft": "sft"}  # what each step trains on
 
 
 @dataclass
@@ -42,13 +48,14 @@ class Source:
     hub_name: str | None = None
     split: str | None = None
     builtin: bool = False
+    feedback: str | None = None  # the SQLAlchemy URL of a feedback database (`split`: the export format, if named)
 
     @property
     def seed_name(self) -> str:
         """What the dataset's split and blend shuffles are seeded by (data/split.py): a local file's or folder's own
         name, not the folder it lies in, so the same data gives the same split wherever it is (another checkout, a
         temporary folder); hub and built-in names as written."""
-        if self.path is None or self.builtin:
+        if self.path is None or self.builtin or self.feedback:
             return self.spec
         return self.path.name + (f"#{self.split}" if self.split else "")
 
@@ -62,6 +69,8 @@ def resolve_data_source(spec: str) -> Source:
             have = sorted(p.name for p in builtin_data_dir().iterdir() if p.is_dir())
             raise ChatrlError(f"unknown built-in dataset '{spec}'. Available: {', '.join(BUILTIN_PREFIX + h for h in have)}")
         return Source(spec, folder, builtin=True)
+    if spec.startswith(FEEDBACK_PREFIXES):
+        return _feedback_source(spec)
     base, _, split = spec.partition("#")
     path = Path(base).expanduser()
     if path.exists():
@@ -72,8 +81,55 @@ def resolve_data_source(spec: str) -> Source:
     return Source(spec, None, hub_name=base, split=split or None)
 
 
-def read_source(src: Source, report: DataReport, skip_bad_rows: bool) -> list[RawRow]:
-    """Read every row of one source. Malformed rows raise a ChatrlError or, when skipping, are counted."""
+def _feedback_source(spec: str) -> Source:
+    base, _, fmt = spec.partition("#")
+    if fmt and fmt not in FEEDBACK_FORMAT.values():
+        raise ChatrlError(f"data.paths entry '{spec}': #{fmt} is no feedback export format; use #pairs, #kto or #sft "
+                          f"(or nothing: the format the step trains on)")
+    target = base.removeprefix("feedback:")
+    if "://" in target and not target.startswith("sqlite:///"):  # a server database (postgresql+psycopg://...)
+        return Source(spec, None, split=fmt or None, feedback=target)
+    path = Path(target.removeprefix("sqlite:///")).expanduser()
+    if not path.is_file():  # opening would create an empty database
+        raise ChatrlError(f"feedback database not found: {path} (data.paths entry '{spec}')")
+    return Source(spec, None, split=fmt or None, feedback=f"sqlite:///{path.resolve()}")
+
+
+def _read_feedback(src: Source, step: str | None) -> list[RawRow]:
+    """The feedback export rows for `step` (or the `#format` of the entry)."""
+    # lazy: SQLAlchemy and Alembic are the optional `feedback` extra
+    from chatrl.feedback.db import open_db
+    from chatrl.feedback.export import export_rows
+
+    fmt = src.split or FEEDBACK_FORMAT.get(step or "reward", "pairs")
+    db = open_db(src.feedback)
+    try:
+        rows = export_rows(db, fmt).rows
+    finally:
+        db.close()
+    if not rows:
+        raise ChatrlError(f"{src.spec}: the feedback database has no {fmt} rows yet (chatrl feedback stats --db ... "
+                          f"shows what it holds)")
+    return [RawRow(row, f"{src.spec}:{fmt}:{i}") for i, row in enumerate(rows, 1)]
+
+
+def feedback_fingerprint(src: Source) -> str:
+    """What a feedback database's exports depend on: rows are only ever added, so the row counts say it."""
+    from chatrl.feedback.db import open_db  # lazy: the optional `feedback` extra
+    from chatrl.feedback.store import FeedbackStore
+
+    db = open_db(src.feedback)
+    try:
+        return f"feedback:{src.feedback}#{src.split}:{sorted(FeedbackStore(db).counts().items())}"
+    finally:
+        db.close()
+
+
+def read_source(src: Source, report: DataReport, skip_bad_rows: bool, step: str | None = None) -> list[RawRow]:
+    """Read every row of one source (`step`: the step asking, which picks a feedback database's rows). Malformed
+    rows raise a ChatrlError or, when skipping, are counted."""
+    if src.feedback is not None:
+        return _read_feedback(src, step)
     if src.path is None:
         return _read_hub(src)
     if src.path.is_dir():
