@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 # subprocess importing torch/DeepSpeed on one core, so 2 workers on 2 cores took the suite from 34.5 to 18 minutes
 TEST_WORKERS ?= 2
 
-.PHONY: install demo demo-grpo demo-distill demo-dpo demos-check test test-fast lint bench bench-quick clean constraints
+.PHONY: install demo demo-grpo demo-distill demo-dpo demo-tools demos-check test test-fast lint bench bench-quick clean constraints
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ demo-grpo: install
 # after demo-grpo: its actor is the teacher
 demo-distill: install
 	$(VENV)/bin/chatrl pipeline --config configs/distill-arithmetic.yaml
+
+# tool use: SFT on the environment's calculator demonstrations, then GRPO with the calculator on two-digit
+# multiplication; held-out success without tools, and with tools before and after (configs/demo-tools.yaml)
+demo-tools: install
+	$(VENV)/bin/chatrl pipeline --config configs/demo-tools.yaml
 
 # after a green `make test`: pin what it passed with (torch's local +cpu tag dropped: the pin must work anywhere)
 constraints: install

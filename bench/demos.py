@@ -12,10 +12,14 @@ Demos (each a `chatrl pipeline` run in runs/demos/<demo>-<dtype>-s<seed>, its ow
   distill configs/distill-arithmetic.yaml  base SmolLM2 distils the grpo demo's actor (same seed; run first if
         missing) -> held-out problems, and rollout success against GRPO from scratch at equal training time
         (bench/demo_distill.py)
+  tools configs/demo-tools.yaml     SFT on the environment's tool-use demonstrations -> GRPO with the calculator on
+        two-digit multiplication -> held-out problems without tools, and with tools before and after training
+        (bench/demo_tools.py)
 Bars (issue 19): rlhf: PPO beats SFT and base by >= 2 s.e. of the paired difference (training reward model) and
 the independent judge does not rank it below SFT (judge gain > -1 s.e.); dpo: held-out implicit-reward accuracy
 >= 60% and judge gain over SFT >= 2 s.e.; grpo: >= +15 points held-out success with paired s.e. <= 4; distill
-(issue 22): held-out success above base by >= 2 s.e.
+(issue 22): held-out success above base by >= 2 s.e.; tools (issue 20): with tools after GRPO >= +20 points over the
+base model, with and without tools.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from pathlib import Path
 import transformers
 from common import RESULTS, ROOT, machine, table, update_readme, write_json
 from demo_distill import distill_table, measure_distill, teacher_run
+from demo_tools import measure_tools, tools_table
 
 from chatrl.eval.metrics import paired_difference, proportion_se
 
 DEMOS = {"rlhf": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "configs/grpo-arithmetic.yaml",
-         "distill": "configs/distill-arithmetic.yaml"}
+         "distill": "configs/distill-arithmetic.yaml", "tools": "configs/demo-tools.yaml"}
 OUT = RESULTS / "demos"
 
 
@@ -46,7 +51,8 @@ def run_demo(demo: str, seed: int, dtype: str, overrides: list[str]) -> tuple[Pa
     cmd = [str(Path(sys.executable).with_name("chatrl")), "pipeline", "--config", DEMOS[demo], f"seed={seed}",
            f"run_dir={run_dir}", *overrides]
     print(f"\n=== {demo} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-    resumed = (run_dir / "sft").is_dir() or (run_dir / demo).is_dir()  # finished steps are skipped: not timed
+    # finished steps are skipped: not timed (the tools demo's step 3 is grpo)
+    resumed = (run_dir / "sft").is_dir() or (run_dir / demo).is_dir() or (run_dir / "grpo").is_dir()
     t0 = time.perf_counter()
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         sys.exit(f"demos: {demo} seed {seed} failed (its error is above)")
@@ -81,6 +87,8 @@ def measure(demo: str, run_dir: Path) -> dict:
     """The demo's effect, from the files its pipeline wrote."""
     if demo == "distill":
         return measure_distill(run_dir)
+    if demo == "tools":
+        return measure_tools(run_dir)
     if demo == "grpo":
         env = json.loads((run_dir / "eval" / "eval_env.json").read_text())["models"]
         base, rl = env["base"], env["grpo"]
@@ -129,6 +137,8 @@ def _minutes(run: dict) -> str:
 def demo_table(demo: str, runs: list[dict]) -> str:
     if demo == "distill":
         body = distill_table(runs)
+    elif demo == "tools":
+        body = tools_table(runs)
     elif demo == "grpo":
         rows = [[r["seed"], f"{r['base_success']:.1%}", f"{r['rl_success']:.1%}",
                  f"{r['gain'] * 100:+.1f} ({r['gain_se'] * 100:.1f})", _minutes(r),

@@ -210,6 +210,9 @@ class EvalOptions:
     pass_k: int = opt(4, "algorithm=grpo with an environment: samples per task for pass@k (0 = skip)")
     reward_model: Optional[str] = opt(None, "score replies with this reward-model folder (default: the run's own "
                                            "step 2 output; algorithm=dpo has none, e.g. use another run's)")
+    without_tools: bool = opt(False, "with an environment whose episodes offer tools: also play the starting model "
+                                     "with no tools offered (env.tools and env.kwargs.tools dropped), as the first "
+                                     "row 'base_no_tools'")
     judge: Optional[str] = opt(None, "an independent judge scoring the replies beside the reward model: 'train' = "
                                      "a second reward model with step 2's settings on pairs step 2 never saw "
                                      "(<run_dir>/judge, trained once), or a reward-model folder; None = no judge")
@@ -248,4 +251,8 @@ class PipelineConfig:
     ilql: dict = opt({}, "step 3 settings with algorithm=ilql (see `chatrl ilql --help`)")
     distill: dict = opt({}, "step 3 settings with algorithm=distill (see `chatrl distill --help`; the teacher: "
                             "grpo.teacher)")
+    sft_demos: int = opt(0, "with an environment (algorithm grpo|rft|distill): step 1 is SFT on this many "
+                            "demonstrations the environment writes from its reference solutions (its solution() "
+                            "method; tool calls included when step 3 offers tools), written to <run_dir>/demos.jsonl; "
+                            "0 = none")
     eval: EvalOptions = sub(EvalOptions)

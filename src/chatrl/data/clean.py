@@ -30,7 +30,7 @@ SCHEMA_HELP = (
     "chosen/rejected: strings or message lists)\n"
     '  hh:              {"chosen", "rejected"}  whole "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts\n'
     '  kto:             {"prompt", "completion", "label": true|false}  (unpaired feedback for chatrl kto)\n'
-    '  chat:            {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}\n'
+    '  chat:            {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...]}\n'
     '  prompt_response: {"prompt", "response"}\n'
     '  alpaca:          {"instruction", "input", "output"}\n'
     '  prompt:          {"prompt"}  (prompts only, for RLHF)\n'

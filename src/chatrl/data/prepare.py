@@ -65,7 +65,7 @@ def _schema_for(cfg: DataConfig, src: Source, rows: list[dict[str, Any]], first_
 
 
 def _clean_example(ex: Example) -> Example:
-    ex.messages = [{"role": m["role"], "content": clean_text(m["content"])} for m in ex.messages]
+    ex.messages = [{**m, "content": clean_text(m["content"])} for m in ex.messages]  # a tool result keeps its name
     ex.response = clean_text(ex.response) if ex.response is not None else None
     ex.rejected = clean_text(ex.rejected) if ex.rejected is not None else None
     return ex

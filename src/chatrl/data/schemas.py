@@ -19,7 +19,7 @@ from chatrl.data.types import Conversation, LabeledCompletion, Message, Preferen
 SCHEMAS = ("preference", "hh", "kto", "chat", "prompt_response", "alpaca", "prompt")
 PAIR_SCHEMAS = ("preference", "hh")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "bot": "assistant", "model": "assistant"}
+         "bot": "assistant", "model": "assistant", "tool": "tool"}
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
 _CONSUMED = {
@@ -138,10 +138,12 @@ def _messages(value: Any, key: str) -> list[Message]:
             raise RowError("wrong_type", f"{key}[{i}]", f"must be an object with role and content, got {type(m).__name__}")
         role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
         if not isinstance(role, str) or role.lower() not in ROLES:
-            raise RowError("wrong_type", f"{key}[{i}].role", f"must be one of system/user/assistant, got {role!r}")
+            raise RowError("wrong_type", f"{key}[{i}].role", f"must be one of system/user/assistant/tool, got {role!r}")
         if not isinstance(content, str):
             raise RowError("wrong_type", f"{key}[{i}].content", f"must be a string, got {type(content).__name__}")
         out.append({"role": ROLES[role.lower()], "content": content})
+        if out[-1]["role"] == "tool" and isinstance(m.get("name"), str):  # a tool result's tool (templates show it)
+            out[-1]["name"] = m["name"]
     return out
 
 

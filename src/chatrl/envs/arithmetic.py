@@ -15,6 +15,7 @@ from chatrl.data.types import Message
 from chatrl.envs.answers import answers_match, extract_answer
 from chatrl.envs.base import TextEnv, stable_seed, system, user
 from chatrl.errors import ChatrlError
+from chatrl.tools.parsers import ToolCall
 from chatrl.tools.schema import resolve_tools
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -74,6 +75,15 @@ class ArithmeticEnv(TextEnv):
         messages = [system(self.system)] if self.system else []
         messages.append(user(self.prompt.format(a=a, op=op, b=b)))
         return messages, {"split": split, "task": task}
+
+    def solution(self, tools: list[str]) -> list[ToolCall | str]:
+        """A reference solution of the current problem (`chatrl.envs.demos` writes SFT demonstrations from it): a
+        calculator call when the calculator is offered, then the final answer."""
+        a, op, b = self.problem
+        steps: list[ToolCall | str] = []
+        if "calculator" in tools:
+            steps.append(ToolCall("calculator", {"expression": f"{a}{op}{b}"}))
+        return [*steps, f"The answer is {self.answer}."]
 
     def step(self, action: str) -> tuple[list[Message], float, bool, bool, dict[str, Any]]:
         reply = self._begin_step(action)

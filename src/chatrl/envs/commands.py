@@ -1,6 +1,7 @@
 """`chatrl env check SPEC`: try an environment before training with it; `chatrl env serve SPEC --port P`: serve
 it as an OpenEnv server (openenv_server.py); `chatrl env eval SPEC --base-url URL --model NAME`: play it against
-an OpenAI-compatible endpoint (remote_eval.py)."""
+an OpenAI-compatible endpoint (remote_eval.py); `chatrl env demos SPEC --n N --out FILE`: SFT demonstrations from its
+reference solutions (demos.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any
 
 from chatrl.envs import openenv_server
 from chatrl.envs.check import ACTIONS, CheckReport, run_check
+from chatrl.envs.demos import write_demos
 from chatrl.envs.registry import BUILTIN_ENVS
 from chatrl.errors import ChatrlError
 from chatrl.eval.endpoint_eval import connect, evaluate_endpoint
 from chatrl.eval.env_eval import save_env_result
+from chatrl.tools.toolbox import ToolOptions
 
 PREVIEW = 160  # characters of the first observation shown
 
@@ -64,6 +67,22 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     ev.add_argument("--out", default=None, help="write eval_env.json / eval_env.md to this folder")
     ev.set_defaults(func=cmd_eval)
+    demos = sub.add_parser("demos", help="write SFT demonstrations (chat JSONL) from the environment's reference "
+                                          "solutions, tool calls included",
+                           description="Plays tasks 0, 1, ... of a split with the environment's solution(tools) "
+                                       "replies (tool calls run for real) and writes the successful episodes as chat "
+                                       "rows, rendered for --tokenizer's chat template (`chatrl sft` reads them).")
+    demos.add_argument("spec", metavar="SPEC", help="an environment with a solution(tools) method (e.g. arithmetic)")
+    demos.add_argument("--kwargs", default="{}", help="constructor arguments as a JSON object (env.kwargs)")
+    demos.add_argument("--n", type=int, default=200, help="demonstrations to write (default 200)")
+    demos.add_argument("--out", required=True, help="the JSONL file to write")
+    demos.add_argument("--tools", default="", help="comma-separated tools offered (env.tools), e.g. calculator")
+    demos.add_argument("--tool-parser", default="auto", help="the call format written (env.tool_parser; auto = hermes)")
+    demos.add_argument("--split", default="train", choices=["train", "eval"], help="tasks of this split (default train)")
+    demos.add_argument("--seed", type=int, default=0, help="seed of the first episode (then +1 per task)")
+    demos.add_argument("--tokenizer", default="smollm2-135m-instruct",
+                       help="model or tokenizer folder (or alias) whose chat template the rows are written for")
+    demos.set_defaults(func=cmd_demos)
     env.set_defaults(func=lambda args: env.print_help() or 1)
 
 
@@ -129,4 +148,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               seed=args.seed)
     if args.out:
         print(f"wrote {save_env_result({args.model: score}, Path(args.out), args.spec)}")
+    return 0
+
+
+def cmd_demos(args: argparse.Namespace) -> int:
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    out = write_demos(args.out, args.spec, parse_kwargs(args.kwargs), args.n, args.tokenizer,
+                      ToolOptions(tools=tools, tool_parser=args.tool_parser), split=args.split, seed=args.seed)
+    print(f"wrote {args.n} demonstrations to {out}")
     return 0

@@ -15,7 +15,7 @@ Episodes are played by the same code as training (`rollout.episodes`), with the 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from chatrl.models.loading import resolve_dtype
 from chatrl.rollout.episodes import EpisodeBatch, Task, run_episodes
 from chatrl.rollout.hybrid import HybridEngine
 from chatrl.rollout.sampling import GenerationSettings
-from chatrl.tools.toolbox import ToolSettings
+from chatrl.tools.toolbox import ToolOptions, ToolSettings
 
 
 @dataclass
@@ -45,6 +45,8 @@ class EnvScore:
     vs_first: float | None = None     # mean per-task success difference to the first model
     vs_first_se: float | None = None  # its paired standard error
     return_se: float = float("nan")   # standard error of the mean return over the tasks
+    called_tools: float = 0.0         # share of greedy episodes that called a tool at least once
+    failed_calls: float = 0.0         # failed tool calls (malformed, raised, timed out) per greedy episode
 
     def line(self, name: str) -> str:
         diff = "" if self.vs_first is None else f"   vs first {self.vs_first:+.1%} (s.e. {self.vs_first_se:.1%})"
@@ -77,32 +79,44 @@ def _play(engine: HybridEngine, tok, env_name: str, kwargs: dict, tasks: list[Ta
 def evaluate_env(models: dict[str, str], env_name: str, kwargs: dict, *, n_tasks: int = 100, k: int = 4,
                  temperature: float = 1.0, max_new_tokens: int = 64, max_turns: int = 1, max_context: int = 1024,
                  batch_size: int = 32, seed: int = 0, dtype: str = "auto",
-                 log: Callable[[str], None] = print, tool_settings: ToolSettings | None = None) -> dict[str, EnvScore]:
+                 log: Callable[[str], None] = print, tool_settings: ToolSettings | None = None,
+                 without_tools: Sequence[str] = ()) -> dict[str, EnvScore]:
+    """`without_tools`: names of models that play with no tools offered (`no_tools`)."""
     results = {}
     for name, path in models.items():
+        kw, ts = no_tools(kwargs, tool_settings) if name in without_tools else (kwargs, tool_settings)
         model, tok = load_policy(path, dtype=dtype)
         engine = HybridEngine(model, inference_dtype=resolve_dtype(dtype), release_after_rollout=False)
         greedy = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False)
         tasks = [Task("eval", t, seed + t) for t in range(n_tasks)]
-        played = _play(engine, tok, env_name, kwargs, tasks, greedy, max_turns, max_context, batch_size,
-                       tool_settings)
+        played = _play(engine, tok, env_name, kw, tasks, greedy, max_turns, max_context, batch_size, ts)
         solved = [False] * n_tasks
         if k > 0:
             sampled = GenerationSettings(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True,
                                          temperature=temperature, seed=seed)
-            many = _play(engine, tok, env_name, kwargs, [t for t in tasks for _ in range(k)], sampled, max_turns,
-                         max_context, batch_size, tool_settings)
+            many = _play(engine, tok, env_name, kw, [t for t in tasks for _ in range(k)], sampled, max_turns,
+                         max_context, batch_size, ts)
             for i, ok in enumerate(many.success):
                 solved[i // k] |= ok
         examples = [{"conversation": c, "success": s} for c, s in zip(played.conversations[:8], played.success[:8],
                                                                       strict=True)]
         score = score_tasks(list(played.success), [sum(r) for r in played.turn_rewards], solved, k, examples)
+        score.called_tools = sum(bool(r) for r in played.tool_results) / n_tasks
+        score.failed_calls = sum(c.failed for r in played.tool_results for c in r) / n_tasks
         if results:  # this model minus the first, task by task
             diff = paired_difference(score.per_task, next(iter(results.values())).per_task)
             score.vs_first, score.vs_first_se = diff.mean, diff.se
         results[name] = score
         log(score.line(name))
     return results
+
+
+def no_tools(kwargs: dict, settings: ToolSettings | None) -> tuple[dict, ToolOptions]:
+    """The environment's kwargs and tool options with no tools offered: env.tools and env.kwargs.tools dropped (tools
+    an environment class declares itself stay: they are part of it)."""
+    return {k: v for k, v in kwargs.items() if k != "tools"}, ToolOptions(
+        tools=[], **{f: getattr(settings, f) for f in ("tool_parser", "max_tool_calls", "tool_timeout",
+                                                        "tool_error_penalty")} if settings is not None else {})
 
 
 def save_env_result(results: dict[str, EnvScore], out: Path, env_name: str) -> Path:

@@ -20,6 +20,7 @@ from chatrl.config_offline import DPOConfig, ILQLConfig, KTOConfig, RFTConfig
 from chatrl.config_rl import DistillConfig, GRPOConfig, PPOConfig
 from chatrl.configbase import deep_merge, load_config
 from chatrl.data.prepare import load_records
+from chatrl.envs.demos import write_demos
 from chatrl.errors import ChatrlError
 from chatrl.eval.env_eval import evaluate_env, save_env_result
 from chatrl.eval.evaluate import evaluate_models
@@ -65,6 +66,11 @@ class Plan:
     rl: Step3Config
     algorithm: str
     judge: RewardConfig  # eval.judge=train: step 2's settings on the pairs step 2 never saw (data.reward_shards)
+    demos: int = 0       # sft_demos: step 1 trains on this many of the environment's demonstrations
+
+    @property
+    def demos_file(self) -> Path:
+        return self.run / "demos.jsonl"
 
     @property
     def spec(self) -> Algorithm:
@@ -84,12 +90,12 @@ class Plan:
 
     def inputs(self) -> dict[int, int | None]:
         """Which earlier step's output step N reads (None: none)."""
-        return {2: 1, 3: None if self.env_rewards() else 2 if self.spec.needs_rm else 1}
+        return {2: 1, 3: (1 if self.demos else None) if self.env_rewards() else 2 if self.spec.needs_rm else 1}
 
 
 def default_steps(plan: Plan) -> list[int]:
     if plan.env_rewards():
-        return [3]
+        return [1, 3] if plan.demos else [3]
     return [1, 2, 3] if plan.spec.needs_rm else [1, 3]
 
 
@@ -105,6 +111,11 @@ def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
     environment that rewards by itself, the base model unless step 1 runs or ran, and no reward model unless step 2
     runs or ran)."""
     run = Path(cfg.run_dir)
+    alg, section = ALGORITHMS[cfg.algorithm], getattr(cfg, cfg.algorithm)
+    own_env = alg.env_capable and section.get("env", {}).get("name", "chat") != "chat"
+    if cfg.sft_demos and (cfg.sft_demos < 0 or not own_env):
+        raise ChatrlError(f"sft_demos={cfg.sft_demos}: demonstrations need step 3 in an environment "
+                          f"({cfg.algorithm}.env.name) and a positive count")
     shared = {"seed": cfg.seed, "data": dataclasses.asdict(cfg.data), "deepspeed": dataclasses.asdict(cfg.deepspeed)}
     base_model = dataclasses.asdict(cfg.model)
     sft_model, rm_model = str(run / "sft" / "model"), str(run / "reward" / "model")
@@ -114,13 +125,14 @@ def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
         # input path is always the previous step's output
         return deep_merge(base_model, {**section.get(key, {}), "name_or_path": input_path})
 
-    sft = _step_config(SFTConfig, "sft", cfg.sft, {**shared, "output_dir": str(run / "sft"),
+    # sft_demos: step 1 reads the environment's demonstrations (all of them: one shard), not the data section's
+    sft_data = {**shared["data"], "paths": [str(run / "demos.jsonl")], "schema": "chat", "split": "1,0,0",
+                "weights": []} if cfg.sft_demos else shared["data"]
+    sft = _step_config(SFTConfig, "sft", cfg.sft, {**shared, "data": sft_data, "output_dir": str(run / "sft"),
                                                    "model": model_of(cfg.sft, "model", base_model["name_or_path"])})
     reward = _step_config(RewardConfig, "reward", cfg.reward, {**shared, "output_dir": str(run / "reward"),
                                                                "model": model_of(cfg.reward, "model", sft_model)})
-    alg, section = ALGORITHMS[cfg.algorithm], getattr(cfg, cfg.algorithm)
-    own_env = alg.env_capable and section.get("env", {}).get("name", "chat") != "chat"
-    use_sft = not own_env or (steps is not None and 1 in steps) or Path(sft_model).is_dir()
+    use_sft = bool(cfg.sft_demos) or not own_env or (steps is not None and 1 in steps) or Path(sft_model).is_dir()
     use_rm = alg.needs_rm and (not own_env or (steps is not None and 2 in steps) or Path(rm_model).is_dir())
     forced = {**shared, "output_dir": str(run / cfg.algorithm),
               alg.model_key: model_of(section, alg.model_key, sft_model if use_sft else base_model["name_or_path"])}
@@ -131,7 +143,7 @@ def build_plan(cfg: PipelineConfig, steps: list[int] | None = None) -> Plan:
     judge = _step_config(RewardConfig, "reward", cfg.reward, {**shared, "data": judge_data,
                                                               "output_dir": str(run / "judge"),
                                                               "model": model_of(cfg.reward, "model", sft_model)})
-    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm=cfg.algorithm, judge=judge)
+    return Plan(run=run, sft=sft, reward=reward, rl=rl, algorithm=cfg.algorithm, judge=judge, demos=cfg.sft_demos)
 
 
 def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
@@ -145,7 +157,7 @@ def preflight(cfg: PipelineConfig, plan: Plan, steps: list[int]) -> None:
         raise ChatrlError(f"{cfg.algorithm}.grpo.teacher={teacher}: no such model folder; train the teacher first "
                           "(configs/distill-arithmetic.yaml: `make demo-grpo`)")
     for step, kind in ((1, "sft"), (2, "reward"), (3, plan.spec.data)):
-        if step in steps and not (step == 3 and plan.env_rewards()):
+        if step in steps and not (step == 3 and plan.env_rewards()) and not (step == 1 and plan.demos):
             records, _ = load_records(cfg.data, kind, "train")
             if not records:
                 raise ChatrlError(f"data for step {step} ({kind}) is empty after cleaning and splitting: "
@@ -175,6 +187,8 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: boo
             continue
         if force:
             shutil.rmtree(runners[step][1].output_dir, ignore_errors=True)
+        if step == 1 and plan.demos:
+            write_plan_demos(cfg, plan)
         run = runners[step][0].load()
         print(f"[pipeline] step {step}: {run.__name__} -> {out.parent}")
         run(runners[step][1])
@@ -186,6 +200,18 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: boo
     report = write_report(plan.run)
     print(f"[pipeline] report: {report}")
     return report
+
+
+def write_plan_demos(cfg: PipelineConfig, plan: Plan) -> None:
+    """sft_demos: the environment's demonstrations, with the tools step 3 offers, for the model's chat template
+    (written once per run: the file is the step's data)."""
+    if plan.demos_file.is_file() and len(plan.demos_file.read_text().splitlines()) == plan.demos:
+        print(f"[pipeline] demonstrations: {plan.demos_file} exists, reusing it")
+        return
+    env = plan.rl.env  # type: ignore[union-attr]
+    print(f"[pipeline] demonstrations: {plan.demos} reference solutions of {env.name} -> {plan.demos_file}")
+    write_demos(plan.demos_file, env.name, env.kwargs, plan.demos, cfg.model.name_or_path, settings=env,
+                seed=cfg.seed)
 
 
 def release_freed_memory() -> None:
@@ -210,11 +236,15 @@ def run_env_eval(cfg: PipelineConfig, plan: Plan) -> None:
         models["sft"] = str(plan.outputs()[1])
     models[plan.algorithm] = str(actor)
     env, r = plan.rl.env, plan.rl.rollout
+    plain = ()
+    if cfg.eval.without_tools:  # the starting model with no tools offered: the first row, what tools add is vs it
+        models = {"base_no_tools": cfg.model.name_or_path, **models}
+        plain = ("base_no_tools",)
     results = evaluate_env(models, env.name, env.kwargs, n_tasks=cfg.eval.env_tasks, k=cfg.eval.pass_k,
                            temperature=r.temperature, max_new_tokens=cfg.eval.max_new_tokens,
                            max_turns=env.max_turns, max_context=env.max_context, batch_size=cfg.eval.batch_size,
                            seed=cfg.seed, dtype=cfg.eval.dtype, log=lambda msg: print(f"[eval] {msg}"),
-                           tool_settings=env)
+                           tool_settings=env, without_tools=plain)
     save_env_result(results, plan.run / "eval", env.name)
 
 
