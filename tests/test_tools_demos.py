@@ -112,11 +112,11 @@ def test_sft_demos_plan_trains_step_1_on_the_demonstrations_then_grpo_from_it(tm
         build_plan(bad)
 
 
-@pytest.mark.slow
 def test_demo_tools_config_runs_on_the_tiny_model(tmp_path: Path, tiny_model_dir) -> None:
     run = tmp_path / "run"
     proc = run_cli("pipeline", "--config", CONFIG, f"run_dir={run}", "model.name_or_path=tiny-random",
-                   "model.dtype=fp32", "sft_demos=8", "sft.optim.max_steps=2", "sft.optim.micro_batch_size=4",
+                   "model.dtype=fp32", "sft_demos=8", "sft.model.trainable_layers=1", "grpo.actor.trainable_layers=1",
+                   "sft.optim.max_steps=2", "sft.optim.micro_batch_size=4",
                    "sft.logging.progress=false", "grpo.grpo.iterations=1", "grpo.rollout.prompts_per_rollout=2",
                    "grpo.rollout.samples_per_prompt=2", "grpo.rollout.max_new_tokens=8", "grpo.grpo.micro_batch_size=4",
                    "grpo.rollout.inference_dtype=fp32", "grpo.logging.progress=false", "grpo.checkpoint.every=0",
