@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CHATRL_HOME)/torch_extensions
 # subprocess importing torch/DeepSpeed on one core, so 2 workers on 2 cores took the suite from 34.5 to 18 minutes
 TEST_WORKERS ?= 2
 
-.PHONY: install demo demo-grpo demo-distill demo-dpo demo-tools demos-check test test-fast lint bench bench-quick clean constraints
+.PHONY: install demo demo-grpo demo-distill demo-dpo demo-feedback demo-tools demos-check test test-fast lint bench bench-quick clean constraints
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ constraints: install
 # DPO instead of reward model + PPO; its eval scores with `make demo`'s reward model (configs/demo-dpo.yaml)
 demo-dpo: install
 	$(VENV)/bin/chatrl pipeline --config configs/demo-dpo.yaml
+
+# the dialog system learns from its users: simulated users (a reward model's taste) chat and rate through
+# `chatrl serve --db`, KTO on the export, /admin/reload, then old vs new in the arena (bench/demo_feedback.py)
+demo-feedback: install
+	$(PY) bench/demo_feedback.py --readme
 
 # every demo for 3 seeds against the issue-19 bars; writes bench/results/demos/ and the README's demo tables
 # (DTYPE=fp32 on a bf16 machine runs what an AVX2 machine runs)

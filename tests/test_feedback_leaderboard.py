@@ -39,6 +39,10 @@ def test_ridge_prior_shrinks_and_keeps_one_sided_data_finite():
     # stationarity by hand: 3 wins * (1 - sigmoid(d)) - 1 loss * sigmoid(d) = prior * d / 2, i.e. 3 - 4 sigmoid(d)
     assert 3 - 4 / (1 + math.exp(-d)) == pytest.approx(1.0 * d / 2, abs=1e-9)
     assert 0 < d < math.log(3)
+    # s.e. of a centred strength: information = prior * I + 4 p(1-p) [[1,-1],[-1,1]]; d's variance is
+    # 2 / (prior + 2 * 4 p(1-p)) and s_a = d / 2
+    h = 4 * math.exp(-d) / (1 + math.exp(-d)) ** 2
+    assert fit.se == pytest.approx([math.sqrt(1 / (2 * (1.0 + 2 * h)))] * 2, abs=1e-9)
     sweep = fit_bradley_terry(*_games((0, 1, 5)), 2, prior=0.1)  # 5-0: the plain MLE is infinite
     assert np.isfinite(sweep.strengths).all() and 0 < sweep.strengths[0] < 10 and np.isfinite(sweep.se).all()
 

@@ -8,7 +8,8 @@ one (as in `export`). Two rankings:
   (step halving keeps every step uphill) and a ridge prior (lambda/2) * sum(s^2), i.e. s ~ N(0, 1/lambda), so a
   model that won every comparison gets a finite strength. Standard errors from the Hessian: the covariance is the
   inverse of the negative Hessian of the penalised log-likelihood at the optimum (observed information plus the
-  prior); without a prior the strengths are centred (sum 0) and the pseudo-inverse gives their covariance.
+  prior; its pseudo-inverse without a prior), projected onto centred strengths (sum 0, as the fit's): the common
+  level, which no comparison measures, is no part of a strength's uncertainty.
   Shown on the Elo scale too: 1000 + 400 / ln(10) * s.
 - Elo: online updates (K, start 1000) in the order the choices were made, with a 95% interval from a seeded
   bootstrap over comparisons (resampled with replacement, replayed in their original order).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import select
 
-from chatrl.feedback.db import Database, Feedback, Message
+from chatrl.feedback.db import Database, Message
 from chatrl.feedback.export import Filters, _events, _latest
 
 ELO_SCALE = 400 / math.log(10)  # Elo points per unit of Bradley-Terry strength
@@ -40,7 +41,6 @@ class Comparison:
 class BTFit:
     strengths: np.ndarray
     se: np.ndarray
-    iterations: int
 
 
 def comparisons(db: Database, filters: Filters | None = None) -> list[Comparison]:
@@ -79,8 +79,7 @@ def fit_bradley_terry(winners: np.ndarray, losers: np.ndarray, n: int, prior: fl
                       max_iter: int = 100, tol: float = 1e-10) -> BTFit:
     """Penalised-MLE Bradley-Terry strengths of `n` players from comparisons winners[k] beat losers[k]."""
     s = np.zeros(n)
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for _ in range(max_iter):
         p_win = 1 / (1 + np.exp(-(s[winners] - s[losers])))
         grad = np.bincount(winners, 1 - p_win, n) - np.bincount(losers, 1 - p_win, n) - prior * s
         info = _information(winners, losers, p_win, n, prior)
@@ -94,8 +93,9 @@ def fit_bradley_terry(winners: np.ndarray, losers: np.ndarray, n: int, prior: fl
     if prior == 0:
         s = s - s.mean()
     p_win = 1 / (1 + np.exp(-(s[winners] - s[losers])))
-    cov = np.linalg.pinv(_information(winners, losers, p_win, n, prior))
-    return BTFit(s, np.sqrt(np.clip(np.diag(cov), 0, None)), iterations)
+    centre = np.eye(n) - 1 / n
+    cov = centre @ np.linalg.pinv(_information(winners, losers, p_win, n, prior)) @ centre
+    return BTFit(s, np.sqrt(np.clip(np.diag(cov), 0, None)))
 
 
 def _information(winners: np.ndarray, losers: np.ndarray, p_win: np.ndarray, n: int, prior: float) -> np.ndarray:
