@@ -114,15 +114,17 @@ def add_users(db: Path, n: int) -> tuple[list[str], str]:
 
 def in_parallel(work, items: list, keys: list[str], desc: str) -> list:
     """`work(key, item)` for every item, item i by user i % len(keys), one thread per user."""
-    def user(k: int) -> list:
-        return [(i, work(keys[k], item)) for i, item in enumerate(items) if i % len(keys) == k]
-
     out: list = [None] * len(items)
-    with ThreadPoolExecutor(len(keys)) as pool, tqdm(total=len(items), desc=desc, unit="prompt") as bar:
-        for done in pool.map(user, range(len(keys))):
-            for i, value in done:
-                out[i] = value
-            bar.update(len(done))
+    bar = tqdm(total=len(items), desc=desc, unit="prompt")
+
+    def user(k: int) -> None:
+        for i in range(k, len(items), len(keys)):
+            out[i] = work(keys[k], items[i])
+            bar.update(1)
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        list(pool.map(user, range(len(keys))))  # list(): a user's exception is raised here
+    bar.close()
     return out
 
 
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48, help="reply length limit")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every reply")
     ap.add_argument("--rater-steps", type=int, default=80, help="reward-model steps of the rater")
-    ap.add_argument("--kto-steps", type=int, default=40, help="KTO steps on the feedback")
+    ap.add_argument("--kto-steps", type=int, default=60, help="KTO steps on the feedback (60 x 8 rows: ~1 epoch)")
     ap.add_argument("--lr", type=float, default=1e-4, help="KTO learning rate")
     ap.add_argument("--beta", type=float, default=0.1, help="KTO beta")
     ap.add_argument("--trainable-layers", type=int, default=8, help="top blocks trained (rater and KTO); 0 = all")
