@@ -11,7 +11,8 @@ import pytest
 from chatrl.config import DataConfig, PipelineConfig
 from chatrl.configbase import load_config
 from chatrl.data.prepare import load_records
-from chatrl.data.tokenize import encode_conversation
+from chatrl.data.templates import render, with_tool_fallback
+from chatrl.data.tokenize import encode_conversation, encode_prompt
 from chatrl.envs.arithmetic import ArithmeticEnv
 from chatrl.envs.demos import demo_rows, play_solution
 from chatrl.envs.registry import make_env
@@ -32,13 +33,13 @@ def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
-def test_demonstration_calls_the_calculator_and_answers_with_its_result(tok) -> None:
-    rows = demo_rows("arithmetic", MUL, 3, tok, ToolOptions(tools=["calculator"]), progress=False)
+def test_demonstration_calls_the_calculator_and_answers_with_its_result() -> None:
+    rows = demo_rows("arithmetic", MUL, 3, ToolOptions(tools=["calculator"]), progress=False)
     assert len(rows) == 3
     for task, row in enumerate(rows):
         a, _, b = ArithmeticEnv(**MUL).problem_for("train", task)
-        system, question, call, result, answer = row["messages"]
-        assert system["role"] == "system" and "<tools>" in system["content"] and "calculator" in system["content"]
+        question, call, result, answer = row["messages"]
+        assert [t["function"]["name"] for t in row["tools"]] == ["calculator"]
         assert question == {"role": "user", "content": f"What is {a} * {b}? Reply with the final answer as a number."}
         (parsed,) = parse_hermes(call["content"])
         assert call["role"] == "assistant" and (parsed.name, parsed.arguments) == ("calculator",
@@ -47,10 +48,10 @@ def test_demonstration_calls_the_calculator_and_answers_with_its_result(tok) -> 
         assert answer == {"role": "assistant", "content": f"The answer is {a * b}."}
 
 
-def test_without_tools_the_demonstration_is_the_answer_alone(tok) -> None:
-    (row,) = demo_rows("arithmetic", MUL, 1, tok, None, progress=False)
+def test_without_tools_the_demonstration_is_the_answer_alone() -> None:
+    (row,) = demo_rows("arithmetic", MUL, 1, None, progress=False)
     a, _, b = ArithmeticEnv(**MUL).problem_for("train", 0)
-    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and "tools" not in row
     assert row["messages"][1]["content"] == f"The answer is {a * b}."
 
 
@@ -70,7 +71,7 @@ class NoSolution(ArithmeticEnv):
     solution = None
 
 
-def test_failed_or_missing_solutions_write_no_rows(tok) -> None:
+def test_failed_or_missing_solutions_write_no_rows() -> None:
     env = WrongOnOdd(**MUL)
     box = toolbox_for(env, "wrong", ToolOptions(tools=["calculator"]))
     assert play_solution(env, "wrong", "train", 1, 0, box) is None
@@ -80,13 +81,22 @@ def test_failed_or_missing_solutions_write_no_rows(tok) -> None:
 
 
 def test_chat_rows_with_tool_results_are_read_and_trained_on_the_replies_only(tok, tmp_path: Path) -> None:
-    rows = demo_rows("arithmetic", MUL, 4, tok, ToolOptions(tools=["calculator"]), progress=False)
+    rows = demo_rows("arithmetic", MUL, 4, ToolOptions(tools=["calculator"]), progress=False)
     path = tmp_path / "demos.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records, _ = load_records(DataConfig(paths=[str(path)], split="1,0,0", eval_fraction=0.0), "sft", "train")
     assert len(records) == 4
     conv = next(r for r in records if r.messages == rows[0]["messages"])  # the tool message keeps its name
+    assert conv.tools == rows[0]["tools"]
     enc = encode_conversation(tok, conv, max_length=1024)
+    # the SFT row starts with exactly the prompt a GRPO episode with the calculator shows (the fallback system message
+    # with the schema, as SmolLM2's template has no tool support) and is the rendered conversation, nothing else
+    prompt = encode_prompt(tok, conv.messages[:1], 1024, tools=conv.tools)
+    assert enc["input_ids"][:len(prompt)] == prompt and "<tools>" in tok.decode(prompt)
+    assert tok.decode(enc["input_ids"]) == render(tok, with_tool_fallback(tok, conv.messages, conv.tools))
+    path.write_text(json.dumps({**rows[0], "tools": "calculator"}) + "\n")
+    with pytest.raises(ChatrlError, match="'tools'.*list of function schemas"):
+        load_records(DataConfig(paths=[str(path)], split="1,0,0", eval_fraction=0.0), "sft", "train")
     trained = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != -100])
     a, _, b = ArithmeticEnv(**MUL).problem_for("train", 0)
     assert "<tool_call>" in trained and f"The answer is {a * b}." in trained
@@ -135,10 +145,10 @@ def test_demo_tools_config_runs_on_the_tiny_model(tmp_path: Path, tiny_model_dir
 def test_env_demos_command_writes_rows_sft_reads_and_refuses_an_env_without_solutions(tmp_path: Path) -> None:
     out = tmp_path / "demos.jsonl"
     proc = run_cli("env", "demos", "arithmetic", "--kwargs", json.dumps(MUL), "--n", "2", "--tools", "calculator",
-                   "--tokenizer", "tiny-random", "--out", str(out))
+                   "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2 and [m["role"] for m in rows[1]["messages"]] == ["system", "user", "assistant", "tool",
-                                                                          "assistant"]
-    proc = run_cli("env", "demos", "guess_number", "--n", "2", "--tokenizer", "tiny-random", "--out", str(out))
+    assert len(rows) == 2 and [m["role"] for m in rows[1]["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert rows[1]["tools"][0]["function"]["name"] == "calculator"
+    proc = run_cli("env", "demos", "guess_number", "--n", "2", "--out", str(out))
     assert proc.returncode == 2 and "no solution(tools) method" in proc.stderr and "Traceback" not in proc.stderr

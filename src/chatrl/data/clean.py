@@ -30,7 +30,8 @@ SCHEMA_HELP = (
     "chosen/rejected: strings or message lists)\n"
     '  hh:              {"chosen", "rejected"}  whole "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts\n'
     '  kto:             {"prompt", "completion", "label": true|false}  (unpaired feedback for chatrl kto)\n'
-    '  chat:            {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...]}\n'
+    '  chat:            {"messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...]}  (optional '
+    '"tools": the function schemas offered)\n'
     '  prompt_response: {"prompt", "response"}\n'
     '  alpaca:          {"instruction", "input", "output"}\n'
     '  prompt:          {"prompt"}  (prompts only, for RLHF)\n'

@@ -81,7 +81,8 @@ class Example:
 
     def to_conversation(self) -> Conversation:
         assert self.response is not None
-        return Conversation(list(self.messages) + [{"role": "assistant", "content": self.response}], self.source)
+        return Conversation(list(self.messages) + [{"role": "assistant", "content": self.response}], self.source,
+                            tools=self.extra.get("tools"))
 
     def to_prompt(self) -> Prompt:
         reference = None if self.is_undesirable else self.response
@@ -264,6 +265,9 @@ def _parse_kto(row: dict[str, Any]) -> Example:
 def _parse_chat(row: dict[str, Any]) -> Example:
     key = "messages" if "messages" in row else "conversations"
     msgs = _messages(row.get(key), key)
+    tools = row.get("tools")  # optional: the function schemas offered (kept in `extra`, rendered with the template)
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise RowError("wrong_type", "tools", f"must be a list of function schemas (objects), got {str(tools)[:60]}")
     if msgs[-1]["role"] == "assistant":
         return Example(msgs[:-1], msgs[-1]["content"])
     return Example(msgs)  # no final reply: usable as an RLHF prompt only

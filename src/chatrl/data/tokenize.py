@@ -26,18 +26,20 @@ IGNORE = -100
 Span = tuple[int, int]
 
 
-def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[Span]]:
+def assistant_spans(tokenizer: Any, messages: list[Message],
+                    tools: list[dict] | None = None) -> tuple[str, list[Span]]:
     """The rendered conversation and the [start, end) character span of every assistant reply,
-    including its end-of-turn token but not the whitespace the template puts after it."""
-    full = render(tokenizer, messages)
+    including its end-of-turn token but not the whitespace the template puts after it. `tools`: function schemas
+    offered in the conversation (`render`)."""
+    full = render(tokenizer, messages, tools=tools)
     spans: list[Span] = []
     cursor = 0
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
         # transformers refuses to render an empty conversation, so a leading reply is located instead
-        head = render(tokenizer, messages[:i], add_generation_prompt=True) if i else None
-        through = render(tokenizer, messages[: i + 1])
+        head = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else None
+        through = render(tokenizer, messages[: i + 1], tools=tools)
         if head is not None and full.startswith(through) and through.startswith(head) and len(head) >= cursor:
             start, end = len(head), len(through)
         else:  # template not prefix-stable (e.g. injects a default system turn): locate the content
@@ -84,7 +86,7 @@ def encode_conversation(tokenizer: Any, conv: Conversation | list[Message], max_
     replies (system/user turns, role headers) unless train_on_prompt. Too long: keep the first
     max_length tokens ("truncate") or return None ("drop"); None too if no trained token is left."""
     messages = conv.messages if isinstance(conv, Conversation) else conv
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, conv.tools if isinstance(conv, Conversation) else None)
     ids, mask = _trained_mask(tokenizer, text, spans)
     if len(ids) > max_length:
         if overlength == "drop":

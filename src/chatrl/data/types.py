@@ -15,6 +15,7 @@ class Conversation:
 
     messages: list[Message]
     source: str = ""  # "file:line" for error messages and provenance
+    tools: list[dict[str, Any]] | None = None  # function schemas offered in it (rendered by the chat template)
 
 
 @dataclass

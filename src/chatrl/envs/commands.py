@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
                                           "solutions, tool calls included",
                            description="Plays tasks 0, 1, ... of a split with the environment's solution(tools) "
                                        "replies (tool calls run for real) and writes the successful episodes as chat "
-                                       "rows, rendered for --tokenizer's chat template (`chatrl sft` reads them).")
+                                       "rows with the tools' schemas (`chatrl sft` reads them).")
     demos.add_argument("spec", metavar="SPEC", help="an environment with a solution(tools) method (e.g. arithmetic)")
     demos.add_argument("--kwargs", default="{}", help="constructor arguments as a JSON object (env.kwargs)")
     demos.add_argument("--n", type=int, default=200, help="demonstrations to write (default 200)")
@@ -80,8 +80,6 @@ def register(subparsers: Any) -> None:
     demos.add_argument("--tool-parser", default="auto", help="the call format written (env.tool_parser; auto = hermes)")
     demos.add_argument("--split", default="train", choices=["train", "eval"], help="tasks of this split (default train)")
     demos.add_argument("--seed", type=int, default=0, help="seed of the first episode (then +1 per task)")
-    demos.add_argument("--tokenizer", default="smollm2-135m-instruct",
-                       help="model or tokenizer folder (or alias) whose chat template the rows are written for")
     demos.set_defaults(func=cmd_demos)
     env.set_defaults(func=lambda args: env.print_help() or 1)
 
@@ -153,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demos(args: argparse.Namespace) -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    out = write_demos(args.out, args.spec, parse_kwargs(args.kwargs), args.n, args.tokenizer,
+    out = write_demos(args.out, args.spec, parse_kwargs(args.kwargs), args.n,
                       ToolOptions(tools=tools, tool_parser=args.tool_parser), split=args.split, seed=args.seed)
     print(f"wrote {args.n} demonstrations to {out}")
     return 0

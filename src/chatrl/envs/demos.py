@@ -9,9 +9,9 @@ tool's real result is what the demonstration shows), and a reply is stepped. Onl
 info's `success`, else a positive return) and whose calls all ran become rows, so a demonstration never teaches a
 malformed call or a wrong answer.
 
-Rows are chat rows {"messages": [...]} with the messages as the chat template renders them (`with_tool_fallback`:
-for templates without tool support, the tool schemas and call format in the system message), so SFT on them
-renders exactly what the episodes of a GRPO run with the same tools render.
+Rows are chat rows {"messages": [...], "tools": [schemas]} (tool results as {"role": "tool", "name", "content"}
+messages); SFT renders them with the tools (`render(..., tools=)`, the template's own format or the fallback in the
+system message), so it trains on exactly what the episodes of a GRPO run with the same tools show the model.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from chatrl.data.templates import supports_tools, with_tool_fallback
 from chatrl.data.types import Message
 from chatrl.envs.base import call_env, tool_message, validate_reset, validate_step
 from chatrl.envs.registry import make_env
 from chatrl.errors import ChatrlError
-from chatrl.models.loading import load_tokenizer
 from chatrl.paths import atomic_write
 from chatrl.tools.parsers import ToolCall, format_call
 from chatrl.tools.toolbox import ToolBox, ToolSettings, toolbox_for
@@ -75,18 +73,14 @@ def play_solution(env: Any, env_name: str, split: str, task: int, seed: int,
     return conversation if bool(info.get("success", ret > 0)) else None
 
 
-def demo_rows(env_name: str, kwargs: dict[str, Any], n: int, tokenizer: Any, settings: ToolSettings | None = None,
+def demo_rows(env_name: str, kwargs: dict[str, Any], n: int, settings: ToolSettings | None = None,
               split: str = "train", seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """`n` chat rows from tasks 0, 1, ... of `split` (a failed episode is skipped and the next task played)."""
     if n < 1:
         raise ChatrlError(f"demonstrations: n={n} must be at least 1")
     env = make_env(env_name, kwargs)
     box = toolbox_for(env, env_name, settings)
-    if box is not None and supports_tools(tokenizer):
-        raise ChatrlError(f"demonstrations for '{env_name}': this tokenizer's chat template shows tools itself; chat "
-                          "rows carry no tool schemas, so they are written only for templates without tool support "
-                          "(the schemas go in the system message)")
-    schemas = box.schemas if box is not None else None
+    tools = {"tools": box.schemas} if box is not None else {}
     rows, task = [], 0
     with tqdm(total=n, desc="demonstrations", disable=not progress) as bar:
         while len(rows) < n:
@@ -96,13 +90,13 @@ def demo_rows(env_name: str, kwargs: dict[str, Any], n: int, tokenizer: Any, set
             conversation = play_solution(env, env_name, split, task, seed + task, box)
             task += 1
             if conversation is not None:
-                rows.append({"messages": with_tool_fallback(tokenizer, conversation, schemas)})
+                rows.append({"messages": conversation, **tools})
                 bar.update()
     return rows
 
 
-def write_demos(out: str | Path, env_name: str, kwargs: dict[str, Any], n: int, tokenizer: str,
+def write_demos(out: str | Path, env_name: str, kwargs: dict[str, Any], n: int,
                 settings: ToolSettings | None = None, split: str = "train", seed: int = 0) -> Path:
-    """Write `n` demonstrations as JSONL (chat schema: `chatrl sft` reads it) for `tokenizer`'s chat template."""
-    rows = demo_rows(env_name, kwargs, n, load_tokenizer(tokenizer), settings, split, seed)
+    """Write `n` demonstrations as JSONL (chat schema with a tools column: `chatrl sft` reads it)."""
+    rows = demo_rows(env_name, kwargs, n, settings, split, seed)
     return atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows))

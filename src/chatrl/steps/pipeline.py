@@ -203,15 +203,14 @@ def run_pipeline(cfg: PipelineConfig, steps: list[int] | None = None, force: boo
 
 
 def write_plan_demos(cfg: PipelineConfig, plan: Plan) -> None:
-    """sft_demos: the environment's demonstrations, with the tools step 3 offers, for the model's chat template
-    (written once per run: the file is the step's data)."""
+    """sft_demos: the environment's demonstrations, with the tools step 3 offers (written once per run: the file is
+    the step's data)."""
     if plan.demos_file.is_file() and len(plan.demos_file.read_text().splitlines()) == plan.demos:
         print(f"[pipeline] demonstrations: {plan.demos_file} exists, reusing it")
         return
     env = plan.rl.env  # type: ignore[union-attr]
     print(f"[pipeline] demonstrations: {plan.demos} reference solutions of {env.name} -> {plan.demos_file}")
-    write_demos(plan.demos_file, env.name, env.kwargs, plan.demos, cfg.model.name_or_path, settings=env,
-                seed=cfg.seed)
+    write_demos(plan.demos_file, env.name, env.kwargs, plan.demos, settings=env, seed=cfg.seed)
 
 
 def release_freed_memory() -> None:
