@@ -66,6 +66,8 @@ def tools_table(runs: list[dict]) -> str:
              for r in runs]
     head = table(["seed", "(a) base, no tools", "(b) base + calculator", "SFT + calculator", "(c) GRPO + calculator",
                   "c - b, points (s.e.)", "c - a", "c - SFT", "minutes", "holds"], rows)
+    threads = [str(r["machine"]["threads"]) for r in runs if "machine" in r]
+    note = f" Torch threads per run: {', '.join(threads)} (minutes at 1 thread are not 2 cores' minutes)." if threads else ""
     return (f"{head}\n\nSuccess: greedy, on the environment's {runs[-1]['n_tasks']} held-out problems (the same for "
             f"every row; differences are paired); in brackets, the share of episodes with at least one tool call. "
-            f"A GRPO episode (seed {runs[-1]['seed']}): `{runs[-1]['example']}`")
+            f"A GRPO episode (seed {runs[-1]['seed']}): `{runs[-1]['example']}`.{note}")

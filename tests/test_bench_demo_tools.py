@@ -54,9 +54,10 @@ def test_gains_are_paired_per_problem_and_the_bar_needs_both(tmp_path: Path) -> 
 
 def test_table_has_a_row_per_seed_and_an_episode(tmp_path: Path) -> None:
     write_eval(tmp_path, [True, True, True, False])
-    runs = [{"seed": 1, "minutes": 12.5, **measure_tools(tmp_path)}, {"seed": 2, "minutes": None,
-                                                                       **measure_tools(tmp_path)}]
+    runs = [{"seed": 1, "minutes": 12.5, "machine": {"threads": 1}, **measure_tools(tmp_path)},
+            {"seed": 2, "minutes": None, "machine": {"threads": 2}, **measure_tools(tmp_path)}]
     text = tools_table(runs)
     assert "| 1 | 25.0% | 0.0% (0% called) | 50.0% (100% called) | 75.0% (100% called) | +75.0 (25.0) | +50.0 (28.9) " \
            "| +25.0 (25.0) | 12.5 | yes |" in text
     assert "| 2 |" in text and "resumed" in text and "4 held-out problems" in text and "tool: 4042" in text
+    assert "Torch threads per run: 1, 2" in text
