@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from chatrl.config_offline import RFTConfig
-from chatrl.config_rl import GRPOConfig, JudgeConfig
+from chatrl.config_rl import GRPOConfig
+from chatrl.config_sources import JudgeConfig
 from chatrl.errors import ChatrlError
 from chatrl.judge import DEFAULT_RUBRIC, Judge, load_rubric, parse_preference, parse_score
 from fake_judge import FakeJudge, Hang, Status

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from chatrl.config_rl import JudgeConfig
+from chatrl.config_sources import JudgeConfig
 from chatrl.errors import ChatrlError
 from chatrl.judge import DEFAULT_RUBRIC, Judge, fill
 from helpers import REPO, cli_env

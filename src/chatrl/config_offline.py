@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from chatrl.algorithms.preference import REFERENCE_FREE
 from chatrl.config import SFTOptions, SupervisedStepConfig
-from chatrl.config_rl import EnvConfig, RewardSourceConfig, RolloutConfig
+from chatrl.config_sources import EnvConfig, RewardSourceConfig, RolloutConfig
 from chatrl.configbase import opt, sub
 from chatrl.errors import ChatrlError
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from chatrl.config_rl import JudgeConfig
+from chatrl.config_sources import JudgeConfig
 from chatrl.errors import ChatrlError
 from chatrl.plugins import import_optional
 

@@ -16,7 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from chatrl.batches import TokenBatch
-from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, ReferenceConfig, RLStepConfig, TeacherConfig
+from chatrl.config_rl import BatchPlan, GRPOConfig, PPOConfig, RLStepConfig
+from chatrl.config_sources import ReferenceConfig, TeacherConfig
 from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_sft
 from chatrl.engine.deepspeed import gathered, initialize
