@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from browser_page import open_page
 from chatrl.feedback.db import Feedback, Message, open_db
 from chatrl.feedback.leaderboard import comparisons
 from chatrl.serve.generation import ChatModel
@@ -17,7 +18,6 @@ from chatrl.serve.reload import model_version
 from chatrl.serve.server import create_app, start_in_thread
 from helpers import run_cli
 from test_serve_reload import _other_weights
-from test_serve_web import CHROMIUM_ARGS, _chromium
 
 
 @pytest.fixture(scope="module")
@@ -94,30 +94,18 @@ def test_serve_refuses_arena_options_that_cannot_work(args, says, tmp_path: Path
 
 @pytest.mark.browser
 def test_arena_page_choice_lands_in_the_database(arena_server):
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium); the page test needs a real browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     url, db_path, versions = arena_server
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            page.fill("#input", "Arena from the browser")
-            page.press("#input", "Enter")
-            sides = page.locator(".round .side")
-            sync_api.expect(sides).to_have_count(2, timeout=60_000)
-            sync_api.expect(page.locator(".side .name")).to_have_count(0)  # no names before the choice
-            ids = [sides.nth(i).get_attribute("data-completion-id") for i in range(2)]
-            sides.nth(1).locator("button.pick").click()
-            sync_api.expect(page.locator(".side .name")).to_have_count(2)
-            sync_api.expect(page.locator(".side.won")).to_have_attribute("data-completion-id", ids[1])
-            shown = page.locator(".side.won .name").inner_text()
-        finally:
-            browser.close()
+    with open_page(url + "/") as (page, errors, sync_api):
+        page.fill("#input", "Arena from the browser")
+        page.press("#input", "Enter")
+        sides = page.locator(".round .side")
+        sync_api.expect(sides).to_have_count(2, timeout=60_000)
+        sync_api.expect(page.locator(".side .name")).to_have_count(0)  # no names before the choice
+        ids = [sides.nth(i).get_attribute("data-completion-id") for i in range(2)]
+        sides.nth(1).locator("button.pick").click()
+        sync_api.expect(page.locator(".side .name")).to_have_count(2)
+        sync_api.expect(page.locator(".side.won")).to_have_attribute("data-completion-id", ids[1])
+        shown = page.locator(".side.won .name").inner_text()
     assert errors == []
     with open_db(db_path).session() as s:
         event = s.scalars(select(Feedback).join(Message, Message.id == Feedback.chosen_id)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from browser_page import open_page
 from chatrl.feedback.db import Conversation, Feedback, Message, open_db
 from chatrl.serve.server import create_app, start_in_thread
-from test_serve_web import CHROMIUM_ARGS, _chromium
 
 pytestmark = pytest.mark.browser
 HTML_COMMENT = '<img src=x onerror="window.__xss = 1">too short'
@@ -16,24 +16,12 @@ HTML_COMMENT = '<img src=x onerror="window.__xss = 1">too short'
 
 @pytest.fixture
 def page_with_db(tmp_path, tiny_model_dir: str):
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium); the page test needs a real browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     app = create_app(tiny_model_dir, dtype="fp32", model_name="tiny-random", default_max_tokens=8,
                      db=str(tmp_path / "chat.db"))
     srv, thread, url = start_in_thread(app)
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(url + "/")
-                yield page, errors, sync_api.expect, tmp_path / "chat.db"
-            finally:
-                browser.close()
+        with open_page(url + "/") as (page, errors, sync_api):
+            yield page, errors, sync_api.expect, tmp_path / "chat.db"
     finally:
         srv.should_exit = True
         thread.join(15)

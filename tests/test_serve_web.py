@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
+from browser_page import open_page
 from chatrl.serve.server import create_app, start_in_thread
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _chromium() -> str | None:
-    """Debian's chromium (never a downloaded browser build)."""
-    for path in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or ""):
-        if path and os.access(path, os.X_OK):
-            return path
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +22,8 @@ def page_url(tiny_model_dir: str):
 @pytest.fixture
 def chat_page(page_url: str):
     """(a page at the chat URL in headless Chromium, its JS errors so far, playwright's sync API)."""
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium); the page test needs a real browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(page_url)
-            yield page, errors, sync_api
-        finally:
-            browser.close()
+    with open_page(page_url) as opened:
+        yield opened
 
 
 def test_chat_page_streams_an_answer_and_resets(chat_page, tmp_path):
