@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -100,6 +101,19 @@ def test_auth_is_required_except_for_health(server):
     assert page.status_code == 200 and "<html" in page.text
     models = openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def test_the_pages_assets_are_served_without_the_key_and_nothing_else_is(server):
+    url = server[0]
+    loaded = re.findall(r'(?:src|href)="(static/[^"]+)"', httpx.get(url + "/").text)
+    assert loaded == ["static/common.css", "static/vendor/marked.min.js", "static/vendor/purify.min.js",
+                      "static/common.js"]
+    for path in loaded:  # no Authorization header, like the page itself
+        r = httpx.get(f"{url}/{path}")
+        kind = "text/css" if path.endswith(".css") else "text/javascript"
+        assert r.status_code == 200 and r.content and r.headers["content-type"].split(";")[0] == kind
+    for path in ("static/index.html", "static/vendor/README.md", "static/%2e%2e/server.py", "vendor/marked.min.js"):
+        assert httpx.get(f"{url}/{path}").status_code == 404, path
 
 
 @pytest.mark.parametrize("bad, param", [

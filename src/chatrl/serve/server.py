@@ -34,7 +34,10 @@ from chatrl.serve.run import run_server, start_in_thread  # noqa: F401 - callers
 from chatrl.serve.worker import Event, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
-VENDORED = ("marked.min.js", "purify.min.js")  # the chat page's Markdown renderer and sanitizer (static/vendor/)
+# What the pages (index.html, arena.html) load, by path under static/: their shared style and script, the chat page's
+# vendored Markdown renderer and sanitizer. A fixed table: no path from the URL ever reaches the file system.
+ASSETS = {"common.css": "text/css", "common.js": "text/javascript", "vendor/marked.min.js": "text/javascript",
+          "vendor/purify.min.js": "text/javascript"}
 MAX_BODY_BYTES = 16 * 2**20
 CHARS_PER_TOKEN_LIMIT = 32  # a prompt longer than window * this many characters is refused before tokenizing
 
@@ -111,11 +114,11 @@ def create_app(model_path: str, api_key: str | None = None, *, dtype: str = "aut
     async def page() -> FileResponse:
         return FileResponse(STATIC / ("arena.html" if others else "index.html"), media_type="text/html")
 
-    @app.get("/vendor/{file}", include_in_schema=False)
-    async def vendor(file: str) -> FileResponse:
-        if file not in VENDORED:  # a fixed list: no path from the URL ever reaches the file system
-            raise ApiError(404, f"no static file {file!r}", code="not_found")
-        return FileResponse(STATIC / "vendor" / file, media_type="text/javascript")
+    @app.get("/static/{asset:path}", include_in_schema=False)
+    async def static(asset: str) -> FileResponse:
+        if asset not in ASSETS:
+            raise ApiError(404, f"no static file {asset!r}", code="not_found")
+        return FileResponse(STATIC / asset, media_type=ASSETS[asset])
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
