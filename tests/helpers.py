@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 from torch import nn
 
@@ -134,6 +135,40 @@ def same_weights(a: Path, b: Path) -> list[str]:
     """Names of the tensors that differ (not bit-identical) between two saved HF folders."""
     wa, wb = _two_folders_weights(a, b)
     return [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].equal(wb[k]))]
+
+
+# ----------------------------------------------------------------------------- offline steps on one data file (DPO, KTO)
+
+
+def train_on(step: str, config: str, data: Path, out: Path, *overrides: str) -> str:
+    """`chatrl STEP --config CONFIG output_dir=OUT data.paths=[DATA] OVERRIDES`, which must succeed; returns its
+    stdout + stderr."""
+    proc = run_cli(step, "--config", config, f"output_dir={out}", f"data.paths=[{data}]", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def assert_live_reference_matches_cached(step: str, config: str, data: Path, tmp: Path, steps: int,
+                                         keys: tuple[str, ...]) -> None:
+    """Two short runs differing only in `STEP.reference` (live: a frozen model in the loop; precompute: log-probs
+    cached before training) log the same `keys` at every step."""
+    logged = {}
+    for mode in ("live", "precompute"):
+        train_on(step, config, data, tmp / mode, f"optim.max_steps={steps}", f"{step}.reference={mode}",
+                 "logging.eval_every=0")
+        logged[mode] = [row[k] for row in read_metrics(tmp / mode) for k in keys]
+    assert logged["live"] == pytest.approx(logged["precompute"], abs=1e-5)
+
+
+def assert_resume_gives_same_weights(step: str, config: str, data: Path, tmp: Path, kill_at: int, seed: int) -> None:
+    """A 20-step run SIGKILLed within a second after checkpoint `kill_at`, then resumed, ends with the bit-identical
+    (fp32) weights of a straight run."""
+    settings = ("optim.max_steps=20", "logging.eval_every=0")
+    train_on(step, config, data, tmp / "full", *settings)
+    kill_after_checkpoint(tmp / "cut", kill_at, [step, "--config", config, f"output_dir={tmp / 'cut'}",
+                                                 f"data.paths=[{data}]", *settings], jitter=1.0, seed=seed)
+    assert "resumed from" in train_on(step, config, data, tmp / "cut", *settings)
+    assert same_weights(tmp / "full" / "model", tmp / "cut" / "model") == []
 
 
 def max_rel_diff(a: Path, b: Path) -> float:

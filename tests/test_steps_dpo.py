@@ -15,11 +15,12 @@ from chatrl.data.tokenize import collate_pairs
 from chatrl.models.loading import load_frozen_causal_lm, load_tokenizer
 from chatrl.steps.dpo_reference import cache_path, cached_reference_logps, reply_logps
 from helpers import (
-    kill_after_checkpoint,
+    assert_live_reference_matches_cached,
+    assert_resume_gives_same_weights,
     load_with_plain_transformers,
     read_metrics,
     run_cli,
-    same_weights,
+    train_on,
     write_marker_pairs,
 )
 
@@ -34,9 +35,7 @@ def pairs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_model_dir, pairs: Path) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("dpo")
-    proc = run_cli("dpo", "--config", TINY, f"output_dir={out}", f"data.paths=[{pairs}]")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    return out, train_on("dpo", TINY, pairs, out)
 
 
 def test_dpo_learns_marker_preference_on_held_out_pairs(dpo_run: tuple[Path, str]) -> None:
@@ -94,27 +93,12 @@ def test_reference_cache_equals_live_reference_and_is_rebuilt_when_wrong(tiny_mo
 
 
 def test_live_reference_gives_the_precomputed_loss(tmp_path: Path, tiny_model_dir, pairs: Path) -> None:
-    losses = {}
-    for mode in ("live", "precompute"):
-        out = tmp_path / mode
-        proc = run_cli("dpo", "--config", TINY, f"output_dir={out}", f"data.paths=[{pairs}]", "optim.max_steps=2",
-                       f"dpo.reference={mode}", "logging.eval_every=0")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[mode] = [row["loss"] for row in read_metrics(out)]
-    assert losses["live"] == pytest.approx(losses["precompute"], abs=1e-5)
+    assert_live_reference_matches_cached("dpo", TINY, pairs, tmp_path, steps=2, keys=("loss",))
 
 
 @pytest.mark.slow
 def test_dpo_kill_and_resume_gives_the_same_weights(tmp_path: Path, tiny_model_dir, pairs: Path) -> None:
-    args = ["--config", TINY, f"data.paths=[{pairs}]", "optim.max_steps=20", "logging.eval_every=0"]
-    full = tmp_path / "full"
-    assert run_cli("dpo", *args, f"output_dir={full}").returncode == 0
-    cut = tmp_path / "cut"
-    kill_after_checkpoint(cut, 10, ["dpo", *args, f"output_dir={cut}"], jitter=1.0, seed=6)
-    proc = run_cli("dpo", *args, f"output_dir={cut}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr + proc.stdout
-    assert same_weights(full / "model", cut / "model") == []
+    assert_resume_gives_same_weights("dpo", TINY, pairs, tmp_path, kill_at=10, seed=6)
 
 
 def test_dpo_bad_input_is_one_line(tmp_path: Path, tiny_model_dir, pairs: Path) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    kill_after_checkpoint,
+    assert_live_reference_matches_cached,
+    assert_resume_gives_same_weights,
     load_with_plain_transformers,
     read_metrics,
     run_cli,
-    same_weights,
+    train_on,
     write_marker_pairs,
 )
 
@@ -40,9 +41,7 @@ def feedback(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def kto_run(tmp_path_factory, tiny_model_dir, feedback: Path) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("kto")
-    proc = run_cli("kto", "--config", TINY, f"output_dir={out}", f"data.paths=[{feedback}]")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    return out, train_on("kto", TINY, feedback, out)
 
 
 def test_kto_raises_held_out_desirable_rewards_above_undesirable(kto_run: tuple[Path, str]) -> None:
@@ -66,28 +65,12 @@ def test_kto_raises_held_out_desirable_rewards_above_undesirable(kto_run: tuple[
 
 @pytest.mark.slow
 def test_live_reference_gives_the_precomputed_loss(tmp_path: Path, tiny_model_dir, feedback: Path) -> None:
-    losses = {}
-    for mode in ("live", "precompute"):
-        out = tmp_path / mode
-        proc = run_cli("kto", "--config", TINY, f"output_dir={out}", f"data.paths=[{feedback}]", "optim.max_steps=3",
-                       f"kto.reference={mode}", "logging.eval_every=0")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[mode] = [(row["loss"], row["kl"]) for row in read_metrics(out)]
-    assert [x for row in losses["live"] for x in row] == pytest.approx(
-        [x for row in losses["precompute"] for x in row], abs=1e-5)
+    assert_live_reference_matches_cached("kto", TINY, feedback, tmp_path, steps=3, keys=("loss", "kl"))
 
 
 @pytest.mark.slow
 def test_kto_kill_and_resume_gives_the_same_weights(tmp_path: Path, tiny_model_dir, feedback: Path) -> None:
-    args = ["--config", TINY, f"data.paths=[{feedback}]", "optim.max_steps=20", "logging.eval_every=0"]
-    full = tmp_path / "full"
-    assert run_cli("kto", *args, f"output_dir={full}").returncode == 0
-    cut = tmp_path / "cut"
-    kill_after_checkpoint(cut, 10, ["kto", *args, f"output_dir={cut}"], jitter=1.0, seed=3)
-    proc = run_cli("kto", *args, f"output_dir={cut}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr + proc.stdout
-    assert same_weights(full / "model", cut / "model") == []
+    assert_resume_gives_same_weights("kto", TINY, feedback, tmp_path, kill_at=10, seed=3)
 
 
 def test_kto_bad_input_is_one_line(tmp_path: Path, tiny_model_dir, feedback: Path) -> None:
