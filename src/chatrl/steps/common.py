@@ -15,11 +15,11 @@ import yaml
 from chatrl.configbase import to_dict
 from chatrl.engine.collectives import barrier
 from chatrl.engine.deepspeed import device, init_distributed
-from chatrl.models.loading import load_tokenizer, resolve_dtype
+from chatrl.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from chatrl.models.lora import plain_model
 from chatrl.models.model_card import ModelCard, base_model_of, data_source, final_metrics, render
 from chatrl.models.saving import save_hf_folder
-from chatrl.steps.supervised import LoopSettings, full_state_dict, save_config
+from chatrl.steps.supervised import LoopSettings, TrainTask, full_state_dict, save_config, train
 from chatrl.trackers import check_available, flatten
 
 # The settings a model card lists besides the step's own section (when the step's config has them).
@@ -85,6 +85,17 @@ def finish_model(ctx: StepContext, engine: Any, *, merge_lora: bool, dir_name: s
         save_hf_folder(engine.module, ctx.tokenizer, out, merge_lora=merge_lora, state_dict=state, card=card)
     barrier()
     return out
+
+
+def train_policy(ctx: StepContext, cfg: Any, task: TrainTask) -> Path:
+    """The supervised loop on `task`, starting from cfg.model; saves `<output_dir>/model` (LoRA merged if
+    cfg.model.lora.merge_on_save) and prints the final evaluation. Returns that folder."""
+    model = load_causal_lm(cfg.model, dtype=ctx.weights_dtype, tokenizer=ctx.tokenizer)
+    metrics = train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,
+                    on_done=lambda engine: finish_model(ctx, engine, merge_lora=cfg.model.lora.merge_on_save))
+    if ctx.rank == 0 and metrics:
+        print(f"{task.name} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return ctx.model_dir
 
 
 def model_card(ctx: StepContext, folder: Path, module: torch.nn.Module, *, base: str | None = None,

@@ -19,10 +19,9 @@ from chatrl.batches import PairBatch
 from chatrl.config_offline import DPOConfig
 from chatrl.data.prepare import tokenized_rows
 from chatrl.data.tokenize import collate_pairs
-from chatrl.models.loading import load_causal_lm
-from chatrl.steps.common import StepContext, finish_model, loop_settings, start_step
+from chatrl.steps.common import StepContext, start_step, train_policy
 from chatrl.steps.dpo_reference import Rows, reply_logps, setup_reference
-from chatrl.steps.supervised import TrainTask, train
+from chatrl.steps.supervised import TrainTask
 
 Metrics = dict[str, float]
 
@@ -93,9 +92,4 @@ def run_dpo(cfg: DPOConfig) -> Path:
                                                      reference),
         count_tokens=lambda b: int(b.attention_mask.sum()),
     )
-    model = load_causal_lm(cfg.model, dtype=ctx.weights_dtype, tokenizer=tok)
-    metrics = train(task, model, loop_settings(cfg), bf16=ctx.bf16, rank=ctx.rank, world=ctx.world,
-                    on_done=lambda engine: finish_model(ctx, engine, merge_lora=cfg.model.lora.merge_on_save))
-    if ctx.rank == 0 and metrics:
-        print("dpo eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return ctx.model_dir
+    return train_policy(ctx, cfg, task)
