@@ -18,7 +18,10 @@ import json
 from pathlib import Path
 from statistics import mean
 
+import yaml
 from common import table
+
+from chatrl.eval.metrics import proportion_se
 
 WINDOW = 5  # iterations averaged per point of a curve: one iteration's 64 episodes give a s.e. of ~6 points
 
@@ -43,6 +46,15 @@ def curve(metrics: Path) -> list[tuple[float, float]]:
     return out
 
 
+def episodes_per_iteration(step_dir: Path) -> int | None:
+    """Episodes one iteration plays (rollout.prompts_per_rollout x samples_per_prompt of the step's config.yaml)."""
+    path = step_dir / "config.yaml"
+    if not path.exists():
+        return None
+    rollout = yaml.safe_load(path.read_text()).get("rollout", {})
+    return int(rollout["prompts_per_rollout"]) * int(rollout["samples_per_prompt"])
+
+
 def success_by(points: list[tuple[float, float]], minutes: float) -> float | None:
     """Mean rollout success of the last WINDOW iterations finished within `minutes` (None: none finished)."""
     done = [s for m, s in points if m <= minutes + 1e-9]
@@ -62,6 +74,8 @@ def measure_distill(run_dir: Path) -> dict:
             "distill_train_minutes": d[-1][0], "grpo_train_minutes": g[-1][0], "equal_minutes": equal,
             "distill_at_equal": success_by(d, equal), "grpo_at_equal": success_by(g, equal),
             "curves": {"distill": d, "grpo": g},
+            "episodes": {"distill": episodes_per_iteration(run_dir / "distill"),
+                         "grpo": episodes_per_iteration(grpo_dir / "grpo")},
             "holds": student["vs_first"] >= 2 * student["vs_first_se"]}
 
 
@@ -69,19 +83,29 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+def _window_cell(success: float, episodes: int | None) -> str:
+    """A window's mean success with its binomial s.e. over the window's episodes (taken as independent: a GRPO
+    group's samples share a prompt, so its s.e. is somewhat larger than shown)."""
+    if episodes is None:
+        return _pct(success)
+    return f"{success:.1%} ({proportion_se(success, WINDOW * episodes) * 100:.1f})"
+
+
 def curve_table(run: dict) -> str:
-    """Both runs' rollout success every WINDOW iterations (mean of the window) with the training minutes so far."""
+    """Both runs' rollout success every WINDOW iterations (mean of the window, s.e.) with the training minutes so
+    far."""
     d, g = run["curves"]["distill"], run["curves"]["grpo"]
+    episodes = run.get("episodes", {})
     rows = []
     for end in range(WINDOW, max(len(d), len(g)) + 1, WINDOW):
         cells = [end]
-        for points in (d, g):
+        for name, points in (("distill", d), ("grpo", g)):
             window = points[end - WINDOW:end]
-            cells += ([f"{window[-1][0]:.1f}", _pct(mean(s for _, s in window))] if len(window) == WINDOW
-                      else ["-", "-"])
+            cells += ([f"{window[-1][0]:.1f}", _window_cell(mean(s for _, s in window), episodes.get(name))]
+                      if len(window) == WINDOW else ["-", "-"])
         rows.append(cells)
-    return table(["iteration", "distill: minutes", "distill: rollout success", "GRPO: minutes",
-                  "GRPO: rollout success"], rows)
+    return table(["iteration", "distill: minutes", "distill: rollout success (s.e.)", "GRPO: minutes",
+                  "GRPO: rollout success (s.e.)"], rows)
 
 
 def distill_table(runs: list[dict]) -> str:
