@@ -307,12 +307,13 @@ def test_ilql_help_lists_the_options() -> None:
 def test_serve_and_chat_take_ilql_beta(ilql_run: Path) -> None:
     import argparse
 
-    from chatrl.serve.commands import _load_chat_model, register
+    from chatrl.serve.commands import _load_chat_model, _served_models, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--model", str(ilql_run / "model"), "--dtype", "fp32", "--ilql-beta", "2"])
-    assert _load_chat_model(args).guidance.beta == 2.0  # what `chatrl serve` hands to create_app(chat=...)
+    [(path, _)] = _served_models(args)  # serve's --model may repeat (--arena): one model here
+    assert _load_chat_model(args, path).guidance.beta == 2.0  # what `chatrl serve` hands to create_app(chat=...)
     args = parser.parse_args(["chat", "--model", str(ilql_run / "model"), "--ilql-beta", "0"])
     assert _load_chat_model(args).guidance is None  # beta 0: the plain LM, no wrapper
 

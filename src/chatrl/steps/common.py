@@ -30,7 +30,7 @@ _CARD_KEYS = ("model.name_or_path", "actor.name_or_path", "model.lora.r", "actor
               "rollout.temperature", "reward.model", "reward.functions", "deepspeed.zero_stage", "seed")
 # The step's own options section where it is not named after the step (the reward model's loss is rm_loss: in the
 # RL steps `reward` is where rewards come from).
-_OWN_SECTION = {"reward": "rm_loss"}
+_OWN_SECTION = {"reward": "rm_loss", "distill": "grpo"}  # distill is GRPO with a teacher: its options are grpo.*
 
 
 @dataclass
